@@ -1,0 +1,135 @@
+"""Model directories: config + params + tokenizer saved with orbax, and safetensors export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from safetensors.numpy import load_file, save_file
+from transformers import PreTrainedTokenizerBase
+
+from sparsevlm.config import VLMConfig
+from sparsevlm.data.tokenize import tokenizer_from_json, tokenizer_to_json
+from sparsevlm.tree import flatten, unflatten
+
+PyTree = Any
+_ITEMS = ("params", "config", "tokenizer", "metadata")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBundle:
+    """Everything needed to run a model: its config, param tree, tokenizer and free-form metadata."""
+
+    config: VLMConfig
+    params: PyTree
+    tokenizer: PreTrainedTokenizerBase
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """True if `path` holds a saved model (a complete orbax step with our items)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    manager = ocp.CheckpointManager(path.resolve(), item_names=_ITEMS, options=_options(read_only=True))
+    return manager.latest_step() is not None
+
+
+def _options(read_only: bool = False) -> ocp.CheckpointManagerOptions:
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=1, enable_async_checkpointing=False, read_only=read_only, create=not read_only
+    )
+
+
+def save_model(path: str | os.PathLike, bundle: ModelBundle, overwrite: bool = False) -> Path:
+    """Save a bundle as a model directory; an existing non-empty `path` needs `overwrite=True`.
+
+    The new model is written to a sibling temporary directory and renamed into place, so a crash
+    mid-save leaves any previous model at `path` intact.
+    """
+    path = Path(path).resolve()
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"model directory {path} already exists and is not empty (pass overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        manager = ocp.CheckpointManager(staging, item_names=_ITEMS, options=_options())
+        params = jax.tree.map(np.asarray, bundle.params)
+        manager.save(
+            0,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                config=ocp.args.JsonSave(bundle.config.to_dict()),
+                tokenizer=ocp.args.JsonSave({"tokenizer_json": tokenizer_to_json(bundle.tokenizer)}),
+                metadata=ocp.args.JsonSave(bundle.metadata),
+            ),
+        )
+        manager.wait_until_finished()
+        manager.close()
+        if path.exists():
+            backup = path.with_name(f".{path.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            path.rename(backup)
+            staging.rename(path)
+            shutil.rmtree(backup)
+        else:
+            staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def load_model_dir(path: str | os.PathLike) -> ModelBundle:
+    """Load a model directory written by `save_model`."""
+    path = Path(path).resolve()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    manager = ocp.CheckpointManager(path, item_names=_ITEMS, options=_options(read_only=True))
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{path} holds no saved model (no complete orbax checkpoint)")
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(),
+            config=ocp.args.JsonRestore(),
+            tokenizer=ocp.args.JsonRestore(),
+            metadata=ocp.args.JsonRestore(),
+        ),
+    )
+    manager.close()
+    params = jax.tree.map(np.asarray, restored["params"])
+    return ModelBundle(
+        config=VLMConfig.from_dict(restored["config"]),
+        params=params,
+        tokenizer=tokenizer_from_json(restored["tokenizer"]["tokenizer_json"]),
+        metadata=dict(restored["metadata"] or {}),
+    )
+
+
+def export_safetensors(bundle: ModelBundle, out_dir: str | os.PathLike) -> Path:
+    """Write `model.safetensors` (flat `/`-joined names), `config.json` and `tokenizer.json` to `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {name: np.ascontiguousarray(np.asarray(value)) for name, value in flatten(bundle.params).items()}
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "sparsevlm"})
+    (out_dir / "config.json").write_text(bundle.config.to_json())
+    (out_dir / "tokenizer.json").write_text(tokenizer_to_json(bundle.tokenizer))
+    return out_dir
+
+
+def import_safetensors(directory: str | os.PathLike) -> ModelBundle:
+    """Read back a directory written by `export_safetensors`."""
+    directory = Path(directory)
+    params = unflatten(load_file(str(directory / "model.safetensors")))
+    config = VLMConfig.from_dict(json.loads((directory / "config.json").read_text()))
+    tokenizer = tokenizer_from_json((directory / "tokenizer.json").read_text())
+    return ModelBundle(config, params, tokenizer)

@@ -1,0 +1,140 @@
+"""Command line: argument parsing only; every command calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from sparsevlm.config import PretrainConfig
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="train the default model on built-in shapes VQA")
+    defaults = PretrainConfig()
+    p.add_argument("--out", default=None, help="output model directory (default: $SPARSEVLM_HOME/default)")
+    p.add_argument("--steps", type=_positive_int, default=defaults.steps)
+    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    p.add_argument("--train-images", type=_positive_int, default=defaults.train_images)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--eval-every", type=int, default=0, help="validation accuracy every N steps (0: off)")
+    p.add_argument("--force", action="store_true", help="retrain even if the output model exists")
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="exact-match accuracy of a model on shapes VQA")
+    p.add_argument("--model", required=True, help="'default' or a saved model directory")
+    p.add_argument("--split", default="test", help="train, validation or test")
+    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate on the first N images only")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--json", default=None, help="write the result JSON here")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write model.safetensors + config.json")
+    p.add_argument("--model", required=True, help="'default' or a saved model directory")
+    p.add_argument("--out", required=True, help="output directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `sparsevlm` argument parser."""
+    parser = argparse.ArgumentParser(prog="sparsevlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_pretrain(sub)
+    _add_evaluate(sub)
+    _add_export(sub)
+    return parser
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    # Written to a temporary sibling and renamed, so a failed run never leaves half a file.
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, target)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Train (or keep) the default model."""
+    from sparsevlm import hub
+    from sparsevlm.checkpoint import is_model_dir
+    from sparsevlm.pretrain import pretrain
+
+    config = PretrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        train_images=args.train_images,
+        seed=args.seed,
+        eval_every=args.eval_every,
+    )
+    out = Path(args.out) if args.out else hub.default_model_dir()
+    if is_model_dir(out) and not args.force:
+        print(f"model already trained at {out} (pass --force to retrain)")
+        return 0
+    pretrain(config, out)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a model on a shapes-VQA split."""
+    from sparsevlm import hub
+    from sparsevlm.data import shapes
+    from sparsevlm.eval.evaluate import evaluate_vqa
+
+    if args.split not in shapes.SPLITS:
+        raise ValueError(f"--split {args.split!r} is not a split; allowed: {', '.join(shapes.SPLITS)}")
+    bundle = hub.load_model(args.model)
+    dataset = shapes.build_split(args.split, args.limit, image_size=bundle.config.vision.image_size)
+    result = evaluate_vqa(bundle, dataset, batch_size=args.batch_size)
+    print(f"accuracy {result['accuracy']:.4f} on {result['n']} questions ({args.split})")
+    for qtype, score in result["by_type"].items():
+        print(f"  {qtype:<6} {score:.4f}")
+    if args.json:
+        _write_json(args.json, {k: result[k] for k in ("accuracy", "n", "split", "by_type")} | {"model": args.model})
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a model as safetensors."""
+    from sparsevlm import hub
+    from sparsevlm.checkpoint import export_safetensors
+
+    out = export_safetensors(hub.load_model(args.model), args.out)
+    print(f"exported to {out}")
+    return 0
+
+
+COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "export": cmd_export}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `sparsevlm` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"sparsevlm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Frozen configuration dataclasses for models and training, with JSON round-trip and presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping, TypeVar
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu", "relu")
+NORMS = ("layernorm", "rmsnorm")
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """ViT vision tower; CLIP/SigLIP/BLIP-2 variants differ only in these switches."""
+
+    image_size: int = 48
+    patch_size: int = 16
+    num_channels: int = 3
+    width: int = 128
+    depth: int = 3
+    num_heads: int = 4
+    mlp_dim: int = 256
+    act: str = "gelu"
+    norm_eps: float = 1e-5
+    patch_bias: bool = True  # CLIP's patch conv has no bias; SigLIP/BLIP-2's has one
+    qkv_bias: bool = True
+    use_cls_token: bool = False
+    pre_norm: bool = False  # CLIP's `pre_layrnorm` after the embeddings
+    final_norm: bool = True  # applied only when the last layer's features are used
+    # Index into the hidden states [embeddings, block_0, ..., block_{L-1}] as HF counts them
+    # (LLaVA uses -2); blocks after it are never computed.
+    feature_layer: int = -1
+    drop_cls_token: bool = True  # drop the CLS token from the features handed to the connector
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "num_channels", "width", "depth", "num_heads", "mlp_dim"):
+            _check_positive(f"vision.{name}", getattr(self, name))
+        _check_choice("vision.act", self.act, ACTIVATIONS)
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"vision.image_size={self.image_size} is not divisible by vision.patch_size={self.patch_size}"
+            )
+        if self.width % self.num_heads:
+            raise ValueError(f"vision.width={self.width} is not divisible by vision.num_heads={self.num_heads}")
+        if not -(self.depth + 1) <= self.feature_layer < self.depth + 1:
+            raise ValueError(
+                f"vision.feature_layer={self.feature_layer} is out of range for depth={self.depth}"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per image (without the CLS token)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def blocks_used(self) -> int:
+        """How many blocks run to reach `feature_layer`."""
+        return self.feature_layer % (self.depth + 1)
+
+    @property
+    def num_features(self) -> int:
+        """Tokens per image handed to the connector."""
+        return self.num_patches + int(self.use_cls_token and not self.drop_cls_token)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorConfig:
+    """LLaVA-style MLP projector from vision width to language width."""
+
+    kind: str = "mlp"
+    hidden_dim: int = 256
+    act: str = "gelu"
+
+    def __post_init__(self) -> None:
+        _check_choice("connector.kind", self.kind, ("mlp",))
+        _check_positive("connector.hidden_dim", self.hidden_dim)
+        _check_choice("connector.act", self.act, ACTIVATIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageConfig:
+    """Llama-style decoder: RMSNorm, rotary positions, SwiGLU, grouped-query attention."""
+
+    vocab_size: int = 128
+    width: int = 256
+    depth: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None
+    mlp_dim: int = 512
+    act: str = "silu"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    attention_bias: bool = False
+    tie_embeddings: bool = False
+    max_seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len"):
+            _check_positive(f"language.{name}", getattr(self, name))
+        _check_choice("language.act", self.act, ACTIVATIONS)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"language.num_heads={self.num_heads} is not a multiple of "
+                f"language.num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim is None and self.width % self.num_heads:
+            raise ValueError(f"language.width={self.width} is not divisible by num_heads={self.num_heads}")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """Per-head width."""
+        return self.head_dim if self.head_dim is not None else self.width // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+    """A LLaVA-style VLM: vision tower, connector, language model."""
+
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    connector: ConnectorConfig = dataclasses.field(default_factory=ConnectorConfig)
+    language: LanguageConfig = dataclasses.field(default_factory=LanguageConfig)
+    family: str = "llava"
+
+    def __post_init__(self) -> None:
+        _check_choice("family", self.family, ("llava",))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "VLMConfig":
+        """Inverse of `to_dict`; unknown keys are an error."""
+        return cls(
+            vision=_from_dict(VisionConfig, data.get("vision", {})),
+            connector=_from_dict(ConnectorConfig, data.get("connector", {})),
+            language=_from_dict(LanguageConfig, data.get("language", {})),
+            **{k: v for k, v in data.items() if k not in ("vision", "connector", "language")},
+        )
+
+    def to_json(self) -> str:
+        """Pretty JSON text."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Pretraining of the default model on built-in shapes VQA."""
+
+    steps: int = 2400
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    end_learning_rate: float = 2e-5
+    warmup_steps: int = 150
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    train_images: int = 12000
+    eval_every: int = 0  # 0: evaluate only at the end
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "train_images"):
+            _check_positive(name, getattr(self, name))
+        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+
+
+T = TypeVar("T")
+
+
+def _from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def default_vlm_config(vocab_size: int) -> VLMConfig:
+    """The built-in default tiny VLM, sized for shapes VQA on a laptop CPU."""
+    return VLMConfig(language=LanguageConfig(vocab_size=vocab_size))

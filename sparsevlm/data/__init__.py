@@ -1,0 +1,1 @@
+"""Data: built-in shapes VQA, tokenizers and batching."""

@@ -1,0 +1,63 @@
+"""Batched VQA evaluation: greedy answers, exact match overall and per question type."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import datasets
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from sparsevlm.checkpoint import ModelBundle
+from sparsevlm.data.batch import encode_vqa, iterate_batches
+from sparsevlm.eval.generate import compiled_generate, decode_text
+from sparsevlm.eval.metrics import normalize_answer
+from sparsevlm.models.vlm import VLM
+
+
+def round_up(value: int, multiple: int) -> int:
+    """Smallest multiple of `multiple` that is >= `value` (bucketed lengths → fewer compilations)."""
+    return -(-value // multiple) * multiple
+
+
+def evaluate_vqa(
+    bundle: ModelBundle,
+    dataset: datasets.Dataset,
+    batch_size: int = 128,
+    max_new_tokens: int = 4,
+    progress: bool = True,
+    params: Any = None,
+) -> dict[str, Any]:
+    """Exact-match accuracy of greedy answers on a VQA dataset, with per-type scores and predictions."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    tokenizer = bundle.tokenizer
+    data = encode_vqa(dataset, tokenizer, with_targets=False)
+    length = round_up(data.max_length, 8)
+    model = VLM(bundle.config)
+    generate = compiled_generate(model, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    params = jax.device_put(bundle.params if params is None else params)
+    predictions: list[str] = [""] * len(data)
+    batches = iterate_batches(data, batch_size, length, tokenizer.pad_token_id, bundle.config.vision)
+    total = -(-len(data) // batch_size)
+    for batch, indices in tqdm(batches, total=total, desc="evaluate", disable=not progress, leave=False):
+        out = np.asarray(generate(params, batch.images, batch.tokens, batch.text_mask))
+        for row, index in enumerate(indices):
+            predictions[index] = decode_text(tokenizer, out[row], tokenizer.eos_token_id)
+    correct = [normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, data.answers)]
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for qtype, hit in zip(data.question_types, correct):
+        by_type[qtype].append(hit)
+    split = str(dataset.split) if dataset.split is not None else "unknown"
+    return {
+        "accuracy": float(np.mean(correct)),
+        "n": len(correct),
+        "split": split,
+        "by_type": {t: float(np.mean(v)) for t, v in sorted(by_type.items())},
+        "predictions": [
+            {"question": q, "answer": a, "prediction": p, "type": t}
+            for q, a, p, t in zip(data.questions, data.answers, predictions, data.question_types)
+        ],
+    }

@@ -1,0 +1,71 @@
+"""Greedy decoding with the KV cache, compiled once per (batch shape, max_new_tokens)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from sparsevlm.models.decoder import init_cache
+from sparsevlm.models.vlm import VLM
+
+Array = jax.Array
+GenerateFn = Callable[[Any, Array, Array, Array], Array]
+
+
+def greedy_generate(
+    model: VLM,
+    params: Any,
+    images: Array,
+    tokens: Array,
+    text_mask: Array,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+) -> Array:
+    """New tokens `[B, max_new_tokens]` after left-padded prompts; `pad_id` after each row's EOS."""
+    batch, length = tokens.shape
+    num_image = model.config.vision.num_features
+    prefix = num_image + length
+    cache = init_cache(model.config.language, batch, prefix + max_new_tokens, model.dtype)
+    logits, cache = model.apply({"params": params}, images, tokens, text_mask, cache)
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    valid = jnp.concatenate(
+        [jnp.ones((batch, num_image), bool), text_mask.astype(bool), jnp.zeros((batch, max_new_tokens), bool)],
+        axis=1,
+    )
+    position = num_image + text_mask.sum(axis=1).astype(jnp.int32) - 1
+
+    def step(carry: tuple, offset: Array) -> tuple[tuple, Array]:
+        token, cache, valid, position, done = carry
+        index = prefix + offset
+        valid = valid.at[:, index].set(True)
+        position = position + 1
+        logits, cache = model.apply(
+            {"params": params}, token[:, None], position[:, None], valid, cache, index, method=VLM.decode
+        )
+        done = done | (token == eos_id)
+        nxt = jnp.where(done, pad_id, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32))
+        return (nxt, cache, valid, position, done), nxt
+
+    carry = (first, cache, valid, position, jnp.zeros((batch,), bool))
+    _, rest = jax.lax.scan(step, carry, jnp.arange(max_new_tokens - 1))
+    return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_generate(model: VLM, max_new_tokens: int, eos_id: int, pad_id: int) -> GenerateFn:
+    """`jit`-compiled `greedy_generate` for one model and decoding setup, reused across calls."""
+    return jax.jit(
+        functools.partial(greedy_generate, model, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+    )
+
+
+def decode_text(tokenizer: Any, ids: Any, eos_id: int) -> str:
+    """Token ids up to the first EOS → text."""
+    ids = [int(i) for i in ids]
+    if eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()

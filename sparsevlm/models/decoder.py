@@ -1,0 +1,77 @@
+"""Llama-style decoder language model with a KV cache."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sparsevlm.config import LanguageConfig
+from sparsevlm.models.layers import Block, Dtype, KVCache, Linear, make_norm
+
+Array = jax.Array
+
+
+def init_cache(config: LanguageConfig, batch: int, length: int, dtype: Dtype = jnp.float32) -> list[KVCache]:
+    """Zeroed per-layer KV cache for `length` positions."""
+    shape = (batch, length, config.num_kv_heads, config.resolved_head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.depth)]
+
+
+class Decoder(nn.Module):
+    """Token embeddings in, next-token logits out; `embed` and `__call__` are separate so a VLM can splice."""
+
+    config: LanguageConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.embed = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=nn.initializers.normal(0.02))
+        self.blocks = [
+            Block(
+                width=cfg.width,
+                num_heads=cfg.num_heads,
+                head_dim=cfg.resolved_head_dim,
+                mlp_dim=cfg.mlp_dim,
+                act=cfg.act,
+                norm="rmsnorm",
+                norm_eps=cfg.norm_eps,
+                num_kv_heads=cfg.num_kv_heads,
+                gated_mlp=True,
+                qkv_bias=cfg.attention_bias,
+                out_bias=cfg.attention_bias,
+                mlp_bias=False,
+                rope_theta=cfg.rope_theta,
+                dtype=self.dtype,
+            )
+            for _ in range(cfg.depth)
+        ]
+        self.norm = make_norm("rmsnorm", cfg.norm_eps, "norm", self.dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = Linear(cfg.vocab_size, use_bias=False, dtype=self.dtype)
+
+    def embed_tokens(self, tokens: Array) -> Array:
+        """Token ids `[B, T]` → embeddings `[B, T, width]`."""
+        return self.embed(tokens).astype(self.dtype)
+
+    def __call__(
+        self,
+        embeds: Array,
+        positions: Array,
+        mask: Array,
+        cache: list[KVCache] | None = None,
+        cache_index: Array | int = 0,
+    ) -> tuple[Array, list[KVCache] | None]:
+        """Embeddings `[B, T, E]`, positions `[B, T]`, mask `[B, T, S]` → logits `[B, T, V]` (float32)."""
+        x = embeds
+        new_cache: list[KVCache] | None = [] if cache is not None else None
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(x, mask, positions, None if cache is None else cache[i], cache_index)
+            if new_cache is not None:
+                new_cache.append(layer_cache)
+        x = self.norm(x)
+        if self.config.tie_embeddings:
+            logits = self.embed.attend(x.astype(jnp.float32))
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(jnp.float32), new_cache

@@ -1,0 +1,196 @@
+"""Building blocks shared by every tower: linear, attention, MLP, norms, rotary positions, block."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+KVCache = dict[str, Array]  # {"k": [B, S, Hkv, D], "v": [B, S, Hkv, D]}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    """Activation function by config name."""
+    table: dict[str, Callable[[Array], Array]] = {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "silu": jax.nn.silu,
+        "relu": jax.nn.relu,
+    }
+    if name not in table:
+        raise ValueError(f"activation {name!r} is not supported; allowed: {', '.join(table)}")
+    return table[name]
+
+
+def make_norm(kind: str, eps: float, name: str, dtype: Dtype = jnp.float32) -> nn.Module:
+    """LayerNorm or RMSNorm (params: `scale` [+ `bias`]); statistics are computed in float32."""
+    if kind == "layernorm":
+        return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(epsilon=eps, dtype=dtype, name=name)
+    raise ValueError(f"norm {kind!r} is not supported; allowed: layernorm, rmsnorm")
+
+
+class Linear(nn.Module):
+    """`y = x @ kernel (+ bias)` with a Flax `[in, out]` kernel; the one place every prunable weight lives."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable[..., Array] = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos/sin tables `[B, T, D]` for rotary embeddings in the half-split (HF Llama) layout."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate `x` `[B, T, H, D]` by the tables (HF `rotate_half` convention)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention; self or cross; optional rotary positions and KV cache."""
+
+    num_heads: int
+    head_dim: int
+    out_features: int
+    num_kv_heads: int | None = None
+    qkv_bias: bool = True
+    out_bias: bool = True
+    rope_theta: float | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        mask: Array | None,
+        positions: Array | None = None,
+        kv_input: Array | None = None,
+        cache: KVCache | None = None,
+        cache_index: Array | int = 0,
+    ) -> tuple[Array, KVCache | None]:
+        """Attend from `x` `[B, T, E]` over itself (or `kv_input`); `mask` `[B, T, S]` is True where allowed.
+
+        With `cache`, the new keys/values are written at `cache_index` and attention runs over the
+        whole cache (length S); the updated cache is returned.
+        """
+        kv_heads = self.num_kv_heads or self.num_heads
+        batch, length = x.shape[:2]
+        source = x if kv_input is None else kv_input
+        q = Linear(self.num_heads * self.head_dim, self.qkv_bias, self.dtype, name="q")(x)
+        k = Linear(kv_heads * self.head_dim, self.qkv_bias, self.dtype, name="k")(source)
+        v = Linear(kv_heads * self.head_dim, self.qkv_bias, self.dtype, name="v")(source)
+        q = q.reshape(batch, length, self.num_heads, self.head_dim)
+        k = k.reshape(batch, source.shape[1], kv_heads, self.head_dim)
+        v = v.reshape(batch, source.shape[1], kv_heads, self.head_dim)
+        if self.rope_theta is not None:
+            if positions is None:
+                raise ValueError("rotary attention needs `positions`")
+            cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_cache = None
+        if cache is not None:
+            index = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), index)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), index)
+            new_cache = {"k": k, "v": v}
+        groups = self.num_heads // kv_heads
+        q = q.reshape(batch, length, kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
+        scores = scores / jnp.sqrt(jnp.float32(self.head_dim))
+        if mask is not None:
+            scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
+        out = out.reshape(batch, length, self.num_heads * self.head_dim)
+        return Linear(self.out_features, self.out_bias, self.dtype, name="o")(out), new_cache
+
+
+class MLP(nn.Module):
+    """Feed-forward: `down(act(up x))`, or gated `down(act(gate x) * up x)` (SwiGLU)."""
+
+    hidden_dim: int
+    out_features: int
+    act: str = "gelu"
+    gated: bool = False
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        fn = activation(self.act)
+        up = Linear(self.hidden_dim, self.use_bias, self.dtype, name="up")(x)
+        if self.gated:
+            h = fn(Linear(self.hidden_dim, self.use_bias, self.dtype, name="gate")(x)) * up
+        else:
+            h = fn(up)
+        return Linear(self.out_features, self.use_bias, self.dtype, name="down")(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: `x + attn(norm1 x)`, then `x + mlp(norm2 x)`."""
+
+    width: int
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    act: str
+    norm: str
+    norm_eps: float
+    num_kv_heads: int | None = None
+    gated_mlp: bool = False
+    qkv_bias: bool = True
+    out_bias: bool = True
+    mlp_bias: bool = True
+    rope_theta: float | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        mask: Array | None,
+        positions: Array | None = None,
+        cache: KVCache | None = None,
+        cache_index: Array | int = 0,
+    ) -> tuple[Array, KVCache | None]:
+        """One block; returns the new residual stream and the updated KV cache (if any)."""
+        h = make_norm(self.norm, self.norm_eps, "norm1", self.dtype)(x)
+        h, cache = Attention(
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            out_features=self.width,
+            num_kv_heads=self.num_kv_heads,
+            qkv_bias=self.qkv_bias,
+            out_bias=self.out_bias,
+            rope_theta=self.rope_theta,
+            dtype=self.dtype,
+            name="attn",
+        )(h, mask, positions, cache=cache, cache_index=cache_index)
+        x = x + h.astype(x.dtype)
+        h = make_norm(self.norm, self.norm_eps, "norm2", self.dtype)(x)
+        h = MLP(self.mlp_dim, self.width, self.act, self.gated_mlp, self.mlp_bias, self.dtype, name="mlp")(h)
+        return x + h.astype(x.dtype), cache

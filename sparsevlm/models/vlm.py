@@ -1,0 +1,83 @@
+"""The LLaVA composition: vision tower → connector → image tokens placed before the text prompt."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sparsevlm.config import VLMConfig
+from sparsevlm.models.decoder import Decoder
+from sparsevlm.models.layers import MLP, Dtype, KVCache
+from sparsevlm.models.vit import ViT
+
+Array = jax.Array
+
+TOWERS = ("vision", "connector", "language")
+
+
+def attention_mask(valid: Array, query_slots: Array) -> Array:
+    """Causal mask `[B, T, S]`: query at slot `query_slots[t]` may see key slot `s <= it` that is valid."""
+    key_slots = jnp.arange(valid.shape[1])
+    causal = key_slots[None, None, :] <= query_slots[None, :, None]
+    return causal & valid[:, None, :].astype(bool)
+
+
+class VLM(nn.Module):
+    """Image + left-padded text → logits over the sequence `[image tokens | text tokens]`.
+
+    Padding inside the text is excluded by `text_mask`; rotary positions count only real tokens,
+    so the result does not depend on how much padding a row has.
+    """
+
+    config: VLMConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.vision = ViT(cfg.vision, self.dtype)
+        self.connector = MLP(
+            cfg.connector.hidden_dim, cfg.language.width, cfg.connector.act, gated=False, dtype=self.dtype
+        )
+        self.language = Decoder(cfg.language, self.dtype)
+
+    def encode_images(self, images: Array) -> Array:
+        """Images `[B, H, W, C]` → image tokens in the language model's embedding space `[B, N, E]`."""
+        return self.connector(self.vision(images))
+
+    def __call__(
+        self,
+        images: Array,
+        tokens: Array,
+        text_mask: Array,
+        cache: list[KVCache] | None = None,
+    ) -> tuple[Array, list[KVCache] | None]:
+        """Full forward (training, scoring, or generation prefill when `cache` is given).
+
+        Returns logits `[B, N + T, V]` and, with a cache of length S >= N + T, the filled cache.
+        """
+        image_tokens = self.encode_images(images)
+        embeds = jnp.concatenate([image_tokens, self.language.embed_tokens(tokens)], axis=1)
+        batch, length = embeds.shape[:2]
+        valid = jnp.concatenate([jnp.ones(image_tokens.shape[:2], bool), text_mask.astype(bool)], axis=1)
+        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+        if cache is not None:
+            pad = cache[0]["k"].shape[1] - length
+            valid = jnp.pad(valid, ((0, 0), (0, pad)))
+        mask = attention_mask(valid, jnp.arange(length))
+        return self.language(embeds, positions, mask, cache, 0)
+
+    def decode(
+        self,
+        tokens: Array,
+        positions: Array,
+        valid: Array,
+        cache: list[KVCache],
+        index: Array,
+    ) -> tuple[Array, list[KVCache]]:
+        """One cached step: tokens `[B, 1]` written at cache slot `index`; `valid` `[B, S]` marks usable slots."""
+        embeds = self.language.embed_tokens(tokens)
+        mask = attention_mask(valid, jnp.reshape(index, (1,)))
+        logits, cache = self.language(embeds, positions, mask, cache, index)
+        assert cache is not None
+        return logits, cache

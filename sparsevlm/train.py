@@ -1,0 +1,98 @@
+"""Losses, optimizers and the jit-compiled train step shared by pretraining and restoration."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsevlm.data.batch import Batch
+from sparsevlm.models.vlm import VLM
+from sparsevlm.tree import flatten, unflatten
+
+PyTree = Any
+Array = jax.Array
+
+
+class TrainState(NamedTuple):
+    """Trainable params, optimizer state and the step counter."""
+
+    params: PyTree
+    opt_state: optax.OptState
+    step: Array
+
+
+def batch_arrays(batch: Batch) -> dict[str, Any]:
+    """A `Batch` as the dict of arrays the jit-compiled step takes."""
+    return dataclasses.asdict(batch)
+
+
+def token_cross_entropy(logits: Array, tokens: Array, loss_mask: Array) -> tuple[Array, Array]:
+    """Summed next-token CE over target positions, and their count.
+
+    `logits` are the text part `[B, T, V]`; position t-1 predicts `tokens[:, t]` where `loss_mask[:, t]`.
+    """
+    predicted = logits[:, :-1].astype(jnp.float32)
+    targets = tokens[:, 1:]
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(predicted, targets)
+    return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def text_logits(logits: Array, num_text: int) -> Array:
+    """The last `num_text` positions of `[image | text]` logits."""
+    return logits[:, -num_text:]
+
+
+def weight_decay_mask(params: PyTree) -> PyTree:
+    """True for matrices (kernels), False for norms, biases, embeddings and position tables."""
+    flat = flatten(params)
+    return unflatten({path: path.endswith("kernel") and value.ndim >= 2 for path, value in flat.items()})
+
+
+def make_optimizer(
+    learning_rate: float,
+    end_learning_rate: float,
+    warmup_steps: int,
+    total_steps: int,
+    weight_decay: float,
+    grad_clip: float,
+) -> optax.GradientTransformation:
+    """AdamW on a warmup-cosine schedule with global-norm clipping; decay on kernels only."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=learning_rate,
+        warmup_steps=warmup_steps,
+        decay_steps=total_steps,
+        end_value=end_learning_rate,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=weight_decay, mask=weight_decay_mask),
+    )
+
+
+def make_train_step(
+    model: VLM, optimizer: optax.GradientTransformation
+) -> Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, Array]]]:
+    """A jit-compiled full-parameter step minimising mean next-token CE on target tokens."""
+
+    def loss_fn(params: PyTree, batch: dict[str, Any]) -> tuple[Array, Array]:
+        logits, _ = model.apply({"params": params}, batch["images"], batch["tokens"], batch["text_mask"])
+        total, count = token_cross_entropy(
+            text_logits(logits, batch["tokens"].shape[1]), batch["tokens"], batch["loss_mask"]
+        )
+        return total / jnp.maximum(count, 1.0), count
+
+    @jax.jit
+    def step(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, Array]]:
+        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads)}
+        return TrainState(params, opt_state, state.step + 1), metrics
+
+    return step

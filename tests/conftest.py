@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny random-weight VLM and an isolated SPARSEVLM_HOME."""
+
+from __future__ import annotations
+
+import os
+
+# Simulated devices for sharding tests must be requested before JAX initialises.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from sparsevlm.checkpoint import ModelBundle  # noqa: E402
+from sparsevlm.config import ConnectorConfig, LanguageConfig, VisionConfig, VLMConfig  # noqa: E402
+from sparsevlm.data import shapes  # noqa: E402
+from sparsevlm.data.tokenize import build_word_tokenizer  # noqa: E402
+from sparsevlm.models import VLM  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never touch the user's model cache from tests."""
+    monkeypatch.setenv("SPARSEVLM_HOME", str(tmp_path_factory.mktemp("home")))
+
+
+def tiny_config(vocab_size: int, **language: object) -> VLMConfig:
+    """A VLM small enough to run in milliseconds, with every feature of the default switched on."""
+    return VLMConfig(
+        vision=VisionConfig(image_size=48, patch_size=16, width=32, depth=2, num_heads=2, mlp_dim=64),
+        connector=ConnectorConfig(hidden_dim=48),
+        language=LanguageConfig(
+            vocab_size=vocab_size, width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64, **language
+        ),
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The built-in word-level tokenizer."""
+    return build_word_tokenizer(shapes.vocabulary())
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tokenizer) -> ModelBundle:
+    """A random-weight tiny VLM bundle."""
+    config = tiny_config(len(tokenizer))
+    model = VLM(config)
+    images = np.zeros((1, 48, 48, 3), np.float32)
+    tokens = np.ones((1, 4), np.int32)
+    params = model.init(jax.random.key(0), images, tokens, np.ones((1, 4), bool))["params"]
+    return ModelBundle(config, jax.tree.map(np.asarray, params), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def test_split():
+    """A small shapes-VQA test split."""
+    return shapes.build_split("test", 24)

@@ -1,0 +1,48 @@
+"""Batching: left padding, loss masks, image normalisation, fixed shapes for the last batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparsevlm.config import VisionConfig
+from sparsevlm.data.batch import EncodedSet, collate, iterate_batches, preprocess_images
+
+
+def test_collate_left_pads_and_marks_targets():
+    vision = VisionConfig()
+    images = np.full((2, 48, 48, 3), 255, np.uint8)
+    batch = collate(images, [([2, 10, 11, 20, 3], 3), ([2, 12, 21, 3], 2)], 6, 0, vision)
+    np.testing.assert_array_equal(batch.tokens, [[0, 2, 10, 11, 20, 3], [0, 0, 2, 12, 21, 3]])
+    np.testing.assert_array_equal(batch.text_mask, [[0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(batch.loss_mask, [[0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1]])
+    np.testing.assert_allclose(batch.images, 1.0)  # (1 - 0.5) / 0.5
+
+
+def test_collate_rejects_too_long_sequences():
+    with pytest.raises(ValueError, match="does not fit length=3"):
+        collate(np.zeros((1, 48, 48, 3), np.uint8), [([1, 2, 3, 4], 2)], 3, 0, VisionConfig())
+
+
+def test_preprocess_rejects_wrong_image_size():
+    with pytest.raises(ValueError, match="32x32 but the model expects 48x48"):
+        preprocess_images(np.zeros((1, 32, 32, 3), np.uint8), VisionConfig())
+
+
+def test_iterate_batches_keeps_shapes_and_covers_every_example():
+    data = EncodedSet(
+        images=np.zeros((3, 48, 48, 3), np.uint8),
+        image_index=np.array([0, 1, 2, 0, 1]),
+        sequences=[([2, i + 4, 3], 2) for i in range(5)],
+        question_types=["x"] * 5,
+        answers=["a"] * 5,
+        questions=["q"] * 5,
+    )
+    seen = []
+    for batch, indices in iterate_batches(data, 2, 4, 0, VisionConfig()):
+        assert batch.tokens.shape == (2, 4)
+        seen.extend(indices.tolist())
+    assert sorted(seen) == [0, 1, 2, 3, 4]
+    shuffled = [i for _, idx in iterate_batches(data, 2, 4, 0, VisionConfig(), np.random.default_rng(0), True)
+                for i in idx]
+    assert len(shuffled) == 4 and len(set(shuffled)) == 4
