@@ -170,6 +170,8 @@ class PretrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     train_images: int = 12000
+    vision_steps: int = 300  # stage 1: per-cell attribute pretraining of the vision tower (0: off)
+    vision_batch_size: int = 128
     eval_every: int = 0  # 0: evaluate only at the end
 
     def __post_init__(self) -> None:

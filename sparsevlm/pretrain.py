@@ -6,19 +6,87 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from sparsevlm.checkpoint import ModelBundle, save_model
-from sparsevlm.config import PretrainConfig, VLMConfig, default_vlm_config
+from sparsevlm.config import PretrainConfig, VisionConfig, VLMConfig, default_vlm_config
 from sparsevlm.data import shapes
-from sparsevlm.data.batch import Batch, EncodedSet, encode_vqa, iterate_batches
+from sparsevlm.data.batch import Batch, EncodedSet, encode_vqa, iterate_batches, preprocess_images
 from sparsevlm.data.tokenize import build_word_tokenizer
 from sparsevlm.eval.evaluate import evaluate_vqa, round_up
+from sparsevlm.models.vit import ViT
 from sparsevlm.models.vlm import VLM
 from sparsevlm.train import TrainState, batch_arrays, make_optimizer, make_train_step
 from sparsevlm.tree import count_params
+
+
+class CellProbe(nn.Module):
+    """Vision tower + linear heads for each grid cell's colour, shape and index (vision pretraining).
+
+    Stands in for the CLIP pretraining a real LLaVA tower has had: the LM stage then starts from a
+    tower whose tokens already say what is where. The heads are discarded afterwards.
+    """
+
+    config: VisionConfig
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+        features = ViT(self.config, name="vision")(images)
+        cells = pool_to_grid(features, shapes.GRID)
+        heads = {"color": len(shapes.COLORS) + 1, "shape": len(shapes.SHAPES) + 1, "cell": shapes.GRID**2}
+        return {name: nn.Dense(size, name=f"{name}_head")(cells) for name, size in heads.items()}
+
+
+def pool_to_grid(features: jax.Array, grid: int) -> jax.Array:
+    """Patch tokens `[B, s*s, W]` → mean per grid cell `[B, grid*grid, W]` (s divisible by grid)."""
+    batch, num, width = features.shape
+    side = int(round(num**0.5))
+    if side * side != num or side % grid:
+        raise ValueError(f"{num} patch tokens do not tile a {grid}x{grid} grid")
+    per = side // grid
+    pooled = features.reshape(batch, grid, per, grid, per, width).mean(axis=(2, 4))
+    return pooled.reshape(batch, grid * grid, width)
+
+
+def pretrain_vision(
+    config: VisionConfig, images: np.ndarray, scene_keys: list[str], steps: int, batch_size: int, seed: int,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Train the vision tower to name every cell's colour, shape and position; returns its params and accuracies."""
+    labels = [shapes.cell_labels(key) for key in scene_keys]
+    colors = np.stack([c for c, _ in labels])
+    kinds = np.stack([k for _, k in labels])
+    inputs = preprocess_images(images, config)
+    probe = CellProbe(config)
+    params = probe.init(jax.random.key(seed + 1), inputs[:1])["params"]
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-3, max(steps // 10, 1), steps, 2e-5)
+    optimizer = optax.adamw(schedule, weight_decay=0.05)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params: Any, opt_state: Any, x: jax.Array, color: jax.Array, kind: jax.Array) -> tuple:
+        def loss_fn(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+            logits = probe.apply({"params": params}, x)
+            targets = {"color": color, "shape": kind, "cell": jnp.broadcast_to(jnp.arange(color.shape[1]), color.shape)}
+            losses = [optax.softmax_cross_entropy_with_integer_labels(logits[k], targets[k]).mean() for k in targets]
+            accuracy = {k: jnp.mean(jnp.argmax(logits[k], -1) == targets[k]) for k in targets}
+            return sum(losses), accuracy
+
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, accuracy
+
+    rng = np.random.default_rng(seed)
+    accuracy: dict[str, Any] = {}
+    for _ in tqdm(range(steps), desc="vision", disable=not progress, mininterval=1.0):
+        index = rng.integers(0, len(inputs), batch_size)
+        params, opt_state, _, accuracy = step(params, opt_state, inputs[index], colors[index], kinds[index])
+    return params["vision"], {k: float(v) for k, v in accuracy.items()}
 
 
 def _endless(data: EncodedSet, batch_size: int, length: int, pad_id: int, model_config: VLMConfig,
@@ -59,6 +127,13 @@ def pretrain(
     model = VLM(model_config)
     init_batch = next(iter(iterate_batches(pools[0], 2, 8 * 2, tokenizer.pad_token_id, model_config.vision)))[0]
     params = model.init(jax.random.key(config.seed), init_batch.images, init_batch.tokens, init_batch.text_mask)["params"]
+    if config.vision_steps:
+        captions = shapes.captioning_view(train)
+        params["vision"], probe_accuracy = pretrain_vision(
+            model_config.vision, pools[1].images, list(captions["scene"]), config.vision_steps,
+            config.vision_batch_size, config.seed, progress,
+        )
+        print(f"vision tower pretrained: per-cell accuracy {probe_accuracy}")
     optimizer = make_optimizer(
         config.learning_rate, config.end_learning_rate, config.warmup_steps, config.steps,
         config.weight_decay, config.grad_clip,

@@ -248,3 +248,14 @@ def captioning_view(dataset: datasets.Dataset) -> datasets.Dataset:
     view = view.add_column("question", [CAPTION_PROMPT] * len(view))
     view = view.add_column("question_type", ["caption"] * len(view))
     return view.add_column("answer", list(view["caption"]))
+
+
+def cell_labels(scene_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell class ids `(color, shape)`, each `[GRID*GRID]`; 0 means an empty cell."""
+    colors = np.zeros(GRID * GRID, np.int32)
+    kinds = np.zeros(GRID * GRID, np.int32)
+    for part in scene_key.split(";"):
+        cell, color, shape = part.split(":")
+        colors[int(cell)] = list(COLORS).index(color) + 1
+        kinds[int(cell)] = SHAPES.index(shape) + 1
+    return colors, kinds
