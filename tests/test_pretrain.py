@@ -42,8 +42,10 @@ def test_vision_pretraining_learns_cell_attributes(tokenizer):
 
 
 @pytest.mark.slow
-def test_short_pretrain_saves_a_model_that_beats_chance(tokenizer, tmp_path):
-    config = PretrainConfig(steps=150, warmup_steps=20, train_images=600, vision_steps=100, batch_size=32)
+def test_short_pretrain_lowers_loss_and_saves_the_model(tokenizer, tmp_path):
+    config = PretrainConfig(
+        steps=150, warmup_steps=20, learning_rate=3e-3, train_images=600, vision_steps=100, batch_size=32
+    )
     model_config = dataclasses.replace(tiny_config(len(tokenizer)))
     bundle = pretrain(config, tmp_path / "m", model_config=model_config, eval_images=60, progress=False)
     history = bundle.metadata["loss_history"]
