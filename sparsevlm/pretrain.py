@@ -113,9 +113,10 @@ def pretrain(
     started = time.perf_counter()
     train = shapes.build_split("train", config.train_images, seed=config.seed,
                                image_size=model_config.vision.image_size)
+    captions = shapes.captioning_view(train)
     pools = [
         encode_vqa(train, tokenizer, with_targets=True),
-        encode_vqa(shapes.captioning_view(train), tokenizer, with_targets=True),
+        encode_vqa(captions, tokenizer, with_targets=True),
     ]
     pool_sizes = np.array([len(p) for p in pools], float)
     rng = np.random.default_rng(config.seed)
@@ -128,7 +129,6 @@ def pretrain(
     init_batch = next(iter(iterate_batches(pools[0], 2, 8 * 2, tokenizer.pad_token_id, model_config.vision)))[0]
     params = model.init(jax.random.key(config.seed), init_batch.images, init_batch.tokens, init_batch.text_mask)["params"]
     if config.vision_steps:
-        captions = shapes.captioning_view(train)
         params["vision"], probe_accuracy = pretrain_vision(
             model_config.vision, pools[1].images, list(captions["scene"]), config.vision_steps,
             config.vision_batch_size, config.seed, progress,
