@@ -21,17 +21,21 @@ from sparsevlm.data.tokenize import tokenizer_from_json, tokenizer_to_json
 from sparsevlm.tree import flatten, unflatten
 
 PyTree = Any
-_ITEMS = ("params", "config", "tokenizer", "metadata")
+_ITEMS = ("params", "config", "tokenizer", "metadata", "masks")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelBundle:
-    """Everything needed to run a model: its config, param tree, tokenizer and free-form metadata."""
+    """Everything needed to run a model: config, param tree, tokenizer, metadata and, once pruned, masks.
+
+    `masks` is a tree like `params` with a boolean keep-mask for every pruned kernel and None elsewhere.
+    """
 
     config: VLMConfig
     params: PyTree
     tokenizer: PreTrainedTokenizerBase
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    masks: PyTree | None = None
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
@@ -63,15 +67,17 @@ def save_model(path: str | os.PathLike, bundle: ModelBundle, overwrite: bool = F
     try:
         manager = ocp.CheckpointManager(staging, item_names=_ITEMS, options=_options())
         params = jax.tree.map(np.asarray, bundle.params)
-        manager.save(
-            0,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                config=ocp.args.JsonSave(bundle.config.to_dict()),
-                tokenizer=ocp.args.JsonSave({"tokenizer_json": tokenizer_to_json(bundle.tokenizer)}),
-                metadata=ocp.args.JsonSave(bundle.metadata),
-            ),
+        items = dict(
+            params=ocp.args.StandardSave(params),
+            config=ocp.args.JsonSave(bundle.config.to_dict()),
+            tokenizer=ocp.args.JsonSave({"tokenizer_json": tokenizer_to_json(bundle.tokenizer)}),
+            metadata=ocp.args.JsonSave(bundle.metadata),
         )
+        if bundle.masks is not None:
+            # Only the pruned leaves are stored; None leaves are rebuilt from the params on load.
+            pruned = {path: np.asarray(m, bool) for path, m in flatten(bundle.masks).items() if m is not None}
+            items["masks"] = ocp.args.StandardSave(unflatten(pruned))
+        manager.save(0, args=ocp.args.Composite(**items))
         manager.wait_until_finished()
         manager.close()
         if path.exists():
@@ -96,22 +102,29 @@ def load_model_dir(path: str | os.PathLike) -> ModelBundle:
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"{path} holds no saved model (no complete orbax checkpoint)")
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(),
-            config=ocp.args.JsonRestore(),
-            tokenizer=ocp.args.JsonRestore(),
-            metadata=ocp.args.JsonRestore(),
-        ),
+    items = dict(
+        params=ocp.args.StandardRestore(),
+        config=ocp.args.JsonRestore(),
+        tokenizer=ocp.args.JsonRestore(),
+        metadata=ocp.args.JsonRestore(),
     )
+    has_masks = (path / str(step) / "masks").is_dir()
+    if has_masks:
+        items["masks"] = ocp.args.StandardRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
     manager.close()
     params = jax.tree.map(np.asarray, restored["params"])
+    masks = None
+    if has_masks:
+        flat_params = flatten(params)
+        pruned = {p: np.asarray(m, bool) for p, m in flatten(restored["masks"]).items()}
+        masks = unflatten({p: pruned.get(p) for p in flat_params})
     return ModelBundle(
         config=VLMConfig.from_dict(restored["config"]),
         params=params,
         tokenizer=tokenizer_from_json(restored["tokenizer"]["tokenizer_json"]),
         metadata=dict(restored["metadata"] or {}),
+        masks=masks,
     )
 
 

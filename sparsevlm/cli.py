@@ -45,6 +45,39 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="write the result JSON here")
 
 
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside [0, 1)")
+    return value
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    from sparsevlm.data.calibration import CALIBRATION_SETS
+    from sparsevlm.pruning import METHODS
+    from sparsevlm.pruning.calibrate import CALIBRATION_MODES
+    from sparsevlm.pruning.patterns import PATTERN_HELP
+
+    p = sub.add_parser("prune", help="prune a model and save it with its masks and a report")
+    p.add_argument("--model", required=True, help="'default' or a saved model directory")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--pattern", default="unstructured", help=PATTERN_HELP)
+    p.add_argument("--vision-sparsity", type=_sparsity, default=0.0, help="fraction of vision weights pruned")
+    p.add_argument("--language-sparsity", type=_sparsity, default=0.0, help="fraction of language weights pruned")
+    p.add_argument("--connector-sparsity", type=_sparsity, default=0.0, help="fraction of connector weights pruned")
+    p.add_argument("--calib-samples", type=_positive_int, default=128, help="calibration examples (paper: 128)")
+    p.add_argument("--calib-data", default=CALIBRATION_SETS[0], choices=CALIBRATION_SETS)
+    p.add_argument("--calibration-mode", default="sequential", choices=CALIBRATION_MODES,
+                   help="sequential: each block sees the pruned blocks before it; dense: statistics of the dense model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-images", type=_positive_int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--out", required=True, help="output model directory (report.json is written inside)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write model.safetensors + config.json")
     p.add_argument("--model", required=True, help="'default' or a saved model directory")
@@ -57,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_pretrain(sub)
     _add_evaluate(sub)
+    _add_prune(sub)
     _add_export(sub)
     return parser
 
@@ -112,6 +146,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Prune a model; save it with masks and `report.json`."""
+    from sparsevlm import hub
+    from sparsevlm.checkpoint import save_model
+    from sparsevlm.jobs import prune_job
+    from sparsevlm.pruning import SparsitySpec
+
+    # Everything the user passed is checked before any work, so a bad flag never leaves files behind.
+    spec = SparsitySpec(
+        vision=args.vision_sparsity,
+        connector=args.connector_sparsity,
+        language=args.language_sparsity,
+        pattern=args.pattern,
+    )
+    if not any(spec.targets.values()):
+        raise ValueError("nothing to prune: --vision-sparsity, --language-sparsity and --connector-sparsity are all 0")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise FileExistsError(f"--out {args.out} already exists and is not empty (pass --force to replace it)")
+    bundle = hub.load_model(args.model)
+    pruned, report = prune_job(
+        bundle, spec, args.method, args.calib_samples, args.calib_data, args.calibration_mode,
+        args.seed, args.eval_images,
+    )
+    report["model"] = args.model
+    save_model(out, pruned, overwrite=True)
+    _write_json(str(out / "report.json"), report)
+    measured = ", ".join(f"{t} {v:.4f}" for t, v in report["measured"].items())
+    print(f"{args.method} {spec.describe()}: measured sparsity {measured}; accuracy {report['accuracy']:.4f}")
+    print(f"saved to {out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a model as safetensors."""
     from sparsevlm import hub
@@ -122,7 +189,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "export": cmd_export}
+COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "prune": cmd_prune, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,26 @@ def init_cache(config: LanguageConfig, batch: int, length: int, dtype: Dtype = j
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.depth)]
 
 
+def decoder_block(config: LanguageConfig, dtype: Dtype = jnp.float32) -> Block:
+    """One decoder block as a standalone module (the decoder and block-wise calibration share it)."""
+    return Block(
+        width=config.width,
+        num_heads=config.num_heads,
+        head_dim=config.resolved_head_dim,
+        mlp_dim=config.mlp_dim,
+        act=config.act,
+        norm="rmsnorm",
+        norm_eps=config.norm_eps,
+        num_kv_heads=config.num_kv_heads,
+        gated_mlp=True,
+        qkv_bias=config.attention_bias,
+        out_bias=config.attention_bias,
+        mlp_bias=False,
+        rope_theta=config.rope_theta,
+        dtype=dtype,
+    )
+
+
 class Decoder(nn.Module):
     """Token embeddings in, next-token logits out; `embed` and `__call__` are separate so a VLM can splice."""
 
@@ -27,25 +47,7 @@ class Decoder(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         self.embed = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=nn.initializers.normal(0.02))
-        self.blocks = [
-            Block(
-                width=cfg.width,
-                num_heads=cfg.num_heads,
-                head_dim=cfg.resolved_head_dim,
-                mlp_dim=cfg.mlp_dim,
-                act=cfg.act,
-                norm="rmsnorm",
-                norm_eps=cfg.norm_eps,
-                num_kv_heads=cfg.num_kv_heads,
-                gated_mlp=True,
-                qkv_bias=cfg.attention_bias,
-                out_bias=cfg.attention_bias,
-                mlp_bias=False,
-                rope_theta=cfg.rope_theta,
-                dtype=self.dtype,
-            )
-            for _ in range(cfg.depth)
-        ]
+        self.blocks = [decoder_block(cfg, self.dtype) for _ in range(cfg.depth)]
         self.norm = make_norm("rmsnorm", cfg.norm_eps, "norm", self.dtype)
         if not cfg.tie_embeddings:
             self.lm_head = Linear(cfg.vocab_size, use_bias=False, dtype=self.dtype)

@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 
 from sparsevlm.config import VLMConfig
-from sparsevlm.models.decoder import Decoder
+from sparsevlm.models.decoder import Decoder, decoder_block
 from sparsevlm.models.layers import MLP, Dtype, KVCache
-from sparsevlm.models.vit import ViT
+from sparsevlm.models.stages import Carry, PyTree, Stage
+from sparsevlm.models.vit import ViT, vit_block
 
 Array = jax.Array
 
@@ -45,6 +46,13 @@ class VLM(nn.Module):
         """Images `[B, H, W, C]` → image tokens in the language model's embedding space `[B, N, E]`."""
         return self.connector(self.vision(images))
 
+    def language_inputs(self, image_tokens: Array, tokens: Array, text_mask: Array) -> tuple[Array, Array, Array]:
+        """Splice image tokens before the text: embeddings `[B, N+T, E]`, validity and rotary positions."""
+        embeds = jnp.concatenate([image_tokens, self.language.embed_tokens(tokens)], axis=1)
+        valid = jnp.concatenate([jnp.ones(image_tokens.shape[:2], bool), text_mask.astype(bool)], axis=1)
+        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+        return embeds, valid, positions
+
     def __call__(
         self,
         images: Array,
@@ -56,11 +64,8 @@ class VLM(nn.Module):
 
         Returns logits `[B, N + T, V]` and, with a cache of length S >= N + T, the filled cache.
         """
-        image_tokens = self.encode_images(images)
-        embeds = jnp.concatenate([image_tokens, self.language.embed_tokens(tokens)], axis=1)
-        batch, length = embeds.shape[:2]
-        valid = jnp.concatenate([jnp.ones(image_tokens.shape[:2], bool), text_mask.astype(bool)], axis=1)
-        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+        embeds, valid, positions = self.language_inputs(self.encode_images(images), tokens, text_mask)
+        length = embeds.shape[1]
         if cache is not None:
             pad = cache[0]["k"].shape[1] - length
             valid = jnp.pad(valid, ((0, 0), (0, pad)))
@@ -81,3 +86,49 @@ class VLM(nn.Module):
         logits, cache = self.language(embeds, positions, mask, cache, index)
         assert cache is not None
         return logits, cache
+
+
+def calibration_stages(config: VLMConfig, dtype: Dtype = jnp.float32) -> list[Stage]:
+    """The forward pass as a chain of stages, one per transformer block, for block-wise calibration.
+
+    The carry starts as `{"images", "tokens", "text_mask"}`; `x` is the hidden state and `weight`
+    marks the tokens that count as calibration data (padding does not).
+    """
+    model = VLM(config, dtype)
+    vit = ViT(config.vision, dtype)
+    vision_block = vit_block(config.vision, dtype)
+    language_block = decoder_block(config.language, dtype)
+    connector = MLP(config.connector.hidden_dim, config.language.width, config.connector.act, gated=False, dtype=dtype)
+
+    def vision_embed(params: PyTree, carry: Carry) -> Carry:
+        rest = {k: v for k, v in carry.items() if k != "images"}
+        return rest | {"x": vit.apply({"params": params}, carry["images"], method=ViT.embed)}
+
+    def vision_layer(params: PyTree, carry: Carry) -> Carry:
+        return carry | {"x": vision_block.apply({"params": params}, carry["x"], None)[0]}
+
+    def vision_head(params: PyTree, carry: Carry) -> Carry:
+        return carry | {"x": vit.apply({"params": params}, carry["x"], method=ViT.head)}
+
+    def project(params: PyTree, carry: Carry) -> Carry:
+        return carry | {"x": connector.apply({"params": params}, carry["x"])}
+
+    def splice(params: PyTree, carry: Carry) -> Carry:
+        x, valid, positions = model.apply(
+            {"params": {"language": params}}, carry["x"], carry["tokens"], carry["text_mask"],
+            method=VLM.language_inputs,
+        )
+        return {"x": x, "valid": valid, "positions": positions, "weight": valid.astype(jnp.float32)}
+
+    def language_layer(params: PyTree, carry: Carry) -> Carry:
+        mask = attention_mask(carry["valid"], jnp.arange(carry["x"].shape[1]))
+        return carry | {"x": language_block.apply({"params": params}, carry["x"], mask, carry["positions"])[0]}
+
+    return [
+        Stage("vision", vision_embed),
+        *[Stage(f"vision/blocks_{i}", vision_layer) for i in range(config.vision.blocks_used)],
+        Stage("vision", vision_head),
+        Stage("connector", project),
+        Stage("language", splice),
+        *[Stage(f"language/blocks_{i}", language_layer) for i in range(config.language.depth)],
+    ]

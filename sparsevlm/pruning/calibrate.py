@@ -1,0 +1,154 @@
+"""Block-by-block calibration: capture each prunable linear's input statistics and prune as we go.
+
+The forward pass is a chain of `Stage`s (one per transformer block). For each stage the driver
+runs the calibration set through it in chunks, accumulating per-linear statistics of the inputs
+(padding tokens excluded), prunes the stage's linears, and hands the next stage either the
+*pruned* stage's outputs (`sequential`, as Wanda and SparseGPT do) or the dense outputs (`dense`,
+the alternative the paper's restoration code used). Only one boundary's activations for the
+calibration set are alive at a time, and each stage function is jit-compiled once per shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from sparsevlm.data.batch import EncodedSet, collate
+from sparsevlm.config import VisionConfig
+from sparsevlm.models.layers import Linear
+from sparsevlm.models.stages import Carry, Stage
+from sparsevlm.pruning.criteria import LayerStats
+from sparsevlm.tree import flatten, unflatten
+
+PyTree = Any
+Array = jax.Array
+LayerFn = Callable[[str, Array, LayerStats], tuple[Array, Array]]
+
+CALIBRATION_MODES = ("sequential", "dense")
+
+
+def calibration_carry(
+    data: EncodedSet, num_samples: int, pad_id: int, vision: VisionConfig, seed: int = 0
+) -> Carry:
+    """The first carry (`images`, `tokens`, `text_mask`) for `num_samples` examples drawn from `data`."""
+    if num_samples <= 0:
+        raise ValueError(f"calibration samples {num_samples} must be positive")
+    if num_samples > len(data):
+        raise ValueError(f"calibration samples {num_samples} exceed the {len(data)} examples available")
+    chosen = np.sort(np.random.default_rng(seed).choice(len(data), num_samples, replace=False))
+    length = max(len(data.sequences[i][0]) for i in chosen)
+    batch = collate(data.images[data.image_index[chosen]], [data.sequences[i] for i in chosen], length, pad_id, vision)
+    return {"images": batch.images, "tokens": batch.tokens, "text_mask": batch.text_mask}
+
+
+def _input_stats(x: Array, weight: Array | None, need_hessian: bool) -> LayerStats:
+    features = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    if weight is not None and weight.shape == x.shape[:-1]:
+        w = weight.reshape(-1).astype(jnp.float32)
+    else:  # e.g. cross-attention keys, whose token axis is not the carry's
+        w = jnp.ones(features.shape[:1], jnp.float32)
+    hessian = (features * w[:, None]).T @ features if need_hessian else None
+    return LayerStats(jnp.einsum("t,ti->i", w, features**2), hessian, w.sum())
+
+
+def _capturing(fn: Callable[[PyTree, Carry], Carry], need_hessian: bool) -> Callable[[PyTree, Carry], tuple[Carry, dict]]:
+    """`fn` that also returns `{module path: LayerStats}` of every `Linear` it calls."""
+
+    def run(params: PyTree, carry: Carry) -> tuple[Carry, dict[str, LayerStats]]:
+        stats: dict[str, LayerStats] = {}
+        weight = carry.get("weight")
+
+        def interceptor(next_fun, args, kwargs, context):  # noqa: ANN001, ANN202
+            if isinstance(context.module, Linear) and context.method_name == "__call__":
+                name = "/".join(context.module.path)
+                new = _input_stats(args[0], weight, need_hessian)
+                stats[name] = new if name not in stats else jax.tree.map(jnp.add, stats[name], new)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
+            out = fn(params, carry)
+        return out, stats
+
+    return run
+
+
+def _subtree(params: PyTree, prefix: str) -> PyTree:
+    node = params
+    for key in prefix.split("/"):
+        node = node[key]
+    return node
+
+
+def _chunks(carry: Carry, size: int) -> list[Carry]:
+    total = next(iter(carry.values())).shape[0]
+    return [{k: v[i : i + size] for k, v in carry.items()} for i in range(0, total, size)]
+
+
+def _concat(chunks: Sequence[Carry]) -> Carry:
+    return {k: jnp.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def prune_blockwise(
+    params: PyTree,
+    stages: Sequence[Stage],
+    calibration: Carry,
+    targets: Mapping[str, Any],
+    prune_layer: LayerFn,
+    need_hessian: bool,
+    mode: str = "sequential",
+    batch_size: int = 32,
+    progress: bool = False,
+) -> tuple[PyTree, dict[str, Array]]:
+    """Run `stages` over the calibration set, pruning every linear in `targets` with `prune_layer`.
+
+    `prune_layer(path, kernel, stats) -> (new kernel, keep-mask)`. Returns the new params and the
+    masks as `{path: bool array}`.
+    """
+    if mode not in CALIBRATION_MODES:
+        raise ValueError(f"calibration mode {mode!r} is not one of {', '.join(CALIBRATION_MODES)}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    flat = dict(flatten(params))
+    masks: dict[str, Array] = {}
+    compiled: dict[Any, Callable] = {}
+
+    def jitted(key: Any, make: Callable[[], Callable]) -> Callable:
+        if key not in compiled:
+            compiled[key] = jax.jit(make())
+        return compiled[key]
+
+    stream = _chunks(jax.device_put(dict(calibration)), batch_size)
+    last = max((i for i, s in enumerate(stages) if any(t.startswith(s.prefix + "/") for t in targets)), default=-1)
+    for stage in tqdm(stages[: last + 1], desc="prune", disable=not progress, leave=False):
+        sub = _subtree(params, stage.prefix)
+        apply = jitted(stage.fn, lambda: stage.fn)
+        if not any(t.startswith(stage.prefix + "/") for t in targets):
+            stream = [apply(sub, chunk) for chunk in stream]
+            continue
+        capture = jitted((stage.fn, need_hessian), lambda: _capturing(stage.fn, need_hessian))
+        outputs, total = [], None
+        for chunk in stream:
+            out, stats = capture(sub, chunk)
+            outputs.append(out)
+            total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+        pruned_any = False
+        for name, stats in (total or {}).items():
+            path = f"{stage.prefix}/{name}/kernel"
+            if path not in targets:
+                continue
+            flat[path], masks[path] = prune_layer(path, jnp.asarray(flat[path]), stats)
+            pruned_any = True
+        if mode == "sequential" and pruned_any:
+            new_sub = _subtree(unflatten(flat), stage.prefix)
+            stream = [apply(new_sub, chunk) for chunk in stream]
+        else:
+            stream = outputs
+    missing = sorted(set(targets) - set(masks))
+    if missing:
+        raise ValueError(f"these layers were never reached by the calibration stages: {missing[:5]}")
+    return unflatten(flat), masks

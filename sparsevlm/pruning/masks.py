@@ -1,0 +1,100 @@
+"""Mask pytrees: which leaves are prunable, applying masks, and measuring the sparsity that results.
+
+A mask tree has the structure of the param tree; a pruned leaf holds a boolean array of the
+kernel's shape (True = kept) and every other leaf is None.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import chex
+import jax
+import numpy as np
+
+from sparsevlm.models.vlm import TOWERS
+from sparsevlm.tree import flatten, match_rules, unflatten
+
+PyTree = Any
+
+# Linear kernels inside the towers' transformer blocks (and the connector's linears). Embeddings,
+# the LM head, norms, biases, positions and the patch embedding are never pruned, as in the
+# paper's code.
+PRUNABLE_RULES: tuple[tuple[str, bool], ...] = (
+    (r"vision/blocks_\d+/(attn|mlp)/[^/]+/kernel", True),
+    (r"connector/(.+/)?[^/]+/kernel", True),
+    (r"language/blocks_\d+/(attn|mlp)/[^/]+/kernel", True),
+)
+
+
+def is_prunable(path: str, value: Any, rules: Sequence[tuple[str, bool]] = PRUNABLE_RULES) -> bool:
+    """True for a 2-D kernel whose path a prunable rule matches."""
+    return bool(match_rules(path, rules, False)) and np.ndim(value) == 2
+
+
+def prunable_paths(params: PyTree, rules: Sequence[tuple[str, bool]] = PRUNABLE_RULES) -> list[str]:
+    """Every prunable leaf's path, in tree order."""
+    return [path for path, value in flatten(params).items() if is_prunable(path, value, rules)]
+
+
+def tower_of(path: str) -> str:
+    """The tower a param path belongs to (its first component)."""
+    return path.split("/", 1)[0]
+
+
+def masks_from_flat(params: PyTree, flat_masks: Mapping[str, Any]) -> PyTree:
+    """A full mask tree (None where not pruned) from `{path: bool array}`."""
+    flat_params = flatten(params)
+    unknown = sorted(set(flat_masks) - set(flat_params))
+    if unknown:
+        raise ValueError(f"masks name params that do not exist: {unknown[:5]}")
+    masks = {}
+    for path, value in flat_params.items():
+        mask = flat_masks.get(path)
+        if mask is not None:
+            chex.assert_equal_shape([mask, value])
+            mask = np.asarray(mask, bool) if isinstance(mask, np.ndarray) else mask.astype(bool)
+        masks[path] = mask
+    return unflatten(masks)
+
+
+def flat_masks(masks: PyTree) -> dict[str, Any]:
+    """`{path: bool array}` for the pruned leaves of a mask tree."""
+    return {path: m for path, m in flatten(masks).items() if m is not None}
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+    """Params with every masked-out weight set to zero (leaves whose mask is None are unchanged)."""
+    return jax.tree.map(
+        lambda mask, value: value if mask is None else value * mask.astype(value.dtype),
+        masks,
+        params,
+        is_leaf=_is_none,
+    )
+
+
+def measure_sparsity(params: PyTree, rules: Sequence[tuple[str, bool]] = PRUNABLE_RULES) -> dict[str, Any]:
+    """Fraction of exact zeros among prunable weights: per tower, per layer, and per-row range per layer.
+
+    Rows are output units (columns of a Flax `[in, out]` kernel), Wanda's comparison group.
+    """
+    zeros = {t: 0 for t in TOWERS}
+    totals = {t: 0 for t in TOWERS}
+    layers: dict[str, float] = {}
+    rows: dict[str, tuple[float, float]] = {}
+    for path, value in flatten(params).items():
+        if not is_prunable(path, value, rules):
+            continue
+        is_zero = np.asarray(value) == 0
+        tower = tower_of(path)
+        zeros[tower] = zeros.get(tower, 0) + int(is_zero.sum())
+        totals[tower] = totals.get(tower, 0) + is_zero.size
+        layers[path] = float(is_zero.mean())
+        per_row = is_zero.mean(axis=0)
+        rows[path] = (float(per_row.min()), float(per_row.max()))
+    towers = {t: (zeros[t] / totals[t] if totals[t] else 0.0) for t in totals}
+    return {"towers": towers, "layers": layers, "rows": rows}

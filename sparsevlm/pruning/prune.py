@@ -1,0 +1,120 @@
+"""The pruning entry point: params (+ calibration data) and a sparsity spec → pruned params and masks."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import zlib
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from sparsevlm.config import VLMConfig
+from sparsevlm.models.stages import Carry
+from sparsevlm.models.vlm import calibration_stages
+from sparsevlm.pruning.allocation import SparsitySpec, check_ratios, uniform_ratios
+from sparsevlm.pruning.calibrate import CALIBRATION_MODES, prune_blockwise
+from sparsevlm.pruning.criteria import CRITERIA, LayerStats
+from sparsevlm.pruning.masks import PRUNABLE_RULES, masks_from_flat
+from sparsevlm.pruning.patterns import Pattern, select
+from sparsevlm.pruning.sparsegpt import sparsegpt
+from sparsevlm.tree import flatten, unflatten
+
+PyTree = Any
+Array = jax.Array
+
+METHODS = ("magnitude", "random", "wanda", "sparsegpt")
+NEEDS_CALIBRATION = ("wanda", "sparsegpt")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneResult:
+    """Pruned params (zeros written in; SparseGPT's also updated), the mask tree and per-layer ratios."""
+
+    params: PyTree
+    masks: PyTree
+    ratios: dict[str, float]
+    seconds: float
+
+
+@partial(jax.jit, static_argnames=("method", "pattern", "sparsity"))
+def _score_and_select(kernel: Array, stats: LayerStats | None, key: Array | None, method: str, pattern: Pattern,
+                      sparsity: float) -> tuple[Array, Array]:
+    keep = select(CRITERIA[method](kernel, stats, key), pattern, sparsity)
+    return kernel * keep.astype(kernel.dtype), keep
+
+
+def prune_layer(
+    method: str,
+    kernel: Array,
+    stats: LayerStats | None,
+    pattern: Pattern,
+    sparsity: float,
+    key: Array | None = None,
+) -> tuple[Array, Array]:
+    """Prune one `[in, out]` kernel; returns `(new kernel, keep-mask)`."""
+    if method not in METHODS:
+        raise ValueError(f"pruning method {method!r} is not one of {', '.join(METHODS)}")
+    if method == "sparsegpt":
+        if stats is None or stats.hessian is None:
+            raise ValueError("sparsegpt needs the inputs' Hessian XᵀX")
+        return sparsegpt(kernel, stats.hessian, pattern, sparsity)
+    return _score_and_select(kernel, stats, key, method, pattern, float(sparsity))
+
+
+def _layer_key(key: Array, path: str) -> Array:
+    # Keyed by the path itself, so a layer's random mask does not depend on which other layers are pruned.
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def prune(
+    params: PyTree,
+    config: VLMConfig,
+    spec: SparsitySpec,
+    method: str,
+    calibration: Carry | None = None,
+    calibration_mode: str = "sequential",
+    key: Array | None = None,
+    batch_size: int = 32,
+    ratios: dict[str, float] | None = None,
+    rules: Sequence[tuple[str, bool]] = PRUNABLE_RULES,
+    progress: bool = False,
+) -> PruneResult:
+    """Prune a VLM's params to `spec` with `method`; calibration-based methods need `calibration`.
+
+    `ratios` overrides the uniform per-layer allocation the spec implies (`{path: sparsity}`).
+    """
+    if method not in METHODS:
+        raise ValueError(f"pruning method {method!r} is not one of {', '.join(METHODS)}")
+    if calibration_mode not in CALIBRATION_MODES:
+        raise ValueError(f"calibration mode {calibration_mode!r} is not one of {', '.join(CALIBRATION_MODES)}")
+    pattern = spec.parsed_pattern
+    if ratios is None:
+        ratios = uniform_ratios(params, spec, rules)
+    else:
+        check_ratios(params, ratios, pattern, rules)
+    ratios = {p: r for p, r in ratios.items() if r > 0}
+    if method in NEEDS_CALIBRATION and calibration is None:
+        raise ValueError(f"{method} needs calibration data")
+    key = jax.random.key(0) if key is None else key
+    started = time.perf_counter()
+
+    def layer(path: str, kernel: Array, stats: LayerStats | None) -> tuple[Array, Array]:
+        return prune_layer(method, kernel, stats, pattern, ratios[path], _layer_key(key, path))
+
+    if method in NEEDS_CALIBRATION:
+        new_params, flat_masks = prune_blockwise(
+            params, calibration_stages(config), calibration, ratios, layer,
+            need_hessian=method == "sparsegpt", mode=calibration_mode, batch_size=batch_size, progress=progress,
+        )
+    else:
+        flat = dict(flatten(params))
+        flat_masks = {}
+        for path in ratios:
+            flat[path], flat_masks[path] = layer(path, jnp.asarray(flat[path]), None)
+        new_params = unflatten(flat)
+    new_params = jax.device_get(new_params)
+    flat_masks = jax.device_get(flat_masks)
+    return PruneResult(new_params, masks_from_flat(new_params, flat_masks), dict(ratios), time.perf_counter() - started)
