@@ -56,3 +56,23 @@ def tiny_bundle(tokenizer) -> ModelBundle:
 def test_split():
     """A small shapes-VQA test split."""
     return shapes.build_split("test", 24)
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The default architecture, briefly trained on real shapes data (its layers have real statistics)."""
+    from sparsevlm.config import PretrainConfig
+    from sparsevlm.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("trained") / "default-short"
+    config = PretrainConfig(steps=150, batch_size=32, warmup_steps=20, train_images=800, vision_steps=80)
+    pretrain(config, out, eval_images=40, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(trained_model_dir: str) -> ModelBundle:
+    """The briefly trained default-architecture model, loaded."""
+    from sparsevlm.checkpoint import load_model_dir
+
+    return load_model_dir(trained_model_dir)

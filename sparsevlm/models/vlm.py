@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -88,11 +90,13 @@ class VLM(nn.Module):
         return logits, cache
 
 
-def calibration_stages(config: VLMConfig, dtype: Dtype = jnp.float32) -> list[Stage]:
+@functools.lru_cache(maxsize=16)
+def calibration_stages(config: VLMConfig, dtype: Dtype = jnp.float32) -> tuple[Stage, ...]:
     """The forward pass as a chain of stages, one per transformer block, for block-wise calibration.
 
     The carry starts as `{"images", "tokens", "text_mask"}`; `x` is the hidden state and `weight`
-    marks the tokens that count as calibration data (padding does not).
+    marks the tokens that count as calibration data (padding does not). Cached per config, so
+    repeated pruning runs reuse the stage functions and their compilations.
     """
     model = VLM(config, dtype)
     vit = ViT(config.vision, dtype)
@@ -124,11 +128,11 @@ def calibration_stages(config: VLMConfig, dtype: Dtype = jnp.float32) -> list[St
         mask = attention_mask(carry["valid"], jnp.arange(carry["x"].shape[1]))
         return carry | {"x": language_block.apply({"params": params}, carry["x"], mask, carry["positions"])[0]}
 
-    return [
+    return (
         Stage("vision", vision_embed),
         *[Stage(f"vision/blocks_{i}", vision_layer) for i in range(config.vision.blocks_used)],
         Stage("vision", vision_head),
         Stage("connector", project),
         Stage("language", splice),
         *[Stage(f"language/blocks_{i}", language_layer) for i in range(config.language.depth)],
-    ]
+    )

@@ -10,6 +10,7 @@ calibration set are alive at a time, and each stage function is jit-compiled onc
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -56,8 +57,16 @@ def _input_stats(x: Array, weight: Array | None, need_hessian: bool) -> LayerSta
     return LayerStats(jnp.einsum("t,ti->i", w, features**2), hessian, w.sum())
 
 
+@functools.lru_cache(maxsize=64)
+def _jit(fn: Callable[[PyTree, Carry], Carry]) -> Callable[[PyTree, Carry], Carry]:
+    # One jitted wrapper per stage function, so every block of a tower (and every later pruning
+    # run of the same model) reuses one compilation.
+    return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=64)
 def _capturing(fn: Callable[[PyTree, Carry], Carry], need_hessian: bool) -> Callable[[PyTree, Carry], tuple[Carry, dict]]:
-    """`fn` that also returns `{module path: LayerStats}` of every `Linear` it calls."""
+    """Jitted `fn` that also returns `{module path: LayerStats}` of every `Linear` it calls."""
 
     def run(params: PyTree, carry: Carry) -> tuple[Carry, dict[str, LayerStats]]:
         stats: dict[str, LayerStats] = {}
@@ -74,7 +83,7 @@ def _capturing(fn: Callable[[PyTree, Carry], Carry], need_hessian: bool) -> Call
             out = fn(params, carry)
         return out, stats
 
-    return run
+    return jax.jit(run)
 
 
 def _subtree(params: PyTree, prefix: str) -> PyTree:
@@ -115,22 +124,16 @@ def prune_blockwise(
         raise ValueError(f"batch_size={batch_size} must be positive")
     flat = dict(flatten(params))
     masks: dict[str, Array] = {}
-    compiled: dict[Any, Callable] = {}
-
-    def jitted(key: Any, make: Callable[[], Callable]) -> Callable:
-        if key not in compiled:
-            compiled[key] = jax.jit(make())
-        return compiled[key]
 
     stream = _chunks(jax.device_put(dict(calibration)), batch_size)
     last = max((i for i, s in enumerate(stages) if any(t.startswith(s.prefix + "/") for t in targets)), default=-1)
     for stage in tqdm(stages[: last + 1], desc="prune", disable=not progress, leave=False):
         sub = _subtree(params, stage.prefix)
-        apply = jitted(stage.fn, lambda: stage.fn)
+        apply = _jit(stage.fn)
         if not any(t.startswith(stage.prefix + "/") for t in targets):
             stream = [apply(sub, chunk) for chunk in stream]
             continue
-        capture = jitted((stage.fn, need_hessian), lambda: _capturing(stage.fn, need_hessian))
+        capture = _capturing(stage.fn, need_hessian)
         outputs, total = [], None
         for chunk in stream:
             out, stats = capture(sub, chunk)

@@ -38,9 +38,9 @@ def _group_ranks(values: Array, axis: int) -> Array:
     return jnp.argsort(order, axis=axis, stable=True)
 
 
-@partial(jax.jit, static_argnames=("count", "pattern", "prune_count"), donate_argnums=(0, 1))
-def _block(weights: Array, keep: Array, factor: Array, start: Array, count: int, pattern: Pattern,
-           prune_count: int) -> tuple[Array, Array]:
+@partial(jax.jit, static_argnames=("count", "pattern"), donate_argnums=(0, 1))
+def _block(weights: Array, keep: Array, factor: Array, start: Array, prune_count: Array, count: int,
+           pattern: Pattern) -> tuple[Array, Array]:
     rows, cols = weights.shape
     block = jax.lax.dynamic_slice(weights, (0, start), (rows, count))
     block_factor = jax.lax.dynamic_slice(factor, (start, start), (count, count))
@@ -109,5 +109,5 @@ def sparsegpt(
     for start in range(0, fan_in, block_size):
         stop = min(start + block_size, fan_in)
         budget = num_pruned(stop * per_unit, sparsity) - num_pruned(start * per_unit, sparsity)
-        weights, keep = _block(weights, keep, factor, np.int32(start), stop - start, pattern, budget)
+        weights, keep = _block(weights, keep, factor, np.int32(start), np.int32(budget), stop - start, pattern)
     return weights.T.astype(kernel.dtype), keep.T

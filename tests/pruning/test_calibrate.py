@@ -1,0 +1,154 @@
+"""Block-wise calibration against the whole-model forward pass it decomposes."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsevlm.data.calibration import calibration_set
+from sparsevlm.models.layers import Linear
+from sparsevlm.models.vlm import VLM, calibration_stages
+from sparsevlm.pruning import SparsitySpec, prune, uniform_ratios
+from sparsevlm.pruning.calibrate import calibration_carry, prune_blockwise
+from sparsevlm.tree import flatten
+
+
+@pytest.fixture(scope="module")
+def calib(tiny_bundle):
+    data = calibration_set("shapes-captions", tiny_bundle.tokenizer, 12, seed=1)
+    return calibration_carry(data, 12, tiny_bundle.tokenizer.pad_token_id, tiny_bundle.config.vision)
+
+
+def _recorded_stats(params, config, calib, mode="sequential", batch_size=32, spec=None, method="magnitude"):
+    """Run the driver with a layer function that records statistics and prunes by magnitude."""
+    recorded = {}
+    spec = spec or SparsitySpec(vision=0.5, connector=0.5, language=0.5)
+
+    def layer(path, kernel, stats):
+        recorded[path] = jax.tree.map(np.asarray, stats)
+        keep = jnp.abs(kernel) >= jnp.median(jnp.abs(kernel), axis=0, keepdims=True)
+        return kernel * keep, keep
+
+    new_params, masks = prune_blockwise(
+        params, calibration_stages(config), calib, uniform_ratios(params, spec), layer,
+        need_hessian=True, mode=mode, batch_size=batch_size,
+    )
+    return recorded, new_params, masks
+
+
+def _whole_model_inputs(params, config, calib):
+    """Every Linear's input captured from one whole-model forward pass, with the valid-token weights."""
+    captured = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, Linear) and context.method_name == "__call__":
+            captured["/".join(context.module.path) + "/kernel"] = np.asarray(args[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        VLM(config).apply({"params": params}, calib["images"], calib["tokens"], calib["text_mask"])
+    n_image = config.vision.num_features
+    valid = np.concatenate([np.ones((calib["tokens"].shape[0], n_image), bool), calib["text_mask"]], axis=1)
+    return captured, valid
+
+
+def _numpy_stats(x, valid):
+    features = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    weight = np.ones(len(features)) if valid is None else valid.reshape(-1).astype(np.float64)
+    return (weight[:, None] * features**2).sum(0), (features * weight[:, None]).T @ features
+
+
+def test_stage_chain_reproduces_the_whole_forward(tiny_bundle, calib):
+    params, config = tiny_bundle.params, tiny_bundle.config
+    carry = dict(calib)
+    for stage in calibration_stages(config):
+        node = params
+        for key in stage.prefix.split("/"):
+            node = node[key]
+        carry = stage.fn(node, carry)
+    logits = VLM(config).apply(
+        {"params": params}, carry["x"], method=lambda m, x: m.language.lm_head(m.language.norm(x))
+    )
+    want, _ = VLM(config).apply({"params": params}, calib["images"], calib["tokens"], calib["text_mask"])
+    valid = np.asarray(carry["valid"])
+    np.testing.assert_allclose(np.asarray(logits)[valid], np.asarray(want)[valid], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sequential"])
+def test_statistics_match_the_whole_model_inputs(tiny_bundle, calib, mode):
+    params, config = tiny_bundle.params, tiny_bundle.config
+    recorded, new_params, _ = _recorded_stats(params, config, calib, mode)
+    # Dense mode sees the dense model's inputs. Sequential mode sees the final pruned model's block
+    # inputs (they depend only on the blocks before, final by then); the sublayers inside a block are
+    # all captured in one pass of the still-dense block, as Wanda and SparseGPT do.
+    reference = params if mode == "dense" else new_params
+    inputs, valid = _whole_model_inputs(reference, config, calib)
+    block_inputs = ("/attn/q/", "/attn/k/", "/attn/v/", "connector/up/")
+    checked = [p for p in recorded if mode == "dense" or any(b in p for b in block_inputs)]
+    assert len(checked) >= 13
+    for path in checked:
+        stats, x = recorded[path], inputs[path]
+        token_valid = valid if path.startswith("language") else None
+        sq_norm, hessian = _numpy_stats(x, token_valid)
+        np.testing.assert_allclose(stats.sq_norm, sq_norm, rtol=2e-4, atol=1e-3, err_msg=path)
+        np.testing.assert_allclose(stats.hessian, hessian, rtol=2e-4, atol=1e-3, err_msg=path)
+        assert int(stats.tokens) == (int(token_valid.sum()) if token_valid is not None else x.shape[0] * x.shape[1])
+
+
+def test_sequential_and_dense_modes_differ_only_after_the_first_pruned_block(tiny_bundle, calib):
+    params, config = tiny_bundle.params, tiny_bundle.config
+    spec = SparsitySpec.language_only(0.5)
+    sequential, *_ = _recorded_stats(params, config, calib, "sequential", spec=spec)
+    dense, *_ = _recorded_stats(params, config, calib, "dense", spec=spec)
+    first = "language/blocks_0/attn/q/kernel"
+    later = "language/blocks_1/attn/q/kernel"
+    np.testing.assert_allclose(sequential[first].hessian, dense[first].hessian, rtol=1e-6)
+    assert not np.allclose(sequential[later].hessian, dense[later].hessian, rtol=1e-3)
+
+
+def test_chunking_and_padding_do_not_change_the_statistics(tiny_bundle, calib):
+    params, config = tiny_bundle.params, tiny_bundle.config
+    whole, *_ = _recorded_stats(params, config, calib, batch_size=64)
+    chunked, *_ = _recorded_stats(params, config, calib, batch_size=5)
+    extra = 7  # more left padding: masked out, and rotary positions ignore it
+    padded = dict(calib)
+    padded["tokens"] = np.pad(calib["tokens"], ((0, 0), (extra, 0)))
+    padded["text_mask"] = np.pad(calib["text_mask"], ((0, 0), (extra, 0)))
+    repadded, *_ = _recorded_stats(params, config, padded)
+    for path in whole:
+        for other in (chunked, repadded):
+            np.testing.assert_allclose(other[path].sq_norm, whole[path].sq_norm, rtol=1e-4, err_msg=path)
+            np.testing.assert_allclose(other[path].hessian, whole[path].hessian, rtol=1e-4, atol=1e-4, err_msg=path)
+
+
+def test_wanda_and_sparsegpt_need_calibration(tiny_bundle):
+    for method in ("wanda", "sparsegpt"):
+        with pytest.raises(ValueError, match=f"{method} needs calibration data"):
+            prune(tiny_bundle.params, tiny_bundle.config, SparsitySpec.same(0.5), method)
+
+
+def test_calibration_modes_and_counts_are_validated(tiny_bundle, calib):
+    with pytest.raises(ValueError, match="calibration mode 'both'"):
+        prune(tiny_bundle.params, tiny_bundle.config, SparsitySpec.same(0.5), "wanda", calib, "both")
+    data = calibration_set("shapes-captions", tiny_bundle.tokenizer, 4)
+    with pytest.raises(ValueError, match="calibration samples 9 exceed the 4"):
+        calibration_carry(data, 9, 0, tiny_bundle.config.vision)
+    with pytest.raises(ValueError, match="calibration data 'cc3m'"):
+        calibration_set("cc3m", tiny_bundle.tokenizer, 4)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_calibrated_methods_prune_to_the_exact_target(tiny_bundle, calib, method):
+    spec = SparsitySpec(vision=0.5, connector=0.25, language=0.75)
+    result = prune(tiny_bundle.params, tiny_bundle.config, spec, method, calib)
+    flat = flatten(result.params)
+    masks = {p: m for p, m in flatten(result.masks).items() if m is not None}
+    assert set(masks) == set(result.ratios)
+    for path, mask in masks.items():
+        target = spec.targets[path.split("/")[0]]
+        per_row_kept = mask.sum(axis=0)
+        assert (per_row_kept == mask.shape[0] - int(mask.shape[0] * target)).all(), path
+        assert (np.asarray(flat[path])[~mask] == 0).all(), path

@@ -1,0 +1,216 @@
+"""Mask pytrees on the tiny VLM: which leaves are prunable, `prune`'s mask tree, applying and measuring masks."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from sparsevlm.pruning import SparsitySpec, apply_masks, measure_sparsity, prunable_paths, prune
+from sparsevlm.pruning.patterns import Pattern, num_pruned
+from sparsevlm.tree import flatten, unflatten
+
+VISION_LINEARS = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/up", "mlp/down")
+LANGUAGE_LINEARS = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/up", "mlp/gate", "mlp/down")
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def _expected_prunable(config) -> set[str]:
+    # Written out from the architecture, not from the rules under test.
+    vision = {f"vision/blocks_{i}/{name}/kernel" for i in range(config.vision.depth) for name in VISION_LINEARS}
+    language = {f"language/blocks_{i}/{name}/kernel" for i in range(config.language.depth) for name in LANGUAGE_LINEARS}
+    return vision | language | {"connector/up/kernel", "connector/down/kernel"}
+
+
+def test_prunable_paths_are_the_block_and_connector_linears(tiny_bundle):
+    params, config = tiny_bundle.params, tiny_bundle.config
+    paths = prunable_paths(params)
+    assert set(paths) == _expected_prunable(config)
+    assert len(paths) == len(set(paths))
+    # Tree order, so callers iterate layers deterministically.
+    assert paths == [p for p in flatten(params) if p in set(paths)]
+    for path in paths:
+        assert np.ndim(flatten(params)[path]) == 2
+
+
+def test_prunable_paths_never_include_embeddings_heads_norms_biases_or_positions(tiny_bundle):
+    flat = flatten(tiny_bundle.params)
+    paths = set(prunable_paths(tiny_bundle.params))
+    never = [p for p in flat if any(part in p for part in ("embed", "lm_head", "norm", "pos_embed", "patch_embed"))]
+    never += [p for p in flat if p.endswith("/bias") or p.endswith("/scale")]
+    assert {"language/embed/embedding", "language/lm_head/kernel", "vision/pos_embed",
+            "vision/patch_embed/kernel"} <= set(never)
+    assert not paths & set(never)
+
+
+def test_prunable_paths_skip_non_matrix_leaves_under_matching_paths():
+    params = {"vision": {"blocks_0": {"attn": {"q": {"kernel": np.zeros((4, 4, 2))}}}},
+              "language": {"blocks_0": {"mlp": {"up": {"kernel": np.zeros((4, 8))}}}}}
+    assert prunable_paths(params) == ["language/blocks_0/mlp/up/kernel"]
+
+
+# Each (kernel shape, method, pattern, sparsity) is one jit compile; the specs below reuse a few
+# sparsities (and other tests reuse these specs) to keep the file fast.
+MIXED = SparsitySpec(vision=0.25, connector=0.5, language=0.75)
+HALF_2_4 = SparsitySpec.same(0.5, "2:4")
+RANDOM_SPEC = SparsitySpec(vision=0.5, language=0.25)
+CASES = [
+    (SparsitySpec(vision=0.5), "magnitude"),
+    (SparsitySpec(connector=0.5, language=0.5), "magnitude"),
+    (MIXED, "magnitude"),
+    (HALF_2_4, "magnitude"),
+    (SparsitySpec(connector=0.5, language=0.5, pattern="4:8"), "magnitude"),
+    (SparsitySpec(vision=0.3, language=0.6, pattern="unstructured-layer"), "magnitude"),
+    (RANDOM_SPEC, "random"),
+]
+
+
+@pytest.mark.parametrize("spec,method", CASES, ids=[f"{m}-{s.describe()}" for s, m in CASES])
+def test_prune_mask_tree_matches_params(tiny_bundle, spec, method):
+    params = tiny_bundle.params
+    result = prune(params, tiny_bundle.config, spec, method, key=jax.random.key(7))
+    masks = result.masks
+    assert jax.tree.structure(masks, is_leaf=_is_none) == jax.tree.structure(params)
+
+    expected = {p for p in prunable_paths(params) if spec.targets[p.split("/")[0]] > 0}
+    flat_params = flatten(params)
+    for path, mask in flatten(masks).items():
+        if path not in expected:
+            assert mask is None, path
+            continue
+        mask = np.asarray(mask)
+        assert mask.dtype == np.bool_ and mask.shape == flat_params[path].shape, path
+    assert set(result.ratios) == expected
+
+    # The returned params are the originals with the masks written in, and the counts are exact.
+    pattern = spec.parsed_pattern
+    flat_new = flatten(result.params)
+    for path, value in flat_params.items():
+        if path not in expected:
+            np.testing.assert_array_equal(flat_new[path], value)
+            continue
+        keep = np.asarray(flatten(masks)[path])
+        np.testing.assert_array_equal(flat_new[path], np.where(keep, value, 0))
+        target = spec.targets[path.split("/")[0]]
+        fan_in = value.shape[0]
+        if pattern.kind == "row":
+            np.testing.assert_array_equal((~keep).sum(0), num_pruned(fan_in, target))
+        elif pattern.kind == "layer":
+            assert (~keep).sum() == num_pruned(keep.size, target)
+        else:
+            groups = keep.reshape(fan_in // pattern.m, pattern.m, -1).sum(1)
+            np.testing.assert_array_equal(groups, pattern.n)
+
+
+def test_prune_magnitude_keeps_the_largest_weights_per_output(tiny_bundle):
+    params = tiny_bundle.params
+    masks = flatten(prune(params, tiny_bundle.config, MIXED, "magnitude").masks)
+    kernel = np.abs(flatten(params)["language/blocks_0/mlp/down/kernel"])
+    keep = np.asarray(masks["language/blocks_0/mlp/down/kernel"])
+    for column in range(kernel.shape[1]):
+        assert kernel[keep[:, column], column].min() > kernel[~keep[:, column], column].max()
+
+
+def test_random_masks_depend_on_key(tiny_bundle):
+    args = (tiny_bundle.params, tiny_bundle.config, RANDOM_SPEC, "random")
+    path = "vision/blocks_1/mlp/up/kernel"
+    a = np.asarray(flatten(prune(*args, key=jax.random.key(1)).masks)[path])
+    b = np.asarray(flatten(prune(*args, key=jax.random.key(1)).masks)[path])
+    c = np.asarray(flatten(prune(*args, key=jax.random.key(2)).masks)[path])
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_apply_masks_zeros_exactly_the_pruned_entries_and_is_idempotent(tiny_bundle):
+    params = tiny_bundle.params
+    masks = prune(params, tiny_bundle.config, RANDOM_SPEC, "random").masks
+    once = apply_masks(params, masks)
+    twice = apply_masks(once, masks)
+    assert jax.tree.structure(once) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, twice, once)
+    flat_masks, flat_params = flatten(masks), flatten(params)
+    for path, value in flatten(once).items():
+        mask, original = flat_masks[path], flat_params[path]
+        if mask is None:
+            np.testing.assert_array_equal(value, original)
+        else:
+            mask = np.asarray(mask)
+            assert np.all(np.asarray(value)[~mask] == 0)
+            np.testing.assert_array_equal(np.asarray(value)[mask], original[mask])
+            assert np.all(original[mask] != 0)  # so "zero" above means "masked", not "was already zero"
+
+
+def test_measure_sparsity_equals_targets(tiny_bundle):
+    params = tiny_bundle.params
+    # In-dims are 32, 48 and 64, so half of each output's inputs is an exact count.
+    spec = MIXED
+    pruned = prune(params, tiny_bundle.config, spec, "magnitude").params
+    measured = measure_sparsity(pruned)
+    assert measured["towers"] == spec.targets
+    assert set(measured["layers"]) == set(prunable_paths(params))
+    for path, value in measured["layers"].items():
+        target = spec.targets[path.split("/")[0]]
+        assert value == target
+        assert measured["rows"][path] == (target, target)
+    dense = measure_sparsity(params)
+    assert dense["towers"] == {"vision": 0.0, "connector": 0.0, "language": 0.0}
+
+
+def test_measure_sparsity_n_of_m(tiny_bundle):
+    pruned = prune(tiny_bundle.params, tiny_bundle.config, HALF_2_4, "magnitude").params
+    measured = measure_sparsity(pruned)
+    assert measured["towers"] == {"vision": 0.5, "connector": 0.0, "language": 0.5}
+
+
+@pytest.mark.parametrize("tower,value", [("vision", 1.0), ("language", -0.1), ("connector", 1.5)])
+def test_spec_rejects_out_of_range_sparsity(tower, value):
+    with pytest.raises(ValueError, match=rf"{tower}.*{value}"):
+        SparsitySpec(**{tower: value})
+
+
+def test_spec_n_of_m_needs_its_own_sparsity():
+    with pytest.raises(ValueError, match=r"language.*0\.3.*2:4"):
+        SparsitySpec(language=0.3, pattern="2:4")
+    spec = SparsitySpec(vision=0.5, language=0.5, pattern="2:4")
+    assert spec.parsed_pattern == Pattern.n_of_m(2, 4)
+    assert SparsitySpec(language=0.75, pattern="1:4").targets["language"] == 0.75
+
+
+def test_spec_rejects_bad_pattern():
+    with pytest.raises(ValueError, match="dense"):
+        SparsitySpec(language=0.5, pattern="dense")
+
+
+def test_constant_sum_splits():
+    specs = SparsitySpec.constant_sum(1.0, [0.1, 0.5, 0.9])
+    assert [s.vision for s in specs] == [0.1, 0.5, 0.9]
+    for spec in specs:
+        assert spec.vision + spec.language == pytest.approx(1.0, abs=1e-12)
+        assert spec.connector == 0.0
+
+
+def _without_connector_kernels(params):
+    flat = flatten(params)
+    return unflatten({p: v for p, v in flat.items() if not (p.startswith("connector/") and p.endswith("/kernel"))})
+
+
+def _without_connector(params):
+    return {tower: subtree for tower, subtree in params.items() if tower != "connector"}
+
+
+@pytest.mark.parametrize("strip", [_without_connector_kernels, _without_connector])
+def test_prune_names_a_tower_without_prunable_weights(tiny_bundle, strip):
+    params = strip(tiny_bundle.params)
+    with pytest.raises(ValueError, match="connector"):
+        prune(params, tiny_bundle.config, SparsitySpec(connector=0.5), "magnitude")
+    # A tower that is not pruned need not exist.
+    prune(params, tiny_bundle.config, SparsitySpec(language=0.5), "magnitude")
+
+
+def test_prune_rejects_n_of_m_that_does_not_tile_a_kernel(tiny_bundle):
+    # The tiny model's in-dims are 32, 48 and 64: M=5 tiles none of them.
+    with pytest.raises(ValueError, match=r"input dimension \d+.*M=5"):
+        prune(tiny_bundle.params, tiny_bundle.config, SparsitySpec(vision=0.8, pattern="1:5"), "magnitude")
