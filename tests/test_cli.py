@@ -8,8 +8,11 @@ import sys
 
 import pytest
 
-from sparsevlm.checkpoint import save_model
+from safetensors.numpy import load_file
+
+from sparsevlm.checkpoint import load_model_dir, save_model
 from sparsevlm.cli import main
+from sparsevlm.tree import flatten
 
 
 @pytest.fixture()
@@ -79,3 +82,81 @@ def test_console_script_reports_unknown_model():
         "sparsevlm evaluate: error: unknown model 'nonexistent-model': expected one of default "
         "or the path of a saved model directory"
     ]
+
+
+def test_prune_wanda_language_only_reports_measured_numbers(trained_model_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", trained_model_dir, "--method", "wanda", "--language-sparsity", "0.5",
+            "--calib-samples", "32", "--eval-images", "40", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "wanda" and report["pattern"] == "unstructured"
+    assert report["target"] == {"vision": 0.0, "connector": 0.0, "language": 0.5}
+    assert report["measured"] == {"vision": 0.0, "connector": 0.0, "language": 0.5}
+    assert report["pruned_params"] and all(p.startswith("language/blocks_") for p in report["pruned_params"])
+    assert all(r == [0.5, 0.5] for r in report["row_sparsity_range"].values())
+    assert report["calibration"] == {"data": "shapes-captions", "samples": 32, "mode": "sequential"}
+    # The saved model has the masks, the zeros agree with them, and evaluating it reproduces the accuracy.
+    bundle = load_model_dir(out)
+    flat_params, flat_masks = flatten(bundle.params), flatten(bundle.masks)
+    assert sorted(p for p, m in flat_masks.items() if m is not None) == report["pruned_params"]
+    for path in report["pruned_params"]:
+        assert ((flat_params[path] == 0) == ~flat_masks[path]).all()
+    evaluated = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", str(out), "--limit", "40", "--json", str(evaluated)]) == 0
+    assert json.loads(evaluated.read_text())["accuracy"] == report["accuracy"]
+
+
+def test_two_four_pruning_survives_export(trained_model_dir, tmp_path):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", trained_model_dir, "--method", "sparsegpt", "--pattern", "2:4",
+                 "--vision-sparsity", "0.5", "--language-sparsity", "0.5", "--calib-samples", "16",
+                 "--eval-images", "8", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert main(["export", "--model", str(out), "--out", str(tmp_path / "exported")]) == 0
+    tensors = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    assert {p.split("/")[0] for p in report["pruned_params"]} == {"vision", "language"}
+    for path in report["pruned_params"]:
+        kernel = tensors[path]  # Flax [in, out]: groups of 4 consecutive inputs per output
+        groups = kernel.reshape(kernel.shape[0] // 4, 4, kernel.shape[1])
+        assert ((groups == 0).sum(axis=1) >= 2).all(), path
+    unpruned = [p for p in tensors if p.endswith("kernel") and p not in report["pruned_params"]]
+    assert unpruned and not any((tensors[p] == 0).mean() > 0.1 for p in unpruned)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--method", "wanda", "--language-sparsity", "1.0"], "argument --language-sparsity: '1.0' is outside [0, 1)"),
+        (["--method", "wanda", "--vision-sparsity", "-0.1"], "argument --vision-sparsity: '-0.1' is outside [0, 1)"),
+        (["--method", "wanda", "--vision-sparsity", "half"], "argument --vision-sparsity: 'half' is not a number"),
+        (["--method", "obs", "--language-sparsity", "0.5"], "argument --method: invalid choice: 'obs'"),
+        (["--method", "wanda", "--pattern", "4:4", "--language-sparsity", "0.5"], "N:M pattern 4:4 needs 0 < N < M"),
+        (["--method", "wanda", "--pattern", "5:4", "--language-sparsity", "0.5"], "N:M pattern 5:4 needs 0 < N < M"),
+        (["--method", "wanda", "--pattern", "blocky", "--language-sparsity", "0.5"], "pattern 'blocky' is not understood"),
+        (["--method", "wanda", "--pattern", "2:4", "--language-sparsity", "0.3"], "language sparsity 0.3 does not match pattern 2:4"),
+        (["--method", "wanda"], "nothing to prune"),
+        (["--method", "wanda", "--language-sparsity", "0.5", "--calib-data", "c4"], "argument --calib-data: invalid choice: 'c4'"),
+    ],
+)
+def test_prune_rejects_bad_input_and_writes_nothing(flags, message, saved_model, tmp_path, capsys):
+    out = tmp_path / "never"
+    argv = ["prune", "--model", saved_model, "--out", str(out), *flags]
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:  # argparse-level errors
+        code = exit_info.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not out.exists()
+
+
+def test_prune_refuses_to_overwrite_a_nonempty_out(saved_model, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(["prune", "--model", saved_model, "--method", "magnitude", "--language-sparsity", "0.5",
+                 "--out", str(out)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Sequence
 
 from sparsevlm.models.vlm import TOWERS
@@ -29,7 +30,9 @@ class SparsitySpec:
         pattern = Pattern.parse(self.pattern)
         for tower in TOWERS:
             value = getattr(self, tower)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{tower} sparsity {value!r} is not a number")
+            if not 0.0 <= value < 1.0:
                 raise ValueError(f"{tower} sparsity {value!r} is outside [0, 1)")
             fixed = pattern.fixed_sparsity
             if fixed is not None and value not in (0.0,) and abs(value - fixed) > 1e-9:

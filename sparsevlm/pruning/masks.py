@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sparsevlm.models.vlm import TOWERS
@@ -69,8 +70,9 @@ def _is_none(x: Any) -> bool:
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     """Params with every masked-out weight set to zero (leaves whose mask is None are unchanged)."""
+    # `where`, not a product: a pruned NaN/inf weight must become 0, not NaN.
     return jax.tree.map(
-        lambda mask, value: value if mask is None else value * mask.astype(value.dtype),
+        lambda mask, value: value if mask is None else jnp.where(mask, value, jnp.zeros((), value.dtype)),
         masks,
         params,
         is_leaf=_is_none,

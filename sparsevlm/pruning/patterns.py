@@ -73,8 +73,11 @@ class Pattern:
 
 
 def num_pruned(count: int, sparsity: float) -> int:
-    """Weights to prune out of `count` at `sparsity` (floor, as Wanda; robust to float round-off)."""
-    return int(math.floor(count * sparsity + 1e-6))
+    """Weights to prune out of `count` at `sparsity`: floor(count · sparsity), as Wanda.
+
+    Robust to float round-off: 100 × 0.57 prunes 57 (Python's `int(100 * 0.57)` gives 56).
+    """
+    return int(math.floor(count * sparsity * (1 + 1e-9)))
 
 
 def _ranks(scores: Array, axis: int) -> Array:

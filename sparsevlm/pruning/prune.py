@@ -43,7 +43,7 @@ class PruneResult:
 def _score_and_select(kernel: Array, stats: LayerStats | None, key: Array | None, method: str, pattern: Pattern,
                       sparsity: float) -> tuple[Array, Array]:
     keep = select(CRITERIA[method](kernel, stats, key), pattern, sparsity)
-    return kernel * keep.astype(kernel.dtype), keep
+    return jnp.where(keep, kernel, jnp.zeros((), kernel.dtype)), keep
 
 
 def prune_layer(
@@ -71,7 +71,7 @@ def _layer_key(key: Array, path: str) -> Array:
 
 def prune(
     params: PyTree,
-    config: VLMConfig,
+    config: VLMConfig | None,
     spec: SparsitySpec,
     method: str,
     calibration: Carry | None = None,
@@ -84,7 +84,8 @@ def prune(
 ) -> PruneResult:
     """Prune a VLM's params to `spec` with `method`; calibration-based methods need `calibration`.
 
-    `ratios` overrides the uniform per-layer allocation the spec implies (`{path: sparsity}`).
+    `ratios` overrides the uniform per-layer allocation the spec implies (`{path: sparsity}`);
+    `config` is needed only to run calibration.
     """
     if method not in METHODS:
         raise ValueError(f"pruning method {method!r} is not one of {', '.join(METHODS)}")
@@ -96,8 +97,8 @@ def prune(
     else:
         check_ratios(params, ratios, pattern, rules)
     ratios = {p: r for p, r in ratios.items() if r > 0}
-    if method in NEEDS_CALIBRATION and calibration is None:
-        raise ValueError(f"{method} needs calibration data")
+    if method in NEEDS_CALIBRATION and (calibration is None or config is None):
+        raise ValueError(f"{method} needs calibration data and the model config")
     key = jax.random.key(0) if key is None else key
     started = time.perf_counter()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparsevlm.pruning import SparsitySpec, apply_masks, measure_sparsity, prunable_paths, prune
 from sparsevlm.pruning.patterns import Pattern, num_pruned
@@ -214,3 +216,46 @@ def test_prune_rejects_n_of_m_that_does_not_tile_a_kernel(tiny_bundle):
     # The tiny model's in-dims are 32, 48 and 64: M=5 tiles none of them.
     with pytest.raises(ValueError, match=r"input dimension \d+.*M=5"):
         prune(tiny_bundle.params, tiny_bundle.config, SparsitySpec(vision=0.8, pattern="1:5"), "magnitude")
+
+
+_CANDIDATES = [
+    ("vision/blocks_0/attn/q/kernel", True), ("vision/blocks_1/mlp/up/kernel", True),
+    ("vision/blocks_0/attn/q/bias", False), ("vision/patch_embed/kernel", False), ("vision/pos_embed", False),
+    ("vision/blocks_0/norm1/scale", False), ("connector/up/kernel", True), ("connector/down/bias", False),
+    ("language/blocks_0/mlp/gate/kernel", True), ("language/blocks_2/attn/o/kernel", True),
+    ("language/embed/embedding", False), ("language/lm_head/kernel", False), ("language/norm/scale", False),
+]
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    chosen=st.lists(st.sampled_from(_CANDIDATES), min_size=1, unique=True),
+    fan_in=st.sampled_from([8, 12, 16]),
+    fan_out=st.integers(1, 6),
+    towers=st.fixed_dictionaries({t: st.sampled_from([0.0, 0.25, 0.5]) for t in ("vision", "connector", "language")}),
+)
+def test_masks_never_touch_a_leaf_outside_the_prunable_rule(chosen, fan_in, fan_out, towers):
+    rng = np.random.default_rng(0)
+    flat = {}
+    for path, _ in chosen:
+        shape = (fan_in, fan_out) if path.endswith("kernel") or path.endswith("embedding") else (fan_out,)
+        if "patch_embed" in path:
+            shape = (2, 2, 3, fan_out)  # a conv kernel: 4-D, never pruned
+        flat[path] = rng.normal(size=shape).astype(np.float32) + 0.01
+    params = unflatten(flat)
+    prunable = {p for p, ok in chosen if ok}
+    wanted = {p for p in prunable if towers[p.split("/")[0]] > 0}
+    spec = SparsitySpec(**towers)
+    if any(towers[t] > 0 and not any(p.startswith(t + "/") for p in prunable) for t in towers):
+        with pytest.raises(ValueError, match="has no prunable"):
+            prune(params, None, spec, "magnitude")
+        return
+    result = prune(params, None, spec, "magnitude")
+    masks = {p: m for p, m in flatten(result.masks).items() if m is not None}
+    assert set(masks) == wanted
+    for path, value in flatten(result.params).items():
+        if path not in wanted:
+            np.testing.assert_array_equal(value, flat[path])
+        else:
+            pruned_per_row = (~masks[path]).sum(axis=0)
+            assert (pruned_per_row == int(fan_in * towers[path.split("/")[0]])).all()
