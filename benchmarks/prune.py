@@ -146,7 +146,8 @@ def measure_layer(fan_in: int, fan_out: int, tokens: int, methods: Sequence[str]
     rows = []
     stats = {}
     for name, need_hessian in (("sq_norm", False), ("hessian", True)):
-        timing, stats[name] = time_calls(lambda h=need_hessian: jax.block_until_ready(layer_stats(x, h)), repeats, meter)
+        build = partial(lambda h: jax.block_until_ready(layer_stats(x, h)), need_hessian)
+        timing, stats[name] = time_calls(build, repeats, meter)
         rows.append({**shape, "method": f"stats:{name}", "pattern": "-", **timing})
     # The statistics each method gets inside `prune`: none, ‖X‖² only, or XᵀX as well.
     method_stats = {"magnitude": None, "random": None, "wanda": stats["sq_norm"], "sparsegpt": stats["hessian"]}
@@ -228,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--layer-size", type=parse_layer_size, help=f"N or INxOUT (default {FULL['layer_size']})")
     parser.add_argument("--layer-tokens", type=positive_int, help=f"default {FULL['layer_tokens']}")
     parser.add_argument("--calib-samples", type=positive_int, help=f"default {FULL['calib_samples']}")
-    parser.add_argument("--repeats", type=positive_int, help=f"timed calls after one warm-up (default {FULL['repeats']})")
+    parser.add_argument("--repeats", type=positive_int,
+                        help=f"timed calls after one warm-up (default {FULL['repeats']})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help=f"small sizes for a smoke test: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
@@ -243,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         Pattern.parse(pattern).check_shape((fan_in, fan_out), what="--layer-size")
 
     meter = CompileMeter()
+    load_before = os.getloadavg()
     rows = []
     if "model" in args.scopes:
         bundle = load_model(args.model)
@@ -262,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "warmup": 1,
         "quick": args.quick,
         **machine(),
+        # Other processes on the host inflate timings: compare these with cpu_count before trusting them.
+        "load_average_1m": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
         "results": rows,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

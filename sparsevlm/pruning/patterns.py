@@ -80,10 +80,14 @@ def num_pruned(count: int, sparsity: float) -> int:
     return int(math.floor(count * sparsity * (1 + 1e-9)))
 
 
-def _ranks(scores: Array, axis: int) -> Array:
-    # Rank 0 = lowest score; ties are broken by position (stable sort), matching torch.sort(stable=True).
+def ranks(scores: Array, axis: int) -> Array:
+    """Rank of each score along `axis` (0 = lowest); ties broken by position, as torch.sort(stable=True)."""
     order = jnp.argsort(scores, axis=axis, stable=True)
-    return jnp.argsort(order, axis=axis, stable=True)
+    # Inverting the permutation by a scatter costs far less than a second sort on large layers.
+    shape = [1] * scores.ndim
+    shape[axis] = scores.shape[axis]
+    positions = jnp.broadcast_to(jnp.arange(scores.shape[axis]).reshape(shape), order.shape)
+    return jnp.put_along_axis(jnp.zeros_like(order), order, positions, axis=axis, inplace=False)
 
 
 @partial(jax.jit, static_argnames=("pattern", "sparsity"))
@@ -93,11 +97,11 @@ def select(scores: Array, pattern: Pattern, sparsity: float) -> Array:
         raise ValueError(f"scores must be a 2-D [in, out] kernel score, got shape {scores.shape}")
     fan_in = scores.shape[0]
     if pattern.kind == "row":
-        return _ranks(scores, axis=0) >= num_pruned(fan_in, sparsity)
+        return ranks(scores, axis=0) >= num_pruned(fan_in, sparsity)
     if pattern.kind == "layer":
-        flat = _ranks(scores.reshape(-1), axis=0)
+        flat = ranks(scores.reshape(-1), axis=0)
         return (flat >= num_pruned(scores.size, sparsity)).reshape(scores.shape)
     pattern.check_shape(scores.shape)
     grouped = scores.reshape(fan_in // pattern.m, pattern.m, scores.shape[1])
-    keep = _ranks(grouped, axis=1) >= pattern.m - pattern.n
+    keep = ranks(grouped, axis=1) >= pattern.m - pattern.n
     return keep.reshape(scores.shape)

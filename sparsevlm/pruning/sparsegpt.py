@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsevlm.pruning.patterns import Pattern, num_pruned
+from sparsevlm.pruning.patterns import Pattern, num_pruned, ranks
 
 Array = jax.Array
 
@@ -33,11 +33,6 @@ def inverse_hessian_factor(hessian: Array, damp: float) -> tuple[Array, Array]:
     return jnp.linalg.cholesky(inverse).T, dead
 
 
-def _group_ranks(values: Array, axis: int) -> Array:
-    order = jnp.argsort(values, axis=axis, stable=True)
-    return jnp.argsort(order, axis=axis, stable=True)
-
-
 @partial(jax.jit, static_argnames=("count", "pattern"), donate_argnums=(0, 1))
 def _block(weights: Array, keep: Array, factor: Array, start: Array, prune_count: Array, count: int,
            pattern: Pattern) -> tuple[Array, Array]:
@@ -46,10 +41,10 @@ def _block(weights: Array, keep: Array, factor: Array, start: Array, prune_count
     block_factor = jax.lax.dynamic_slice(factor, (start, start), (count, count))
     diag = jnp.diag(block_factor)
     if pattern.kind == "row":
-        pruned = _group_ranks(block**2 / diag[None] ** 2, axis=1) < prune_count
+        pruned = ranks(block**2 / diag[None] ** 2, axis=1) < prune_count
     elif pattern.kind == "layer":
         saliency = (block**2 / diag[None] ** 2).reshape(-1)
-        pruned = (_group_ranks(saliency, axis=0) < prune_count).reshape(block.shape)
+        pruned = (ranks(saliency, axis=0) < prune_count).reshape(block.shape)
     else:
         pruned = jnp.zeros(block.shape, bool)
 
@@ -57,7 +52,7 @@ def _block(weights: Array, keep: Array, factor: Array, start: Array, prune_count
         # N:M groups are chosen when the sweep reaches them, from the weights updated so far.
         group = jax.lax.dynamic_slice(block, (0, i), (rows, pattern.m))
         group_diag = jax.lax.dynamic_slice(diag, (i,), (pattern.m,))
-        drop = _group_ranks(group**2 / group_diag[None] ** 2, axis=1) < pattern.m - pattern.n
+        drop = ranks(group**2 / group_diag[None] ** 2, axis=1) < pattern.m - pattern.n
         return jax.lax.dynamic_update_slice(pruned, drop, (0, i))
 
     def column(i: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
