@@ -13,21 +13,17 @@ Each time is the median of `--repeats` calls after one warm-up call; prints a ta
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
+from common import machine, write_json
 from sparsevlm.checkpoint import ModelBundle
 from sparsevlm.data.calibration import calibration_set
 from sparsevlm.hub import load_model
@@ -192,22 +188,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def machine() -> dict[str, Any]:
-    """Backend, device and software versions the timings were taken on."""
-    return {
-        "platform": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
-        "device_count": jax.device_count(),
-        "host": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
-        "numpy": np.__version__,
-    }
-
-
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
     """One line per (scope, method, pattern)."""
     print(f"{'scope':<6}{'size':>11}{'method':>15}{'pattern':>14}{'median s':>10}{'min':>9}{'max':>9}"
@@ -269,9 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "load_average_1m": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
         "results": rows,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.json}")
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
+from common import machine, write_json
 from sparsevlm.config import default_vlm_config
 from sparsevlm.data import shapes
 from sparsevlm.data.batch import encode_vqa, iterate_batches
@@ -87,15 +85,10 @@ def main() -> None:
     out = {
         "benchmark": "train_step",
         "model": "default",
-        "device": str(jax.devices()[0].device_kind),
-        "platform": jax.default_backend(),
-        "host": platform.processor() or platform.machine(),
-        "jax": jax.__version__,
+        **machine(),
         "results": rows,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.json}")
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""What every benchmark records: the machine it ran on, and its JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jaxlib
+import numpy as np
+
+
+def machine() -> dict[str, Any]:
+    """Backend, device and software versions the timings were taken on."""
+    return {
+        "platform": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "device_count": jax.device_count(),
+        "host": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write a benchmark's results and say where."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2))
+    print(f"wrote {path}")
