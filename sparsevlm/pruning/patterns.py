@@ -90,6 +90,21 @@ def ranks(scores: Array, axis: int) -> Array:
     return jnp.put_along_axis(jnp.zeros_like(order), order, positions, axis=axis, inplace=False)
 
 
+def lowest(scores: Array, count: int, axis: int) -> Array:
+    """Boolean mask of the `count` lowest scores along `axis`; ties go to the earlier position.
+
+    Uses `lax.top_k` (ties → lower index first, like a stable sort), several times faster than a
+    full sort on large layers.
+    """
+    moved = jnp.moveaxis(scores, axis, -1)
+    if count == 0:
+        return jnp.zeros(scores.shape, bool)
+    _, index = jax.lax.top_k(-moved, count)
+    flat_rows = moved.reshape(-1, moved.shape[-1])
+    hit = jnp.zeros(flat_rows.shape, bool).at[jnp.arange(flat_rows.shape[0])[:, None], index.reshape(-1, count)].set(True)
+    return jnp.moveaxis(hit.reshape(moved.shape), -1, axis)
+
+
 @partial(jax.jit, static_argnames=("pattern", "sparsity"))
 def select(scores: Array, pattern: Pattern, sparsity: float) -> Array:
     """Keep-mask (True = kept) of a `[in, out]` score matrix: the lowest scores are pruned."""
@@ -97,11 +112,10 @@ def select(scores: Array, pattern: Pattern, sparsity: float) -> Array:
         raise ValueError(f"scores must be a 2-D [in, out] kernel score, got shape {scores.shape}")
     fan_in = scores.shape[0]
     if pattern.kind == "row":
-        return ranks(scores, axis=0) >= num_pruned(fan_in, sparsity)
+        return ~lowest(scores, num_pruned(fan_in, sparsity), axis=0)
     if pattern.kind == "layer":
-        flat = ranks(scores.reshape(-1), axis=0)
-        return (flat >= num_pruned(scores.size, sparsity)).reshape(scores.shape)
+        # top_k with k in the millions is slower than one sort of the whole matrix.
+        return (ranks(scores.reshape(-1), axis=0) >= num_pruned(scores.size, sparsity)).reshape(scores.shape)
     pattern.check_shape(scores.shape)
     grouped = scores.reshape(fan_in // pattern.m, pattern.m, scores.shape[1])
-    keep = ranks(grouped, axis=1) >= pattern.m - pattern.n
-    return keep.reshape(scores.shape)
+    return ~lowest(grouped, pattern.m - pattern.n, axis=1).reshape(scores.shape)
