@@ -184,6 +184,48 @@ class PretrainConfig:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
 
 
+@dataclasses.dataclass(frozen=True)
+class RestoreConfig:
+    """Restoring a pruned model with LoRA / SparseLoRA and dense-teacher distillation."""
+
+    method: str = "sparselora"  # lora: W⊙M + s·BA (dense once merged); sparselora: (W + s·BA)⊙M
+    steps: int = 300
+    batch_size: int = 32
+    grad_accum: int = 1  # optimizer step every N micro-batches (effective batch = batch_size · N)
+    learning_rate: float = 1e-3
+    end_learning_rate: float = 1e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    kl_weight: float = 0.1  # λ: loss = (1 − λ)·CE + λ·KL(teacher ‖ student); paper: 0.1
+    temperature: float = 1.0  # T of the KL softmaxes; paper: 1
+    vision_rank: int = 4
+    connector_rank: int = 2
+    language_rank: int = 8
+    alpha: float = 16.0
+    train_data: str = "shapes-mix"
+    train_images: int = 2000
+    bf16: bool = False
+    checkpoint_every: int = 0  # save the LoRA state every N steps (0: only at the end)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, ("lora", "sparselora"))
+        for name in ("steps", "batch_size", "grad_accum", "train_images", "vision_rank", "connector_rank",
+                     "language_rank"):
+            _check_positive(name, getattr(self, name))
+        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        if not 0.0 <= self.kl_weight <= 1.0:
+            raise ValueError(f"kl_weight={self.kl_weight} must be in [0, 1]")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 0")
+
+
 T = TypeVar("T")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from sparsevlm.checkpoint import ModelBundle, save_model
 from sparsevlm.config import PretrainConfig, VisionConfig, VLMConfig, default_vlm_config
 from sparsevlm.data import shapes
-from sparsevlm.data.batch import Batch, EncodedSet, encode_vqa, iterate_batches, preprocess_images
+from sparsevlm.data.batch import encode_vqa, endless_batches, iterate_batches, preprocess_images
 from sparsevlm.data.tokenize import build_word_tokenizer
 from sparsevlm.eval.evaluate import evaluate_vqa, round_up
 from sparsevlm.models.vit import ViT
@@ -89,13 +89,6 @@ def pretrain_vision(
     return params["vision"], {k: float(v) for k, v in accuracy.items()}
 
 
-def _endless(data: EncodedSet, batch_size: int, length: int, pad_id: int, model_config: VLMConfig,
-             rng: np.random.Generator) -> Iterator[Batch]:
-    while True:
-        for batch, _ in iterate_batches(data, batch_size, length, pad_id, model_config.vision, rng, drop_remainder=True):
-            yield batch
-
-
 def pretrain(
     config: PretrainConfig,
     out_dir: str | Path | None = None,
@@ -121,7 +114,8 @@ def pretrain(
     pool_sizes = np.array([len(p) for p in pools], float)
     rng = np.random.default_rng(config.seed)
     streams = [
-        _endless(p, config.batch_size, round_up(p.max_length, 8), tokenizer.pad_token_id, model_config, rng)
+        endless_batches(p, config.batch_size, round_up(p.max_length, 8), tokenizer.pad_token_id,
+                        model_config.vision, rng)
         for p in pools
     ]
 

@@ -96,3 +96,64 @@ def make_train_step(
         return TrainState(params, opt_state, state.step + 1), metrics
 
     return step
+
+
+def distillation_kl(student: Array, teacher: Array, mask: Array, temperature: float) -> tuple[Array, Array]:
+    """Summed KL(teacher ‖ student) of softmax(logits / T) over positions where `mask`, and their count."""
+    log_student = jax.nn.log_softmax(student.astype(jnp.float32) / temperature, axis=-1)
+    log_teacher = jax.nn.log_softmax(teacher.astype(jnp.float32) / temperature, axis=-1)
+    per_position = jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student), axis=-1)
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(per_position * mask), jnp.sum(mask)
+
+
+class LoraState(NamedTuple):
+    """Trainable LoRA factors, their optimizer state and the step counter."""
+
+    lora: PyTree
+    opt_state: optax.OptState
+    step: Array
+
+
+def make_restore_step(
+    model: VLM,
+    optimizer: optax.GradientTransformation,
+    alpha: float,
+    mode: str,
+    kl_weight: float,
+    temperature: float,
+) -> Callable[[LoraState, PyTree, PyTree, dict[str, Any]], tuple[LoraState, dict[str, Array]]]:
+    """A jit-compiled restoration step: only LoRA factors train; base params and masks are inputs.
+
+    Loss = (1 − λ)·CE + λ·KL(teacher ‖ student) at temperature T. The student is the masked model
+    with LoRA (`mode`); the teacher is the same base params with neither masks nor LoRA, computed
+    in the same step under `stop_gradient`. CE counts target tokens; KL counts every position that
+    predicts a real (non-padding) text token.
+    """
+    from sparsevlm.lora import lora_scope  # lora imports pruning, which imports models: keep train light
+
+    def loss_fn(lora: PyTree, params: PyTree, masks: PyTree, batch: dict[str, Any]) -> tuple[Array, dict]:
+        with lora_scope(lora, masks, alpha, mode):
+            logits, _ = model.apply({"params": params}, batch["images"], batch["tokens"], batch["text_mask"])
+        num_text = batch["tokens"].shape[1]
+        student = text_logits(logits, num_text)
+        ce_sum, ce_count = token_cross_entropy(student, batch["tokens"], batch["loss_mask"])
+        ce = ce_sum / jnp.maximum(ce_count, 1.0)
+        metrics = {"ce": ce, "tokens": ce_count}
+        if kl_weight == 0.0:  # static: no teacher pass at all
+            return ce, metrics | {"kl": jnp.zeros(())}
+        teacher_logits, _ = model.apply({"params": params}, batch["images"], batch["tokens"], batch["text_mask"])
+        teacher = jax.lax.stop_gradient(text_logits(teacher_logits, num_text))
+        kl_sum, kl_count = distillation_kl(student[:, :-1], teacher[:, :-1], batch["text_mask"][:, 1:], temperature)
+        kl = kl_sum / jnp.maximum(kl_count, 1.0)
+        return (1.0 - kl_weight) * ce + kl_weight * kl, metrics | {"kl": kl}
+
+    @jax.jit
+    def step(state: LoraState, params: PyTree, masks: PyTree, batch: dict[str, Any]) -> tuple[LoraState, dict]:
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.lora, params, masks, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
+        lora = optax.apply_updates(state.lora, updates)
+        metrics = metrics | {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return LoraState(lora, opt_state, state.step + 1), metrics
+
+    return step

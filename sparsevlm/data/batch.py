@@ -155,3 +155,12 @@ def iterate_batches(
             real = chosen
         batch = collate(data.images[data.image_index[chosen]], [data.sequences[i] for i in chosen], length, pad_id, vision)
         yield batch, real
+
+
+def endless_batches(
+    data: EncodedSet, batch_size: int, length: int, pad_id: int, vision: VisionConfig, rng: np.random.Generator
+) -> Iterator[Batch]:
+    """Shuffled full batches, epoch after epoch."""
+    while True:
+        for batch, _ in iterate_batches(data, batch_size, length, pad_id, vision, rng, drop_remainder=True):
+            yield batch

@@ -47,6 +47,10 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        return self.project(x, kernel)
+
+    def project(self, x: Array, kernel: Array) -> Array:
+        """`x @ kernel (+ bias)` with a given kernel (LoRA/SparseLoRA substitute an effective one)."""
         y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)

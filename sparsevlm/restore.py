@@ -1,0 +1,113 @@
+"""Restoration training: LoRA or SparseLoRA factors on a pruned model, distilled from the dense teacher."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from sparsevlm.config import RestoreConfig, VLMConfig
+from sparsevlm.data.batch import endless_batches
+from sparsevlm.data.calibration import calibration_set
+from sparsevlm.eval.evaluate import round_up
+from sparsevlm.lora import LoraConfig, check_masks_match, init_lora, lora_param_count, merge
+from sparsevlm.models.vlm import VLM
+from sparsevlm.train import LoraState, batch_arrays, make_optimizer, make_restore_step
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreResult:
+    """Trained LoRA factors, the merged plain params, the loss history and the wall time."""
+
+    lora: PyTree
+    params: PyTree
+    history: list[dict[str, float]]
+    seconds: float
+
+
+def lora_config(config: RestoreConfig) -> LoraConfig:
+    """The LoRA targets and ranks a restore config asks for."""
+    return LoraConfig.with_ranks(config.vision_rank, config.connector_rank, config.language_rank, config.alpha)
+
+
+def teacher_base(pruned: PyTree, masks: PyTree, dense: PyTree) -> PyTree:
+    """Base params for restoration: the pruned model's kept weights, the dense model's values elsewhere.
+
+    Masking them gives the pruned model back exactly; unmasked they are the dense teacher (for
+    SparseGPT, the dense model with its kept weights already error-compensated).
+    """
+    check_masks_match(dense, masks)
+    return jax.tree.map(
+        lambda mask, kept, original: kept if mask is None else np.where(mask, kept, original),
+        masks, pruned, dense, is_leaf=lambda x: x is None,
+    )
+
+
+def restore(
+    base_params: PyTree,
+    masks: PyTree,
+    model_config: VLMConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    config: RestoreConfig,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+) -> RestoreResult:
+    """Train LoRA factors on built-in data; returns them and the merged params (masked per the mode)."""
+    check_masks_match(base_params, masks)
+    lora_cfg = lora_config(config)
+    key = jax.random.key(config.seed)
+    lora = init_lora(base_params, lora_cfg, key)
+    data = calibration_set(config.train_data, tokenizer, config.train_images, config.seed,
+                           model_config.vision.image_size)
+    rng = np.random.default_rng(config.seed)
+    stream = endless_batches(data, config.batch_size, round_up(data.max_length, 8), tokenizer.pad_token_id,
+                             model_config.vision, rng)
+    optimizer = make_optimizer(config.learning_rate, config.end_learning_rate, config.warmup_steps, config.steps,
+                               config.weight_decay, config.grad_clip)
+    if config.grad_accum > 1:
+        optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.grad_accum)
+    model = VLM(model_config, jnp.bfloat16 if config.bf16 else jnp.float32)
+    step_fn = make_restore_step(model, optimizer, lora_cfg.alpha, config.method, config.kl_weight, config.temperature)
+    params = jax.device_put(base_params)
+    device_masks = jax.device_put(masks)
+    state = LoraState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32))
+    manager = None
+    if checkpoint_dir is not None:
+        manager = ocp.CheckpointManager(
+            Path(checkpoint_dir).resolve(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
+        )
+    print(f"restoring with {config.method}: {lora_param_count(lora):,} LoRA params, "
+          f"{config.steps} steps of {config.batch_size}×{config.grad_accum}")
+    started = time.perf_counter()
+    history: list[dict[str, float]] = []
+    micro_steps = config.steps * config.grad_accum
+    bar = tqdm(range(micro_steps), desc=f"restore ({config.method})", disable=not progress, mininterval=1.0)
+    for micro in bar:
+        state, metrics = step_fn(state, params, device_masks, batch_arrays(next(stream)))
+        if micro % 10 == 0 or micro == micro_steps - 1:
+            record = {k: float(v) for k, v in metrics.items() if k != "tokens"} | {"step": micro}
+            if not np.isfinite(record["loss"]):
+                raise FloatingPointError(f"non-finite loss {record['loss']} at step {micro}")
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.3f}")
+        if manager is not None and config.checkpoint_every and (micro + 1) % config.checkpoint_every == 0:
+            manager.save(micro + 1, args=ocp.args.StandardSave({"lora": jax.device_get(state.lora)}))
+    if manager is not None:
+        manager.save(micro_steps, args=ocp.args.StandardSave({"lora": jax.device_get(state.lora)}), force=True)
+        manager.wait_until_finished()
+        manager.close()
+    lora = jax.device_get(state.lora)
+    merged = jax.device_get(merge(base_params, lora, masks, lora_cfg.alpha, config.method))
+    return RestoreResult(lora, merged, history, time.perf_counter() - started)
