@@ -78,6 +78,33 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
+def _add_restore(sub: argparse._SubParsersAction) -> None:
+    from sparsevlm.config import RestoreConfig
+    from sparsevlm.data.calibration import CALIBRATION_SETS
+
+    defaults = RestoreConfig()
+    p = sub.add_parser("restore", help="restore a pruned model with LoRA or SparseLoRA (+ dense-teacher KL)")
+    p.add_argument("--model", required=True, help="a pruned model directory (from `sparsevlm prune`)")
+    p.add_argument("--method", required=True, choices=("lora", "sparselora"))
+    p.add_argument("--teacher", default=None, help="the dense model (default: the one the model was pruned from)")
+    p.add_argument("--kl-weight", type=float, default=defaults.kl_weight, help="λ of (1 − λ)·CE + λ·KL (paper: 0.1)")
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="KL temperature (paper: 1)")
+    p.add_argument("--steps", type=_positive_int, default=defaults.steps)
+    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    p.add_argument("--grad-accum", type=_positive_int, default=defaults.grad_accum)
+    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    p.add_argument("--train-data", default=defaults.train_data, choices=CALIBRATION_SETS)
+    p.add_argument("--train-images", type=_positive_int, default=defaults.train_images)
+    p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (params and LoRA stay float32)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save LoRA state every N steps to OUT-checkpoints")
+    p.add_argument("--remask", action="store_true", help="re-apply the mask after merging (gets sparsity back for lora)")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--eval-images", type=_positive_int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--out", required=True, help="output model directory (report.json is written inside)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write model.safetensors + config.json")
     p.add_argument("--model", required=True, help="'default' or a saved model directory")
@@ -91,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_evaluate(sub)
     _add_prune(sub)
+    _add_restore(sub)
     _add_export(sub)
     return parser
 
@@ -149,7 +177,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune a model; save it with masks and `report.json`."""
     from sparsevlm import hub
-    from sparsevlm.checkpoint import save_model
+    from sparsevlm.checkpoint import load_model_dir, save_model
     from sparsevlm.jobs import prune_job
     from sparsevlm.pruning import SparsitySpec
 
@@ -163,18 +191,55 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not any(spec.targets.values()):
         raise ValueError("nothing to prune: --vision-sparsity, --language-sparsity and --connector-sparsity are all 0")
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise FileExistsError(f"--out {args.out} already exists and is not empty (pass --force to replace it)")
-    bundle = hub.load_model(args.model)
+    _check_out(out, args.force)
+    source = hub.resolve_model_path(args.model)
+    bundle = load_model_dir(source)
     pruned, report = prune_job(
         bundle, spec, args.method, args.calib_samples, args.calib_data, args.calibration_mode,
-        args.seed, args.eval_images,
+        args.seed, args.eval_images, source=str(source),
     )
     report["model"] = args.model
     save_model(out, pruned, overwrite=True)
     _write_json(str(out / "report.json"), report)
     measured = ", ".join(f"{t} {v:.4f}" for t, v in report["measured"].items())
     print(f"{args.method} {spec.describe()}: measured sparsity {measured}; accuracy {report['accuracy']:.4f}")
+    print(f"saved to {out}")
+    return 0
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"--out {out} already exists and is not empty (pass --force to replace it)")
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Restore a pruned model; save the merged model and `report.json`."""
+    from sparsevlm import hub
+    from sparsevlm.checkpoint import save_model
+    from sparsevlm.config import RestoreConfig
+    from sparsevlm.jobs import restore_job
+
+    config = RestoreConfig(
+        method=args.method, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, kl_weight=args.kl_weight,
+        temperature=args.temperature, train_data=args.train_data, train_images=args.train_images,
+        bf16=args.bf16, checkpoint_every=args.checkpoint_every, seed=args.seed,
+    )
+    out = Path(args.out)
+    _check_out(out, args.force)
+    pruned = hub.load_model(args.model)
+    teacher_name = args.teacher or pruned.metadata.get("pruning", {}).get("source_model")
+    if not teacher_name:
+        raise ValueError(f"{args.model} does not record the dense model it was pruned from; pass --teacher")
+    teacher = hub.load_model(teacher_name)
+    checkpoints = str(out.with_name(out.name + "-checkpoints")) if args.checkpoint_every else None
+    restored, report = restore_job(pruned, teacher, config, args.remask, args.eval_images, checkpoints)
+    report["model"], report["teacher"] = args.model, teacher_name
+    save_model(out, restored, overwrite=True)
+    _write_json(str(out / "report.json"), report)
+    measured = ", ".join(f"{t} {v:.4f}" for t, v in report["measured"].items())
+    print(f"{args.method}{' + remask' if args.remask else ''}: accuracy {report['accuracy']:.4f} "
+          f"(pruned {report['pruned_accuracy']}); measured sparsity {measured}")
     print(f"saved to {out}")
     return 0
 
@@ -189,7 +254,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "prune": cmd_prune, "export": cmd_export}
+COMMANDS = {
+    "pretrain": cmd_pretrain,
+    "evaluate": cmd_evaluate,
+    "prune": cmd_prune,
+    "restore": cmd_restore,
+    "export": cmd_export,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         print(f"sparsevlm {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -8,11 +8,13 @@ from typing import Any
 import jax
 
 from sparsevlm.checkpoint import ModelBundle
+from sparsevlm.config import RestoreConfig
 from sparsevlm.data import shapes
 from sparsevlm.data.calibration import calibration_set
 from sparsevlm.eval.evaluate import evaluate_vqa
-from sparsevlm.pruning import SparsitySpec, measure_sparsity, prune
+from sparsevlm.pruning import SparsitySpec, apply_masks, measure_sparsity, prune
 from sparsevlm.pruning.calibrate import calibration_carry
+from sparsevlm.restore import restore, teacher_base
 
 
 def prune_job(
@@ -25,8 +27,12 @@ def prune_job(
     seed: int = 0,
     eval_images: int | None = None,
     progress: bool = True,
+    source: str | None = None,
 ) -> tuple[ModelBundle, dict[str, Any]]:
-    """Prune a model, measure its sparsity and test accuracy; returns the pruned bundle and the report."""
+    """Prune a model, measure its sparsity and test accuracy; returns the pruned bundle and the report.
+
+    `source` (the dense model's directory) is recorded so restoration can find its dense teacher.
+    """
     calibration = None
     if method in ("wanda", "sparsegpt"):
         data = calibration_set(calib_data, bundle.tokenizer, calib_samples, seed, bundle.config.vision.image_size)
@@ -57,7 +63,53 @@ def prune_job(
         "seed": seed,
         "prune_seconds": round(result.seconds, 2),
     }
-    metadata = dict(bundle.metadata) | {"pruning": {k: report[k] for k in ("method", "pattern", "target", "measured",
-                                                                             "calibration", "seed")},
+    pruning = {k: report[k] for k in ("method", "pattern", "target", "measured", "calibration", "seed")}
+    metadata = dict(bundle.metadata) | {"pruning": pruning | {"source_model": source},
                                          "test_accuracy": evaluation["accuracy"]}
     return dataclasses.replace(pruned, metadata=metadata), report
+
+
+def restore_job(
+    pruned: ModelBundle,
+    teacher: ModelBundle,
+    config: RestoreConfig,
+    remask: bool = False,
+    eval_images: int | None = None,
+    checkpoint_dir: str | None = None,
+    progress: bool = True,
+) -> tuple[ModelBundle, dict[str, Any]]:
+    """Restore a pruned model with LoRA/SparseLoRA from its dense teacher; returns the merged bundle and report."""
+    if pruned.masks is None:
+        raise ValueError("the model to restore has no masks: prune it first with `sparsevlm prune`")
+    if teacher.config != pruned.config:
+        raise ValueError("the teacher's architecture differs from the pruned model's")
+    base = teacher_base(pruned.params, pruned.masks, teacher.params)
+    result = restore(base, pruned.masks, pruned.config, pruned.tokenizer, config, checkpoint_dir, progress)
+    params = apply_masks(result.params, pruned.masks) if remask else result.params
+    params = jax.device_get(params)
+    keeps_masks = config.method == "sparselora" or remask
+    restored = dataclasses.replace(pruned, params=params, masks=pruned.masks if keeps_masks else None)
+    test = shapes.build_split("test", eval_images, image_size=pruned.config.vision.image_size)
+    evaluation = evaluate_vqa(restored, test, progress=progress)
+    report: dict[str, Any] = {
+        "method": config.method,
+        "accuracy": evaluation["accuracy"],
+        "measured": measure_sparsity(params)["towers"],
+        "steps": config.steps,
+        "kl_weight": config.kl_weight,
+        "temperature": config.temperature,
+        "remask": remask,
+        "accuracy_by_type": evaluation["by_type"],
+        "eval_questions": evaluation["n"],
+        "target": pruned.metadata.get("pruning", {}).get("target"),
+        "pruned_accuracy": pruned.metadata.get("test_accuracy"),
+        "dense_accuracy": teacher.metadata.get("test_accuracy"),
+        "config": dataclasses.asdict(config),
+        "restore_seconds": round(result.seconds, 1),
+        "loss_history": result.history,
+    }
+    metadata = dict(pruned.metadata) | {
+        "restoration": {k: report[k] for k in ("method", "steps", "kl_weight", "temperature", "remask")},
+        "test_accuracy": evaluation["accuracy"],
+    }
+    return dataclasses.replace(restored, metadata=metadata), report
