@@ -160,3 +160,57 @@ def test_prune_refuses_to_overwrite_a_nonempty_out(saved_model, tmp_path, capsys
                  "--out", str(out)]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "precious"
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(trained_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pruned") / "wanda-2of4"
+    assert main(["prune", "--model", trained_model_dir, "--method", "wanda", "--pattern", "2:4",
+                 "--vision-sparsity", "0.5", "--language-sparsity", "0.5", "--calib-samples", "16",
+                 "--eval-images", "20", "--out", str(out)]) == 0
+    return str(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "remask", "keeps_sparsity"),
+                         [("sparselora", False, True), ("lora", False, False), ("lora", True, True)])
+def test_restore_reports_accuracy_and_measured_sparsity(pruned_dir, tmp_path, method, remask, keeps_sparsity):
+    out = tmp_path / "restored"
+    argv = ["restore", "--model", pruned_dir, "--method", method, "--steps", "8", "--warmup-steps", "2",
+            "--batch-size", "8", "--train-images", "40", "--eval-images", "20", "--out", str(out)]
+    assert main(argv + (["--remask"] if remask else [])) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == method and report["steps"] == 8 and report["kl_weight"] == 0.1
+    assert report["teacher"] is not None  # found from the pruned model's metadata
+    if keeps_sparsity:
+        assert report["measured"] == {"vision": 0.5, "connector": 0.0, "language": 0.5}
+    else:
+        assert report["measured"]["language"] < 0.01 and report["measured"]["vision"] < 0.01
+    evaluated = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", str(out), "--limit", "20", "--json", str(evaluated)]) == 0
+    assert json.loads(evaluated.read_text())["accuracy"] == report["accuracy"]
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--method", "dora"], "argument --method: invalid choice: 'dora'"),
+        (["--method", "lora", "--kl-weight", "1.5"], "kl_weight=1.5 must be in [0, 1]"),
+        (["--method", "lora", "--temperature", "0"], "temperature=0.0 must be > 0"),
+        (["--method", "lora", "--steps", "0"], "'0' must be a positive integer"),
+    ],
+)
+def test_restore_rejects_bad_input_and_writes_nothing(flags, message, saved_model, tmp_path, capsys):
+    out = tmp_path / "never"
+    try:
+        code = main(["restore", "--model", saved_model, "--out", str(out), *flags])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_restore_needs_a_pruned_model(saved_model, tmp_path, capsys):
+    assert main(["restore", "--model", saved_model, "--method", "sparselora", "--teacher", saved_model,
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "has no masks: prune it first" in capsys.readouterr().err
