@@ -1,30 +1,68 @@
-"""Train-step time and tokens/s of the default model (median of repeats); prints a table, writes JSON.
+"""Train-step time, tokens/s and memory of the default model: full finetuning vs LoRA vs SparseLoRA restoration.
+
+Step kinds, all on the same model, batch and data in one run:
+
+- `full`: the full-parameter step (`make_train_step`), AdamW over every param;
+- `lora`: the restoration step (`make_restore_step`, mode lora) on 50%-magnitude masks, KL weight 0.1;
+- `sparselora`: the same step in mode sparselora;
+- `sparselora-nokl`: sparselora with KL weight 0 (no dense-teacher forward pass).
+
+Each time is the median of `--repeats` steps after ahead-of-time compilation and `--warmup` untimed
+steps. Memory is XLA's buffer assignment for the compiled step (arguments, outputs, temporaries, peak) and the growth
+of the process's peak RSS while that kind compiled and ran. Prints a table, writes JSON.
 
     python benchmarks/train_step.py [--batch-size 64] [--repeats 20] [--json results/train_step.json]
+    python benchmarks/train_step.py --quick       # batch 8, 2 repeats, 1 warm-up (smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
+import sys
 import time
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
 from common import machine, write_json
-from sparsevlm.config import default_vlm_config
+from sparsevlm.config import RestoreConfig, default_vlm_config
 from sparsevlm.data import shapes
 from sparsevlm.data.batch import encode_vqa, iterate_batches
 from sparsevlm.data.tokenize import build_word_tokenizer
 from sparsevlm.eval.evaluate import round_up
+from sparsevlm.lora import LoraConfig, init_lora, lora_param_count
 from sparsevlm.models import VLM
-from sparsevlm.train import TrainState, batch_arrays, make_optimizer, make_train_step
+from sparsevlm.pruning import SparsitySpec, prune
+from sparsevlm.train import LoraState, TrainState, batch_arrays, make_optimizer, make_restore_step, make_train_step
 from sparsevlm.tree import count_params
 
+BATCHES = ("vqa", "caption")
+# Smallest expected footprint first: the process's peak RSS only ever grows, so a kind that needs
+# less than one measured before it would show no growth at all.
+STEPS = ("sparselora-nokl", "lora", "sparselora", "full")
+SPARSITY = 0.5
+KL_WEIGHT = 0.1
+FULL = {"batch_size": 64, "repeats": 20, "warmup": 3}
+QUICK = {"batch_size": 8, "repeats": 2, "warmup": 1}
+MIB = 2**20
 
-def measure(kind: str, batch_size: int, repeats: int, warmup: int) -> dict:
-    """Median step time of the full-parameter train step on one batch kind (vqa or caption)."""
+
+class Setup(NamedTuple):
+    """One batch kind's model, dense params, 50%-magnitude masks and device arrays."""
+
+    model: VLM
+    params: Any
+    masks: Any
+    arrays: dict[str, Any]
+    sequence_length: int
+
+
+def build(kind: str, batch_size: int) -> Setup:
+    """The default model (random init, seed 0), one batch of `kind`, and magnitude masks at 50% per tower."""
     tokenizer = build_word_tokenizer(shapes.vocabulary())
     config = default_vlm_config(len(tokenizer))
     split = shapes.build_split("validation", max(batch_size // 4 + 1, 8))
@@ -35,57 +73,171 @@ def measure(kind: str, batch_size: int, repeats: int, warmup: int) -> dict:
     batch, _ = next(iterate_batches(data, batch_size, length, tokenizer.pad_token_id, config.vision, rng))
     model = VLM(config)
     params = model.init(jax.random.key(0), batch.images[:1], batch.tokens[:1], batch.text_mask[:1])["params"]
-    optimizer = make_optimizer(1e-3, 1e-5, 10, 1000, 0.05, 1.0)
-    state = TrainState(params, optimizer.init(params), np.zeros((), np.int32))
-    step = make_train_step(model, optimizer)
+    # Magnitude pruning writes zeros into its params; the restoration base is the dense model
+    # (what `restore.teacher_base` gives for magnitude masks), so the teacher pass is the dense model.
+    masks = prune(params, config, SparsitySpec.same(SPARSITY), "magnitude").masks
     arrays = jax.device_put(batch_arrays(batch))
+    return Setup(model, jax.device_put(params), jax.device_put(masks), arrays, config.vision.num_features + length)
+
+
+def step_and_inputs(name: str, setup: Setup) -> tuple[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]]:
+    """The jitted step of kind `name`, its initial state, the other arguments, and what it trains."""
+    if name == "full":
+        optimizer = make_optimizer(1e-3, 1e-5, 10, 1000, 0.05, 1.0)
+        state = TrainState(setup.params, optimizer.init(setup.params), np.zeros((), np.int32))
+        return make_train_step(setup.model, optimizer), state, (setup.arrays,), {
+            "trainable_params": count_params(setup.params)}
+    restore = RestoreConfig()
+    mode, kl_weight = {"lora": ("lora", KL_WEIGHT), "sparselora": ("sparselora", KL_WEIGHT),
+                       "sparselora-nokl": ("sparselora", 0.0)}[name]
+    lora_config = LoraConfig()
+    lora = init_lora(setup.params, lora_config, jax.random.key(0))
+    optimizer = make_optimizer(restore.learning_rate, restore.end_learning_rate, restore.warmup_steps, restore.steps,
+                               restore.weight_decay, restore.grad_clip)
+    state = LoraState(lora, optimizer.init(lora), np.zeros((), np.int32))
+    step = make_restore_step(setup.model, optimizer, lora_config.alpha, mode, kl_weight, restore.temperature)
+    return step, state, (setup.params, setup.masks, setup.arrays), {
+        "mode": mode, "kl_weight": kl_weight, "sparsity": SPARSITY, "trainable_params": lora_param_count(lora)}
+
+
+def xla_memory(compiled: jax.stages.Compiled) -> dict[str, float | None]:
+    """XLA's memory analysis of a compiled step, in MiB (None where this backend does not report a field)."""
+    try:
+        stats = compiled.memory_analysis()
+    except NotImplementedError:
+        stats = None
+    fields = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
+              "alias": "alias_size_in_bytes", "temp": "temp_size_in_bytes", "peak": "peak_memory_in_bytes"}
+    memory = {f"{name}_mib": getattr(stats, field, None) for name, field in fields.items()}
+    if memory["peak_mib"] is None and None not in (memory["argument_mib"], memory["output_mib"], memory["temp_mib"]):
+        memory["peak_mib"] = memory["argument_mib"] + memory["output_mib"] - (memory["alias_mib"] or 0) + memory["temp_mib"]
+    return {k: None if v is None else round(v / MIB, 2) for k, v in memory.items()}
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident set size so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MIB if sys.platform == "darwin" else peak / 1024
+
+
+def measure(name: str, setup: Setup, kind: str, batch_size: int, repeats: int, warmup: int) -> dict[str, Any]:
+    """Median step time, tokens/s and memory of step kind `name` on one batch."""
+    rss_before = peak_rss_mib()
+    step, state, rest, details = step_and_inputs(name, setup)
+    # Compile ahead of time with the real arguments: the executable the jitted step would build on
+    # its first call, whose buffer assignment the memory figures come from; the timed calls run it.
     compile_start = time.perf_counter()
-    state, metrics = step(state, arrays)
-    jax.block_until_ready(metrics)
+    step = step.lower(state, *rest).compile()
     compile_seconds = time.perf_counter() - compile_start
+    memory = xla_memory(step)
     for _ in range(warmup):
-        state, metrics = step(state, arrays)
+        state, metrics = step(state, *rest)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        state, metrics = step(state, arrays)
+        state, metrics = step(state, *rest)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
+    if not np.isfinite(float(metrics["loss"])):
+        raise FloatingPointError(f"{name} step on {kind} gave a non-finite loss {float(metrics['loss'])}")
     median = statistics.median(times)
-    sequence = config.vision.num_features + length
     return {
+        "step": name,
         "batch": kind,
         "batch_size": batch_size,
-        "sequence_length": sequence,
-        "params": count_params(params),
+        "sequence_length": setup.sequence_length,
+        "params": count_params(setup.params),
+        **details,
         "compile_s": round(compile_seconds, 3),
         "step_ms_median": round(1000 * median, 2),
         "step_ms_min": round(1000 * min(times), 2),
         "step_ms_max": round(1000 * max(times), 2),
-        "tokens_per_s": round(batch_size * sequence / median, 1),
+        "tokens_per_s": round(batch_size * setup.sequence_length / median, 1),
         "examples_per_s": round(batch_size / median, 1),
+        "xla_memory": memory,
+        "peak_rss_growth_mib": round(peak_rss_mib() - rss_before, 1),
     }
 
 
-def main() -> None:
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """`vs_full`, `vs_lora`: each row's median step time over full's / lora's on the same batch kind, this run."""
+    for reference in ("full", "lora"):
+        base = {r["batch"]: r["step_ms_median"] for r in rows if r["step"] == reference}
+        for r in rows:
+            r[f"vs_{reference}"] = round(r["step_ms_median"] / base[r["batch"]], 3) if r["batch"] in base else None
+
+
+def print_table(rows: Sequence[dict[str, Any]]) -> None:
+    """One line per (batch kind, step kind)."""
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    def mib(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    print(f"{'batch':<8}{'step':<16}{'B':>4}{'seq':>5}{'ms (median)':>13}{'min':>8}{'max':>8}{'tokens/s':>10}"
+          f"{'x full':>8}{'x lora':>8}{'peak MiB':>10}{'temp MiB':>10}{'args MiB':>10}{'RSS +MiB':>10}")
+    for r in rows:
+        memory = r["xla_memory"]
+        print(f"{r['batch']:<8}{r['step']:<16}{r['batch_size']:>4}{r['sequence_length']:>5}{r['step_ms_median']:>13}"
+              f"{r['step_ms_min']:>8}{r['step_ms_max']:>8}{r['tokens_per_s']:>10}{ratio(r['vs_full']):>8}"
+              f"{ratio(r['vs_lora']):>8}{mib(memory['peak_mib']):>10}{mib(memory['temp_mib']):>10}"
+              f"{mib(memory['argument_mib']):>10}{r['peak_rss_growth_mib']:>10}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     """Run the benchmark and report."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-size", type=positive_int, help=f"default {FULL['batch_size']}")
+    parser.add_argument("--repeats", type=positive_int, help=f"timed steps (default {FULL['repeats']})")
+    parser.add_argument("--warmup", type=int, help=f"untimed steps before the timed ones (default {FULL['warmup']})")
+    parser.add_argument("--batches", nargs="+", choices=BATCHES, default=list(BATCHES),
+                        help="batch kinds the full step runs on")
+    parser.add_argument("--lora-batches", nargs="+", choices=BATCHES, default=["vqa"],
+                        help="batch kinds the LoRA/SparseLoRA steps (and full, for the ratios) run on")
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="step kinds to run")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small sizes for a smoke test: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
     parser.add_argument("--json", default="results/train_step.json")
-    args = parser.parse_args()
-    rows = [measure(kind, args.batch_size, args.repeats, args.warmup) for kind in ("vqa", "caption")]
-    header = f"{'batch':<8}{'B':>4}{'seq':>5}{'step ms (median)':>18}{'min':>8}{'max':>8}{'tokens/s':>11}"
-    print(header)
-    for r in rows:
-        print(f"{r['batch']:<8}{r['batch_size']:>4}{r['sequence_length']:>5}{r['step_ms_median']:>18}"
-              f"{r['step_ms_min']:>8}{r['step_ms_max']:>8}{r['tokens_per_s']:>11}")
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    batch_size = args.batch_size or defaults["batch_size"]
+    repeats = args.repeats or defaults["repeats"]
+    warmup = defaults["warmup"] if args.warmup is None else args.warmup
+    if warmup < 0:
+        parser.error(f"--warmup {warmup} must be >= 0")
+
+    load_before = os.getloadavg()
+    rows = []
+    for kind in BATCHES:
+        steps = [s for s in STEPS if s in args.steps and (kind in args.lora_batches if s != "full" else
+                                                          kind in args.batches or kind in args.lora_batches)]
+        if not steps:
+            continue
+        setup = build(kind, batch_size)
+        rows += [measure(name, setup, kind, batch_size, repeats, warmup) for name in steps]
+    # Table order: full first, then the restoration steps.
+    rows.sort(key=lambda r: (BATCHES.index(r["batch"]), r["step"] != "full", STEPS.index(r["step"])))
+    add_ratios(rows)
+    print_table(rows)
     out = {
         "benchmark": "train_step",
         "model": "default",
+        "repeats": repeats,
+        "warmup": warmup,
+        "quick": args.quick,
         **machine(),
+        # Other processes on the host inflate timings: compare these with cpu_count before trusting them.
+        "load_average_1m": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
         "results": rows,
     }
     write_json(args.json, out)

@@ -1,0 +1,109 @@
+"""Shared pieces of the paper's studies: load, calibrate, prune, evaluate, and write json/md/png."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+
+from sparsevlm import hub
+from sparsevlm.checkpoint import ModelBundle
+from sparsevlm.data import shapes
+from sparsevlm.data.calibration import CALIBRATION_SETS, calibration_set
+from sparsevlm.eval.evaluate import evaluate_vqa
+from sparsevlm.models.stages import Carry
+from sparsevlm.pruning import METHODS, SparsitySpec, measure_sparsity, prune
+from sparsevlm.pruning.calibrate import calibration_carry
+
+
+@dataclasses.dataclass
+class Study:
+    """What every study needs: the dense model, its calibration carry and the evaluation split."""
+
+    bundle: ModelBundle
+    calibration: Carry
+    test: Any
+    method: str
+    seed: int
+
+    def evaluate(self, params: Any) -> float:
+        """Test accuracy of `params` (same architecture as the dense model)."""
+        return evaluate_vqa(dataclasses.replace(self.bundle, params=params), self.test, progress=False)["accuracy"]
+
+    def prune(self, spec: SparsitySpec, method: str | None = None) -> Any:
+        """Prune the dense model to `spec` (with the study's method unless given)."""
+        return prune(self.bundle.params, self.bundle.config, spec, method or self.method, self.calibration,
+                     key=jax.random.key(self.seed))
+
+    def prune_row(self, spec: SparsitySpec, **labels: Any) -> dict[str, Any]:
+        """Prune, evaluate and describe one setting as a table row."""
+        result = self.prune(spec)
+        return labels | {
+            "accuracy": self.evaluate(result.params),
+            "target": spec.targets,
+            "measured": measure_sparsity(result.params)["towers"],
+            "pattern": spec.pattern,
+        }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every study."""
+    parser.add_argument("--model", default="default", help="'default' or a saved model directory")
+    parser.add_argument("--method", default="wanda", choices=METHODS)
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-data", default="shapes-captions", choices=CALIBRATION_SETS)
+    parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N test images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--quick", action="store_true", help="small budgets, for CI")
+
+
+def load_study(args: argparse.Namespace) -> Study:
+    """The dense model (trained on first use if it is the default), calibration data and test split."""
+    bundle = hub.load_model(args.model)
+    samples = min(args.calib_samples, 16) if args.quick else args.calib_samples
+    data = calibration_set(args.calib_data, bundle.tokenizer, samples, args.seed, bundle.config.vision.image_size)
+    calibration = calibration_carry(data, samples, bundle.tokenizer.pad_token_id, bundle.config.vision, args.seed)
+    eval_images = args.eval_images if args.eval_images else (40 if args.quick else None)
+    test = shapes.build_split("test", eval_images, image_size=bundle.config.vision.image_size)
+    return Study(bundle, calibration, test, args.method, args.seed)
+
+
+def machine() -> dict[str, Any]:
+    """When and where a study ran."""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "host": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "platform": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+    }
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table; floats printed with 4 decimals."""
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: str | Path, stem: str, payload: dict[str, Any], markdown: str, figure: Any) -> None:
+    """`<out>/<stem>.json`, `.md` and `.png`, and the table on stdout."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(payload | {"machine": machine()}, indent=2))
+    (out / f"{stem}.md").write_text(markdown)
+    figure.savefig(out / f"{stem}.png", dpi=120, bbox_inches="tight")
+    print(markdown)
+    print(f"wrote {out / stem}.json, .md, .png")

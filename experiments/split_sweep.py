@@ -1,0 +1,73 @@
+"""Where to put sparsity: constant total s_v + s_l, vision share swept from 10% to 90%.
+
+The paper found the equal split best (its figure: 50:50 → 45.0, 10:90 → 0.0, 90:10 → 28.3).
+
+    python experiments/split_sweep.py [--method wanda] [--totals 1.0 1.2] [--out results] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common import Study, add_arguments, load_study, markdown_table, write_outputs  # noqa: E402
+from sparsevlm.pruning import SparsitySpec  # noqa: E402
+
+STEM = "split_sweep"
+
+
+def run(study: Study, totals: list[float], vision_values: list[float]) -> list[dict]:
+    """Accuracy for every valid (total, vision sparsity) split."""
+    rows = []
+    for total in totals:
+        for vision in vision_values:
+            language = round(total - vision, 10)
+            if not 0.0 <= language < 1.0:
+                continue
+            row = study.prune_row(SparsitySpec(vision=vision, language=language), total=total,
+                                  vision=vision, language=language)
+            print(f"total {total:.1f}  vision {vision:.1f}  language {language:.1f}  accuracy {row['accuracy']:.4f}",
+                  flush=True)
+            rows.append(row)
+    return rows
+
+
+def report(rows: list[dict], dense: float | None, method: str) -> tuple[str, object]:
+    """Markdown table and figure."""
+    table = markdown_table(
+        ["total", "vision", "language", "accuracy", "measured vision", "measured language"],
+        [[r["total"], r["vision"], r["language"], r["accuracy"], r["measured"]["vision"], r["measured"]["language"]]
+         for r in rows],
+    )
+    header = f"Split sweep ({method}, unstructured; dense accuracy {dense:.4f})\n\n" if dense is not None else ""
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for total in sorted({r["total"] for r in rows}):
+        points = [(r["vision"], r["accuracy"]) for r in rows if r["total"] == total]
+        axis.plot(*zip(*points), marker="o", label=f"s_v + s_l = {total:.0%}")
+    axis.set_xlabel("vision sparsity s_v")
+    axis.set_ylabel("test accuracy")
+    axis.set_title(f"Constant-sum split sweep ({method})")
+    axis.legend()
+    return header + table, figure
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, run the sweep, write the outputs."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.add_argument("--totals", type=float, nargs="+", default=[1.0, 1.2])
+    args = parser.parse_args(argv)
+    study = load_study(args)
+    vision_values = [0.1, 0.5, 0.9] if args.quick else [round(0.1 * i, 1) for i in range(1, 10)]
+    rows = run(study, args.totals, vision_values)
+    dense = study.bundle.metadata.get("test_accuracy")
+    markdown, figure = report(rows, dense, args.method)
+    write_outputs(args.out, STEM, {"method": args.method, "dense_accuracy": dense, "rows": rows}, markdown, figure)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The paper's studies end to end (quick budgets) on a briefly trained default-architecture model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_reproduce_quick_writes_every_study(trained_model_dir, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "reproduce.py"), "--quick", "--model", trained_model_dir,
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stem in ("split_sweep", "modality", "restoration"):
+        for suffix in (".json", ".md", ".png"):
+            assert (tmp_path / f"{stem}{suffix}").stat().st_size > 0, stem + suffix
+    sweep = json.loads((tmp_path / "split_sweep.json").read_text())["rows"]
+    assert all(abs(r["vision"] + r["language"] - r["total"]) < 1e-9 for r in sweep)
+    assert all(abs(r["measured"]["vision"] - r["vision"]) < 0.01 for r in sweep)
+    modality = json.loads((tmp_path / "modality.json").read_text())["rows"]
+    only_language = [r for r in modality if r["setting"] == "language only"]
+    assert only_language and all(r["measured"]["vision"] == 0.0 for r in only_language)
+    rows = json.loads((tmp_path / "restoration.json").read_text())["rows"]
+    by = {(r["setting"], r["variant"]): r for r in rows}
+    for setting in ("2:4", "70%"):
+        target = by[(setting, "pruned")]["measured"]
+        # SparseLoRA and remasked LoRA keep the pruned sparsity exactly; plain LoRA loses it.
+        for variant in ("SparseLoRA", "SparseLoRA + KL", "LoRA + remask"):
+            assert by[(setting, variant)]["measured"] == target, (setting, variant)
+        assert by[(setting, "LoRA")]["measured"]["language"] < 0.01
+    assert "## restoration" in (tmp_path / "reproduce.md").read_text()
