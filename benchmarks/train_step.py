@@ -7,9 +7,11 @@ Step kinds, all on the same model, batch and data in one run:
 - `sparselora`: the same step in mode sparselora;
 - `sparselora-nokl`: sparselora with KL weight 0 (no dense-teacher forward pass).
 
-Each time is the median of `--repeats` steps after ahead-of-time compilation and `--warmup` untimed
-steps. Memory is XLA's buffer assignment for the compiled step (arguments, outputs, temporaries, peak) and the growth
-of the process's peak RSS while that kind compiled and ran. Prints a table, writes JSON.
+Each kind is compiled ahead of time and run `--warmup` untimed steps; then `--repeats` steps of every
+kind are timed round-robin (so a change in the host's load hits all kinds alike) and the median is
+reported. Memory is XLA's buffer assignment for the compiled step (arguments, outputs, temporaries)
+and the growth of the process's peak RSS over the warm-up steps (compilation excluded). Prints a
+table, writes JSON.
 
     python benchmarks/train_step.py [--batch-size 64] [--repeats 20] [--json results/train_step.json]
     python benchmarks/train_step.py --quick       # batch 8, 2 repeats, 1 warm-up (smoke test)
@@ -18,11 +20,14 @@ of the process's peak RSS while that kind compiled and ran. Prints a table, writ
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import os
 import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -41,9 +46,11 @@ from sparsevlm.train import LoraState, TrainState, batch_arrays, make_optimizer,
 from sparsevlm.tree import count_params
 
 BATCHES = ("vqa", "caption")
-# Smallest expected footprint first: the process's peak RSS only ever grows, so a kind that needs
-# less than one measured before it would show no growth at all.
-STEPS = ("sparselora-nokl", "lora", "sparselora", "full")
+STEPS = ("full", "lora", "sparselora", "sparselora-nokl")
+RESTORE_STEPS = STEPS[1:]
+# Smallest expected footprint first: where the peak RSS cannot be reset, a kind that needs less
+# than one run before it would show no growth at all.
+RUN_ORDER = ("sparselora-nokl", "lora", "sparselora", "full")
 SPARSITY = 0.5
 KL_WEIGHT = 0.1
 FULL = {"batch_size": 64, "repeats": 20, "warmup": 3}
@@ -101,48 +108,69 @@ def step_and_inputs(name: str, setup: Setup) -> tuple[Callable[..., Any], Any, t
 
 
 def xla_memory(compiled: jax.stages.Compiled) -> dict[str, float | None]:
-    """XLA's memory analysis of a compiled step, in MiB (None where this backend does not report a field)."""
+    """XLA's buffer assignment for a compiled step, in MiB; None where the backend does not report it.
+
+    `step_total_mib` = arguments + outputs − aliased + temporaries: what the step needs live at once,
+    at most. XLA's own `peak_memory_in_bytes` is kept as `xla_peak_mib`; on CPU it is only
+    arguments + outputs (no temporaries), so it understates the peak.
+    """
     try:
         stats = compiled.memory_analysis()
     except NotImplementedError:
         stats = None
     fields = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
-              "alias": "alias_size_in_bytes", "temp": "temp_size_in_bytes", "peak": "peak_memory_in_bytes"}
-    memory = {f"{name}_mib": getattr(stats, field, None) for name, field in fields.items()}
-    if memory["peak_mib"] is None and None not in (memory["argument_mib"], memory["output_mib"], memory["temp_mib"]):
-        memory["peak_mib"] = memory["argument_mib"] + memory["output_mib"] - (memory["alias_mib"] or 0) + memory["temp_mib"]
-    return {k: None if v is None else round(v / MIB, 2) for k, v in memory.items()}
+              "alias": "alias_size_in_bytes", "temp": "temp_size_in_bytes", "xla_peak": "peak_memory_in_bytes"}
+    sizes = {name: getattr(stats, field, None) for name, field in fields.items()}
+    parts = [sizes["argument"], sizes["output"], sizes["temp"]]
+    sizes["step_total"] = None if None in parts else sum(parts) - (sizes["alias"] or 0)
+    return {f"{name}_mib": None if size is None else round(size / MIB, 2) for name, size in sizes.items()}
+
+
+def reset_peak_rss() -> bool:
+    """Set the process's peak RSS back to its current RSS (Linux `clear_refs`); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def peak_rss_mib() -> float:
-    """The process's peak resident set size so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """The process's peak resident set size (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / MIB if sys.platform == "darwin" else peak / 1024
 
 
-def measure(name: str, setup: Setup, kind: str, batch_size: int, repeats: int, warmup: int) -> dict[str, Any]:
-    """Median step time, tokens/s and memory of step kind `name` on one batch."""
-    rss_before = peak_rss_mib()
+@dataclasses.dataclass
+class Prepared:
+    """One step kind, compiled and warmed up: its state advances with every call; `row` collects the results."""
+
+    step: jax.stages.Compiled
+    state: Any
+    rest: tuple[Any, ...]
+    row: dict[str, Any]
+    times: list[float] = dataclasses.field(default_factory=list)
+    loss: float = float("nan")
+
+    def run(self) -> float:
+        """One step, waited for; its wall time in seconds."""
+        start = time.perf_counter()
+        self.state, metrics = self.step(self.state, *self.rest)
+        jax.block_until_ready(metrics)
+        seconds = time.perf_counter() - start
+        self.loss = float(metrics["loss"])
+        return seconds
+
+
+def prepare(name: str, setup: Setup, kind: str, batch_size: int, warmup: int) -> Prepared:
+    """Compile step kind `name` for one batch, read its memory figures and run its `warmup` untimed steps."""
     step, state, rest, details = step_and_inputs(name, setup)
     # Compile ahead of time with the real arguments: the executable the jitted step would build on
     # its first call, whose buffer assignment the memory figures come from; the timed calls run it.
     compile_start = time.perf_counter()
-    step = step.lower(state, *rest).compile()
+    compiled = step.lower(state, *rest).compile()
     compile_seconds = time.perf_counter() - compile_start
-    memory = xla_memory(step)
-    for _ in range(warmup):
-        state, metrics = step(state, *rest)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state, metrics = step(state, *rest)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    if not np.isfinite(float(metrics["loss"])):
-        raise FloatingPointError(f"{name} step on {kind} gave a non-finite loss {float(metrics['loss'])}")
-    median = statistics.median(times)
-    return {
+    row = {
         "step": name,
         "batch": kind,
         "batch_size": batch_size,
@@ -150,14 +178,40 @@ def measure(name: str, setup: Setup, kind: str, batch_size: int, repeats: int, w
         "params": count_params(setup.params),
         **details,
         "compile_s": round(compile_seconds, 3),
-        "step_ms_median": round(1000 * median, 2),
-        "step_ms_min": round(1000 * min(times), 2),
-        "step_ms_max": round(1000 * max(times), 2),
-        "tokens_per_s": round(batch_size * setup.sequence_length / median, 1),
-        "examples_per_s": round(batch_size / median, 1),
-        "xla_memory": memory,
-        "peak_rss_growth_mib": round(peak_rss_mib() - rss_before, 1),
+        "xla_memory": xla_memory(compiled),
     }
+    prepared = Prepared(compiled, state, rest, row)
+    # RSS growth over the warm-up steps, compilation excluded. Without the reset it is growth beyond
+    # the process's earlier peak, and 0 when this kind needs less than one run before it.
+    gc.collect()
+    row["rss_peak_reset"] = reset_peak_rss()
+    rss_before = peak_rss_mib()
+    for _ in range(warmup):
+        prepared.run()
+    row["rss_peak_growth_mib"] = round(peak_rss_mib() - rss_before, 1)
+    return prepared
+
+
+def time_interleaved(prepared: Sequence[Prepared], repeats: int) -> list[dict[str, Any]]:
+    """Time `repeats` steps of each kind round-robin, so a change in the host's load hits every kind alike."""
+    for _ in range(repeats):
+        for p in prepared:
+            p.times.append(p.run())
+    rows = []
+    for p in prepared:
+        row = p.row
+        if not np.isfinite(p.loss):
+            raise FloatingPointError(f"{row['step']} step on {row['batch']} gave a non-finite loss {p.loss}")
+        median = statistics.median(p.times)
+        tokens = row["batch_size"] * row["sequence_length"]
+        rows.append(row | {
+            "step_ms_median": round(1000 * median, 2),
+            "step_ms_min": round(1000 * min(p.times), 2),
+            "step_ms_max": round(1000 * max(p.times), 2),
+            "tokens_per_s": round(tokens / median, 1),
+            "examples_per_s": round(row["batch_size"] / median, 1),
+        })
+    return rows
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -177,13 +231,13 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
         return "-" if value is None else f"{value:.0f}"
 
     print(f"{'batch':<8}{'step':<16}{'B':>4}{'seq':>5}{'ms (median)':>13}{'min':>8}{'max':>8}{'tokens/s':>10}"
-          f"{'x full':>8}{'x lora':>8}{'peak MiB':>10}{'temp MiB':>10}{'args MiB':>10}{'RSS +MiB':>10}")
+          f"{'x full':>8}{'x lora':>8}{'step MiB':>10}{'args':>7}{'out':>7}{'temp':>7}{'RSS +MiB':>10}")
     for r in rows:
         memory = r["xla_memory"]
         print(f"{r['batch']:<8}{r['step']:<16}{r['batch_size']:>4}{r['sequence_length']:>5}{r['step_ms_median']:>13}"
               f"{r['step_ms_min']:>8}{r['step_ms_max']:>8}{r['tokens_per_s']:>10}{ratio(r['vs_full']):>8}"
-              f"{ratio(r['vs_lora']):>8}{mib(memory['peak_mib']):>10}{mib(memory['temp_mib']):>10}"
-              f"{mib(memory['argument_mib']):>10}{r['peak_rss_growth_mib']:>10}")
+              f"{ratio(r['vs_lora']):>8}{mib(memory['step_total_mib']):>10}{mib(memory['argument_mib']):>7}"
+              f"{mib(memory['output_mib']):>7}{mib(memory['temp_mib']):>7}{r['rss_peak_growth_mib']:>10}")
 
 
 def positive_int(text: str) -> int:
@@ -199,12 +253,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=positive_int, help=f"default {FULL['batch_size']}")
     parser.add_argument("--repeats", type=positive_int, help=f"timed steps (default {FULL['repeats']})")
-    parser.add_argument("--warmup", type=int, help=f"untimed steps before the timed ones (default {FULL['warmup']})")
+    parser.add_argument("--warmup", type=positive_int,
+                        help=f"untimed steps per kind before the timed ones; RSS is measured over them "
+                             f"(default {FULL['warmup']})")
     parser.add_argument("--batches", nargs="+", choices=BATCHES, default=list(BATCHES),
-                        help="batch kinds the full step runs on")
-    parser.add_argument("--lora-batches", nargs="+", choices=BATCHES, default=["vqa"],
-                        help="batch kinds the LoRA/SparseLoRA steps (and full, for the ratios) run on")
-    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="step kinds to run")
+                        help="batch kinds the full step runs on (default: both)")
+    parser.add_argument("--restore-batches", nargs="+", choices=BATCHES, default=["vqa"],
+                        help=f"batch kinds the restoration steps ({', '.join(RESTORE_STEPS)}) run on, "
+                             "next to full (default: vqa)")
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="step kinds (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help=f"small sizes for a smoke test: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
     parser.add_argument("--json", default="results/train_step.json")
@@ -213,20 +270,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     batch_size = args.batch_size or defaults["batch_size"]
     repeats = args.repeats or defaults["repeats"]
     warmup = defaults["warmup"] if args.warmup is None else args.warmup
-    if warmup < 0:
-        parser.error(f"--warmup {warmup} must be >= 0")
 
     load_before = os.getloadavg()
     rows = []
     for kind in BATCHES:
-        steps = [s for s in STEPS if s in args.steps and (kind in args.lora_batches if s != "full" else
-                                                          kind in args.batches or kind in args.lora_batches)]
-        if not steps:
-            continue
-        setup = build(kind, batch_size)
-        rows += [measure(name, setup, kind, batch_size, repeats, warmup) for name in steps]
-    # Table order: full first, then the restoration steps.
-    rows.sort(key=lambda r: (BATCHES.index(r["batch"]), r["step"] != "full", STEPS.index(r["step"])))
+        wanted = set(RESTORE_STEPS) if kind in args.restore_batches else set()
+        if kind in args.batches or wanted:
+            wanted.add("full")
+        steps = [s for s in RUN_ORDER if s in wanted and s in args.steps]
+        if steps:
+            setup = build(kind, batch_size)
+            rows += time_interleaved([prepare(name, setup, kind, batch_size, warmup) for name in steps], repeats)
+    rows.sort(key=lambda r: (BATCHES.index(r["batch"]), STEPS.index(r["step"])))
     add_ratios(rows)
     print_table(rows)
     out = {

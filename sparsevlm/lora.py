@@ -7,8 +7,10 @@ LoRA factors live in their own tree, `{path: {"a": [r, in], "b": [out, r]}}` nes
 - `sparselora`: (W + s·(B@A)ᵀ)⊙M — merged weights keep exactly the mask's zeros.
 
 (Flax kernels are `[in, out]`, hence the transpose of the PyTorch-layout B@A.) During training
-the effective kernel is computed inside each `Linear` call (`lora_scope`), so a step never holds a
-second full copy of the model's weights outside the layer being computed.
+each `Linear` computes its own output under `lora_scope`, rematerialised (`jax.checkpoint`): the
+SparseLoRA effective kernel exists only while its layer runs, forward or backward, so a step never
+holds a second full copy of the weights. `lora` mode adds the low-rank path s·(x Aᵀ) Bᵀ without
+building a dense update.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from functools import partial
 from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sparsevlm.models.layers import Linear
+from sparsevlm.models.layers import Linear, linear
 from sparsevlm.pruning.masks import flat_masks
 from sparsevlm.tree import flatten, match_rules, unflatten
 
@@ -128,10 +131,24 @@ def lora_scope(lora: PyTree | None, masks: PyTree | None, alpha: float, mode: st
         if path not in factors and path not in kept:
             return next_fun(*args, **kwargs)
         kernel = module.get_variable("params", "kernel")
-        return module.project(args[0], effective_kernel(kernel, kept.get(path), factors.get(path), alpha, mode))
+        bias = module.get_variable("params", "bias") if module.use_bias else None
+        return _adapted_linear(args[0], kernel, bias, kept.get(path), factors.get(path), alpha, mode, module.dtype)
 
     with nn.intercept_methods(interceptor):
         yield
+
+
+@partial(jax.checkpoint, static_argnums=(5, 6, 7))
+def _adapted_linear(x: Array, kernel: Array, bias: Array | None, mask: Array | None,
+                    factors: tuple[Array, Array] | None, alpha: float, mode: str, dtype: Any) -> Array:
+    # Rematerialised: only the inputs are saved for the backward pass, never the effective kernel.
+    if mode == "lora" and factors is not None:
+        base = kernel if mask is None else jnp.where(mask, kernel, jnp.zeros((), kernel.dtype))
+        a, b = factors
+        low_rank = jnp.einsum("...i,ri->...r", x.astype(dtype), a.astype(dtype))
+        update = jnp.einsum("...r,or->...o", low_rank, b.astype(dtype)) * (alpha / a.shape[0])
+        return linear(x, base, bias, dtype) + update
+    return linear(x, effective_kernel(kernel, mask, factors, alpha, mode), bias, dtype)
 
 
 def merge(params: PyTree, lora: PyTree | None, masks: PyTree | None, alpha: float, mode: str) -> PyTree:

@@ -97,15 +97,19 @@ def restore(
     for micro in bar:
         state, metrics = step_fn(state, params, device_masks, batch_arrays(next(stream)))
         if micro % 10 == 0 or micro == micro_steps - 1:
-            record = {k: float(v) for k, v in metrics.items() if k != "tokens"} | {"step": micro}
+            record = {k: float(v) for k, v in metrics.items() if k != "tokens"}
+            record |= {"step": micro // config.grad_accum, "micro_step": micro}
             if not np.isfinite(record["loss"]):
                 raise FloatingPointError(f"non-finite loss {record['loss']} at step {micro}")
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.3f}")
-        if manager is not None and config.checkpoint_every and (micro + 1) % config.checkpoint_every == 0:
-            manager.save(micro + 1, args=ocp.args.StandardSave({"lora": jax.device_get(state.lora)}))
+        done = (micro + 1) // config.grad_accum  # optimizer steps taken
+        if (manager is not None and config.checkpoint_every and (micro + 1) % config.grad_accum == 0
+                and done % config.checkpoint_every == 0):
+            manager.save(done, args=ocp.args.StandardSave({"lora": jax.device_get(state.lora)}))
     if manager is not None:
-        manager.save(micro_steps, args=ocp.args.StandardSave({"lora": jax.device_get(state.lora)}), force=True)
+        if manager.latest_step() != config.steps:
+            manager.save(config.steps, args=ocp.args.StandardSave({"lora": jax.device_get(state.lora)}), force=True)
         manager.wait_until_finished()
         manager.close()
     lora = jax.device_get(state.lora)

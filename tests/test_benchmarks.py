@@ -47,3 +47,44 @@ def test_prune_benchmark_quick_on_a_saved_model(tiny_bundle, tmp_path):
         elif r["pattern"] != "-":
             assert r["shape"] == [512, 512] and r["kept_fraction"] == 0.5
     assert "median s" in proc.stdout and "sparsegpt" in proc.stdout
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_quick_compares_full_lora_and_sparselora(tmp_path):
+    out = tmp_path / "train_step.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train_step.py"), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "train_step" and report["quick"] is True
+    assert {"platform", "device", "cpu_count", "jax", "jaxlib", "flax", "numpy"} <= set(report)
+    assert set(report["load_average_1m"]) == {"start", "end"}
+    rows = {(r["batch"], r["step"]): r for r in report["results"]}
+    restore_steps = ("lora", "sparselora", "sparselora-nokl")
+    assert set(rows) == {("vqa", "full"), ("caption", "full")} | {("vqa", s) for s in restore_steps}
+    for r in rows.values():
+        assert 0 < r["step_ms_min"] <= r["step_ms_median"] <= r["step_ms_max"]
+        assert r["tokens_per_s"] > 0 and r["compile_s"] > 0
+        memory = r["xla_memory"]
+        for field in ("argument_mib", "output_mib", "temp_mib", "step_total_mib"):
+            assert memory[field] > 0, (r["step"], field)
+        assert memory["step_total_mib"] == pytest.approx(
+            memory["argument_mib"] + memory["output_mib"] - memory["alias_mib"] + memory["temp_mib"], abs=0.05)
+        assert r["rss_peak_growth_mib"] >= 0
+    full = rows["vqa", "full"]
+    assert full["trainable_params"] == full["params"] and full["vs_full"] == 1.0
+    assert rows["vqa", "lora"]["vs_lora"] == 1.0 and rows["caption", "full"]["vs_lora"] is None
+    assert {(rows["vqa", s]["mode"], rows["vqa", s]["kl_weight"]) for s in restore_steps} == {
+        ("lora", 0.1), ("sparselora", 0.1), ("sparselora", 0.0)}
+    for step in restore_steps:
+        r = rows["vqa", step]
+        assert 0 < r["trainable_params"] < r["params"] and r["sparsity"] == 0.5
+        assert r["vs_lora"] == pytest.approx(r["step_ms_median"] / rows["vqa", "lora"]["step_ms_median"], abs=1e-3)
+        assert r["vs_full"] == pytest.approx(r["step_ms_median"] / full["step_ms_median"], abs=1e-3)
+        # The full step carries and returns AdamW moments for every param; restoration only for LoRA factors.
+        assert r["xla_memory"]["argument_mib"] < full["xla_memory"]["argument_mib"]
+        assert r["xla_memory"]["output_mib"] < full["xla_memory"]["output_mib"]
+    assert "x lora" in proc.stdout and "sparselora-nokl" in proc.stdout

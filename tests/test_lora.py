@@ -168,3 +168,17 @@ def test_restore_config_rejects_bad_values():
     ]:
         with pytest.raises(ValueError, match=message):
             dataclasses.replace(RestoreConfig(), **kwargs)
+
+
+def test_bf16_and_gradient_accumulation_train_and_keep_the_pattern(tiny_bundle, pruned, tmp_path):
+    config = RestoreConfig(steps=2, warmup_steps=0, batch_size=4, grad_accum=2, train_images=8, bf16=True,
+                           checkpoint_every=1)
+    result = restore(tiny_bundle.params, pruned.masks, tiny_bundle.config, tiny_bundle.tokenizer, config,
+                     checkpoint_dir=tmp_path / "ckpt", progress=False)
+    assert [h["micro_step"] for h in result.history] == [0, 3]  # 2 optimizer steps × 2 micro-batches
+    assert all(np.isfinite(h["loss"]) for h in result.history)
+    assert all(v.dtype == np.float32 for v in jax.tree.leaves(result.lora))
+    masks = {p: m for p, m in flatten(pruned.masks).items() if m is not None}
+    merged = flatten(result.params)
+    assert all((merged[p][~m] == 0).all() for p, m in masks.items())
+    assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == [1, 2]

@@ -36,6 +36,12 @@ def make_norm(kind: str, eps: float, name: str, dtype: Dtype = jnp.float32) -> n
     raise ValueError(f"norm {kind!r} is not supported; allowed: layernorm, rmsnorm")
 
 
+def linear(x: Array, kernel: Array, bias: Array | None, dtype: Dtype) -> Array:
+    """`x @ kernel (+ bias)` computed in `dtype`, for a Flax `[in, out]` kernel."""
+    y = jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype))
+    return y if bias is None else y + bias.astype(dtype)
+
+
 class Linear(nn.Module):
     """`y = x @ kernel (+ bias)` with a Flax `[in, out]` kernel; the one place every prunable weight lives."""
 
@@ -47,15 +53,8 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-        return self.project(x, kernel)
-
-    def project(self, x: Array, kernel: Array) -> Array:
-        """`x @ kernel (+ bias)` with a given kernel (LoRA/SparseLoRA substitute an effective one)."""
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-            y = y + bias.astype(self.dtype)
-        return y
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
+        return linear(x, kernel, bias, self.dtype)
 
 
 def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
