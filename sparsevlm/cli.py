@@ -94,6 +94,10 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-accum", type=_positive_int, default=defaults.grad_accum)
     p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    p.add_argument("--vision-rank", type=_positive_int, default=defaults.vision_rank, help="LoRA rank (paper: 4)")
+    p.add_argument("--connector-rank", type=_positive_int, default=defaults.connector_rank, help="(paper: 2)")
+    p.add_argument("--language-rank", type=_positive_int, default=defaults.language_rank, help="(paper: 8)")
+    p.add_argument("--alpha", type=float, default=defaults.alpha, help="LoRA scale numerator (scale = alpha / r)")
     p.add_argument("--train-data", default=defaults.train_data, choices=CALIBRATION_SETS)
     p.add_argument("--train-images", type=_positive_int, default=defaults.train_images)
     p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (params and LoRA stay float32)")
@@ -223,7 +227,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         method=args.method, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, kl_weight=args.kl_weight,
         temperature=args.temperature, train_data=args.train_data, train_images=args.train_images,
-        bf16=args.bf16, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        bf16=args.bf16, checkpoint_every=args.checkpoint_every, seed=args.seed, vision_rank=args.vision_rank,
+        connector_rank=args.connector_rank, language_rank=args.language_rank, alpha=args.alpha,
     )
     out = Path(args.out)
     _check_out(out, args.force)

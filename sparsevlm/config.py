@@ -224,6 +224,8 @@ class RestoreConfig:
             raise ValueError(f"temperature={self.temperature} must be > 0")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 0")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha={self.alpha} must be > 0")
 
 
 T = TypeVar("T")

@@ -96,11 +96,19 @@ def restore(
     bar = tqdm(range(micro_steps), desc=f"restore ({config.method})", disable=not progress, mininterval=1.0)
     for micro in bar:
         state, metrics = step_fn(state, params, device_masks, batch_arrays(next(stream)))
+        # Checked every step (one scalar sync), so no checkpoint is written after a bad step.
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            last = manager.latest_step() if manager is not None else None
+            kept = f"; the last good checkpoint is step {last} in {checkpoint_dir}" if last is not None else ""
+            raise FloatingPointError(
+                f"non-finite {'loss' if not np.isfinite(loss) else 'gradient norm'} "
+                f"{loss if not np.isfinite(loss) else grad_norm} at step {micro // config.grad_accum} "
+                f"(micro-batch {micro}){kept}"
+            )
         if micro % 10 == 0 or micro == micro_steps - 1:
             record = {k: float(v) for k, v in metrics.items() if k != "tokens"}
             record |= {"step": micro // config.grad_accum, "micro_step": micro}
-            if not np.isfinite(record["loss"]):
-                raise FloatingPointError(f"non-finite loss {record['loss']} at step {micro}")
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.3f}")
         done = (micro + 1) // config.grad_accum  # optimizer steps taken

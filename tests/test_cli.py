@@ -198,6 +198,8 @@ def test_restore_reports_accuracy_and_measured_sparsity(pruned_dir, tmp_path, me
         (["--method", "lora", "--kl-weight", "1.5"], "kl_weight=1.5 must be in [0, 1]"),
         (["--method", "lora", "--temperature", "0"], "temperature=0.0 must be > 0"),
         (["--method", "lora", "--steps", "0"], "'0' must be a positive integer"),
+        (["--method", "lora", "--language-rank", "0"], "argument --language-rank: '0' must be a positive integer"),
+        (["--method", "lora", "--alpha", "-1"], "alpha=-1.0 must be > 0"),
     ],
 )
 def test_restore_rejects_bad_input_and_writes_nothing(flags, message, saved_model, tmp_path, capsys):

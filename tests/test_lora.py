@@ -155,7 +155,7 @@ def test_non_finite_loss_stops_with_the_step(tiny_bundle, pruned):
     broken = dict(flatten(tiny_bundle.params))
     broken["language/norm/scale"] = np.full_like(broken["language/norm/scale"], np.nan)
     config = RestoreConfig(steps=3, warmup_steps=0, batch_size=4, train_images=8)
-    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 0"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 0 \(micro-batch 0\)"):
         restore(unflatten(broken), pruned.masks, tiny_bundle.config, tiny_bundle.tokenizer, config, progress=False)
 
 
@@ -182,3 +182,18 @@ def test_bf16_and_gradient_accumulation_train_and_keep_the_pattern(tiny_bundle, 
     merged = flatten(result.params)
     assert all((merged[p][~m] == 0).all() for p, m in masks.items())
     assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == [1, 2]
+
+
+def test_divergence_stops_training_and_keeps_only_finite_checkpoints(tiny_bundle, pruned, tmp_path):
+    config = RestoreConfig(steps=40, warmup_steps=0, batch_size=4, train_images=8, learning_rate=1e30,
+                           grad_clip=1e30, checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match=r"non-finite .* at step \d+ .*the last good checkpoint is step \d+"):
+        restore(tiny_bundle.params, pruned.masks, tiny_bundle.config, tiny_bundle.tokenizer, config,
+                checkpoint_dir=tmp_path / "ckpt", progress=False)
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(tmp_path / "ckpt")
+    step = manager.latest_step()
+    assert step is not None and step < 40
+    saved = manager.restore(step, args=ocp.args.StandardRestore())
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(saved))
