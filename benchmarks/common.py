@@ -35,3 +35,10 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2))
     print(f"wrote {path}")
+
+
+def write_results(path: str | os.PathLike, payload: dict[str, Any], load_before: float) -> None:
+    """`payload` with the machine and the host's 1-minute load average at start and end, as JSON."""
+    # Other processes on the host inflate timings: compare the load with cpu_count before trusting them.
+    load = {"load_average_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)}}
+    write_json(path, payload | machine() | load)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import machine, write_json
+from common import write_results
 from sparsevlm.checkpoint import ModelBundle
 from sparsevlm.data.calibration import calibration_set
 from sparsevlm.hub import load_model
@@ -244,12 +244,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "repeats": repeats,
         "warmup": 1,
         "quick": args.quick,
-        **machine(),
-        # Other processes on the host inflate timings: compare these with cpu_count before trusting them.
-        "load_average_1m": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
         "results": rows,
     }
-    write_json(args.json, out)
+    write_results(args.json, out, load_before[0])
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from common import machine, write_json
+from common import write_results
 from sparsevlm.config import RestoreConfig, default_vlm_config
 from sparsevlm.data import shapes
 from sparsevlm.data.batch import encode_vqa, iterate_batches
@@ -290,12 +290,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "repeats": repeats,
         "warmup": warmup,
         "quick": args.quick,
-        **machine(),
-        # Other processes on the host inflate timings: compare these with cpu_count before trusting them.
-        "load_average_1m": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
         "results": rows,
     }
-    write_json(args.json, out)
+    write_results(args.json, out, load_before[0])
 
 
 if __name__ == "__main__":
