@@ -11,7 +11,6 @@ from sparsevlm.data.calibration import calibration_set
 from sparsevlm.models.vlm import calibration_stages
 from sparsevlm.pruning import Pattern, SparsitySpec, prune_layer, uniform_ratios
 from sparsevlm.pruning.calibrate import calibration_carry, prune_blockwise
-from sparsevlm.pruning.criteria import LayerStats
 from sparsevlm.pruning.sparsegpt import sparsegpt
 from sparsevlm.tree import flatten
 
