@@ -10,19 +10,13 @@ runs both on the default model for Wanda and SparseGPT at several sparsities and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
 
-import jax
-
-from sparsevlm import hub
-from sparsevlm.data import shapes
-from sparsevlm.data.calibration import CALIBRATION_SETS, calibration_set
-from sparsevlm.eval.evaluate import evaluate_vqa
-from sparsevlm.pruning import SparsitySpec, measure_sparsity, prune
-from sparsevlm.pruning.calibrate import CALIBRATION_MODES, calibration_carry
+from common import Study, add_arguments, load_study, machine
+from sparsevlm.pruning import SparsitySpec, measure_sparsity
+from sparsevlm.pruning.calibrate import CALIBRATION_MODES
 
 SPECS = {
     "both 50%": SparsitySpec.same(0.5),
@@ -32,23 +26,18 @@ SPECS = {
 }
 
 
-def run(model: str, calib_samples: int, calib_data: str, eval_images: int | None, seed: int) -> list[dict]:
+def run(study: Study) -> list[dict]:
     """Accuracy of every (method, spec, calibration mode) on the test split."""
-    bundle = hub.load_model(model)
-    data = calibration_set(calib_data, bundle.tokenizer, calib_samples, seed, bundle.config.vision.image_size)
-    calib = calibration_carry(data, calib_samples, bundle.tokenizer.pad_token_id, bundle.config.vision, seed)
-    test = shapes.build_split("test", eval_images, image_size=bundle.config.vision.image_size)
     rows = []
     for method in ("wanda", "sparsegpt"):
         for name, spec in SPECS.items():
             for mode in CALIBRATION_MODES:
-                result = prune(bundle.params, bundle.config, spec, method, calib, mode, key=jax.random.key(seed))
-                accuracy = evaluate_vqa(dataclasses.replace(bundle, params=result.params), test, progress=False)
+                result = study.prune(spec, method, mode)
                 rows.append({
-                    "method": method, "setting": name, "mode": mode, "accuracy": accuracy["accuracy"],
+                    "method": method, "setting": name, "mode": mode, "accuracy": study.evaluate(result.params),
                     "measured": measure_sparsity(result.params)["towers"], "prune_seconds": round(result.seconds, 2),
                 })
-                print(f"{method:<9} {name:<13} {mode:<10} accuracy {accuracy['accuracy']:.4f}", flush=True)
+                print(f"{method:<9} {name:<13} {mode:<10} accuracy {rows[-1]['accuracy']:.4f}", flush=True)
     return rows
 
 
@@ -67,24 +56,20 @@ def to_markdown(rows: list[dict], dense_accuracy: float | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Parse flags, run, write `calibration_mode.json` and `.md`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--calib-samples", type=int, default=128)
-    parser.add_argument("--calib-data", default=CALIBRATION_SETS[0], choices=CALIBRATION_SETS)
-    parser.add_argument("--eval-images", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results")
-    args = parser.parse_args()
+    add_arguments(parser)  # --method is ignored: both calibrated methods are compared
+    args = parser.parse_args(argv)
     started = time.perf_counter()
-    rows = run(args.model, args.calib_samples, args.calib_data, args.eval_images, args.seed)
-    dense_accuracy = hub.load_model(args.model).metadata.get("test_accuracy")
+    study = load_study(args)
+    rows = run(study)
+    dense_accuracy = study.bundle.metadata.get("test_accuracy")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"model": args.model, "calib_samples": args.calib_samples, "calib_data": args.calib_data,
                "seed": args.seed, "dense_accuracy": dense_accuracy, "rows": rows,
-               "seconds": round(time.perf_counter() - started, 1)}
+               "seconds": round(time.perf_counter() - started, 1), "machine": machine()}
     (out / "calibration_mode.json").write_text(json.dumps(payload, indent=2))
     markdown = to_markdown(rows, dense_accuracy)
     (out / "calibration_mode.md").write_text(markdown)

@@ -37,10 +37,10 @@ class Study:
         """Test accuracy of `params` (same architecture as the dense model)."""
         return evaluate_vqa(dataclasses.replace(self.bundle, params=params), self.test, progress=False)["accuracy"]
 
-    def prune(self, spec: SparsitySpec, method: str | None = None) -> Any:
+    def prune(self, spec: SparsitySpec, method: str | None = None, mode: str = "sequential") -> Any:
         """Prune the dense model to `spec` (with the study's method unless given)."""
         return prune(self.bundle.params, self.bundle.config, spec, method or self.method, self.calibration,
-                     key=jax.random.key(self.seed))
+                     mode, key=jax.random.key(self.seed))
 
     def prune_row(self, spec: SparsitySpec, **labels: Any) -> dict[str, Any]:
         """Prune, evaluate and describe one setting as a table row."""

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sparsevlm.config import VLMConfig
 from sparsevlm.data.tokenize import tokenizer_from_json, tokenizer_to_json
+from sparsevlm.pruning.masks import flat_masks, masks_from_flat
 from sparsevlm.tree import flatten, unflatten
 
 PyTree = Any
@@ -75,7 +76,7 @@ def save_model(path: str | os.PathLike, bundle: ModelBundle, overwrite: bool = F
         )
         if bundle.masks is not None:
             # Only the pruned leaves are stored; None leaves are rebuilt from the params on load.
-            pruned = {path: np.asarray(m, bool) for path, m in flatten(bundle.masks).items() if m is not None}
+            pruned = {path: np.asarray(m, bool) for path, m in flat_masks(bundle.masks).items()}
             items["masks"] = ocp.args.StandardSave(unflatten(pruned))
         manager.save(0, args=ocp.args.Composite(**items))
         manager.wait_until_finished()
@@ -114,11 +115,7 @@ def load_model_dir(path: str | os.PathLike) -> ModelBundle:
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     manager.close()
     params = jax.tree.map(np.asarray, restored["params"])
-    masks = None
-    if has_masks:
-        flat_params = flatten(params)
-        pruned = {p: np.asarray(m, bool) for p, m in flatten(restored["masks"]).items()}
-        masks = unflatten({p: pruned.get(p) for p in flat_params})
+    masks = masks_from_flat(params, flatten(restored["masks"])) if has_masks else None
     return ModelBundle(
         config=VLMConfig.from_dict(restored["config"]),
         params=params,

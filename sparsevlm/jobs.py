@@ -14,6 +14,7 @@ from sparsevlm.data.calibration import calibration_set
 from sparsevlm.eval.evaluate import evaluate_vqa
 from sparsevlm.pruning import SparsitySpec, apply_masks, measure_sparsity, prune
 from sparsevlm.pruning.calibrate import calibration_carry
+from sparsevlm.pruning.prune import NEEDS_CALIBRATION
 from sparsevlm.restore import restore, teacher_base
 
 
@@ -34,7 +35,7 @@ def prune_job(
     `source` (the dense model's directory) is recorded so restoration can find its dense teacher.
     """
     calibration = None
-    if method in ("wanda", "sparsegpt"):
+    if method in NEEDS_CALIBRATION:
         data = calibration_set(calib_data, bundle.tokenizer, calib_samples, seed, bundle.config.vision.image_size)
         calibration = calibration_carry(data, calib_samples, bundle.tokenizer.pad_token_id, bundle.config.vision, seed)
     result = prune(

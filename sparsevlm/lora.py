@@ -164,22 +164,12 @@ def merge(params: PyTree, lora: PyTree | None, masks: PyTree | None, alpha: floa
     return unflatten(flat)
 
 
-def check_masks_match(params: PyTree, masks: PyTree) -> None:
-    """A clear error unless every mask names an existing kernel of the same shape."""
-    flat = flatten(params)
-    for path, mask in flat_masks(masks).items():
-        if path not in flat:
-            raise ValueError(f"mask for {path!r} names no param of this model")
-        if tuple(mask.shape) != tuple(flat[path].shape):
-            raise ValueError(f"mask for {path} has shape {tuple(mask.shape)}, the kernel {tuple(flat[path].shape)}")
-
-
 def lora_param_count(lora: PyTree) -> int:
     """Number of trainable LoRA scalars."""
     return sum(int(v.size) for v in flatten(lora).values())
 
 
 __all__: Sequence[str] = [
-    "MODES", "LoraConfig", "check_masks_match", "effective_kernel", "init_lora", "lora_param_count",
+    "MODES", "LoraConfig", "effective_kernel", "init_lora", "lora_param_count",
     "lora_scope", "lora_targets", "merge",
 ]

@@ -19,7 +19,8 @@ from sparsevlm.config import RestoreConfig, VLMConfig
 from sparsevlm.data.batch import endless_batches
 from sparsevlm.data.calibration import calibration_set
 from sparsevlm.eval.evaluate import round_up
-from sparsevlm.lora import LoraConfig, check_masks_match, init_lora, lora_param_count, merge
+from sparsevlm.lora import LoraConfig, init_lora, lora_param_count, merge
+from sparsevlm.pruning.masks import check_masks
 from sparsevlm.models.vlm import VLM
 from sparsevlm.train import LoraState, batch_arrays, make_optimizer, make_restore_step
 
@@ -47,7 +48,7 @@ def teacher_base(pruned: PyTree, masks: PyTree, dense: PyTree) -> PyTree:
     Masking them gives the pruned model back exactly; unmasked they are the dense teacher (for
     SparseGPT, the dense model with its kept weights already error-compensated).
     """
-    check_masks_match(dense, masks)
+    check_masks(dense, masks)
     return jax.tree.map(
         lambda mask, kept, original: kept if mask is None else np.where(mask, kept, original),
         masks, pruned, dense, is_leaf=lambda x: x is None,
@@ -64,7 +65,7 @@ def restore(
     progress: bool = True,
 ) -> RestoreResult:
     """Train LoRA factors on built-in data; returns them and the merged params (masked per the mode)."""
-    check_masks_match(base_params, masks)
+    check_masks(base_params, masks)
     lora_cfg = lora_config(config)
     key = jax.random.key(config.seed)
     lora = init_lora(base_params, lora_cfg, key)
@@ -97,7 +98,7 @@ def restore(
     for micro in bar:
         state, metrics = step_fn(state, params, device_masks, batch_arrays(next(stream)))
         # Checked every step (one scalar sync), so no checkpoint is written after a bad step.
-        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        loss, grad_norm = (float(x) for x in jax.device_get((metrics["loss"], metrics["grad_norm"])))
         if not (np.isfinite(loss) and np.isfinite(grad_norm)):
             last = manager.latest_step() if manager is not None else None
             kept = f"; the last good checkpoint is step {last} in {checkpoint_dir}" if last is not None else ""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,25 +42,30 @@ def tower_of(path: str) -> str:
     return path.split("/", 1)[0]
 
 
-def masks_from_flat(params: PyTree, flat_masks: Mapping[str, Any]) -> PyTree:
-    """A full mask tree (None where not pruned) from `{path: bool array}`."""
+def _check_flat(flat_params: Mapping[str, Any], pruned: Mapping[str, Any]) -> None:
+    for path, mask in pruned.items():
+        if path not in flat_params:
+            raise ValueError(f"mask for {path!r} names no param of this model")
+        if tuple(mask.shape) != tuple(flat_params[path].shape):
+            raise ValueError(f"mask for {path} has shape {tuple(mask.shape)}, the kernel {tuple(flat_params[path].shape)}")
+
+
+def masks_from_flat(params: PyTree, pruned: Mapping[str, Any]) -> PyTree:
+    """A full mask tree (None where not pruned) from `{path: bool array}`; a clear error if they disagree."""
     flat_params = flatten(params)
-    unknown = sorted(set(flat_masks) - set(flat_params))
-    if unknown:
-        raise ValueError(f"masks name params that do not exist: {unknown[:5]}")
-    masks = {}
-    for path, value in flat_params.items():
-        mask = flat_masks.get(path)
-        if mask is not None:
-            chex.assert_equal_shape([mask, value])
-            mask = np.asarray(mask, bool) if isinstance(mask, np.ndarray) else mask.astype(bool)
-        masks[path] = mask
-    return unflatten(masks)
+    _check_flat(flat_params, pruned)
+    as_bool = {p: np.asarray(m, bool) if isinstance(m, np.ndarray) else m.astype(bool) for p, m in pruned.items()}
+    return unflatten({path: as_bool.get(path) for path in flat_params})
 
 
 def flat_masks(masks: PyTree) -> dict[str, Any]:
     """`{path: bool array}` for the pruned leaves of a mask tree."""
     return {path: m for path, m in flatten(masks).items() if m is not None}
+
+
+def check_masks(params: PyTree, masks: PyTree) -> None:
+    """A clear error unless every mask names an existing kernel of the same shape."""
+    _check_flat(flatten(params), flat_masks(masks))
 
 
 def _is_none(x: Any) -> bool:
