@@ -76,24 +76,53 @@ class VisionConfig:
         return self.num_patches + int(self.use_cls_token and not self.drop_cls_token)
 
 
+CONNECTORS = ("mlp", "qformer")
+
+
 @dataclasses.dataclass(frozen=True)
 class ConnectorConfig:
-    """LLaVA-style MLP projector from vision width to language width."""
+    """Vision → language connector: a LLaVA MLP projector or a BLIP-2 / InstructBLIP Q-Former.
+
+    The Q-Former fields are used only when `kind == "qformer"`; its output goes through a linear
+    projection to the language width (HF `language_projection`), which belongs to the connector.
+    """
 
     kind: str = "mlp"
-    hidden_dim: int = 256
+    hidden_dim: int = 256  # mlp: hidden width
     act: str = "gelu"
+    num_query_tokens: int = 32
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    cross_attention_frequency: int = 2  # a cross-attention to the image every N layers (layer i: i % N == 0)
+    norm_eps: float = 1e-12
+    reads_text: bool = False  # InstructBLIP: the queries also attend to the instruction tokens
+    text_vocab_size: int = 30522  # the Q-Former's own (BERT) vocabulary, when it reads text
+    text_max_positions: int = 512
+    text_pad_id: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("connector.kind", self.kind, ("mlp",))
+        _check_choice("connector.kind", self.kind, CONNECTORS)
         _check_positive("connector.hidden_dim", self.hidden_dim)
         _check_choice("connector.act", self.act, ACTIVATIONS)
+        if self.kind == "qformer":
+            for name in ("num_query_tokens", "width", "depth", "num_heads", "mlp_dim", "cross_attention_frequency"):
+                _check_positive(f"connector.{name}", getattr(self, name))
+            if self.width % self.num_heads:
+                raise ValueError(
+                    f"connector.width={self.width} is not divisible by connector.num_heads={self.num_heads}"
+                )
+
+
+LANGUAGE_ARCHS = ("llama", "opt", "t5")
 
 
 @dataclasses.dataclass(frozen=True)
 class LanguageConfig:
-    """Llama-style decoder: RMSNorm, rotary positions, SwiGLU, grouped-query attention."""
+    """Language model: a Llama-style decoder (RMSNorm, rotary, SwiGLU, GQA), OPT, or T5 (`arch`)."""
 
+    arch: str = "llama"
     vocab_size: int = 128
     width: int = 256
     depth: int = 4
@@ -111,6 +140,7 @@ class LanguageConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len"):
             _check_positive(f"language.{name}", getattr(self, name))
+        _check_choice("language.arch", self.arch, LANGUAGE_ARCHS)
         _check_choice("language.act", self.act, ACTIVATIONS)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
@@ -126,6 +156,9 @@ class LanguageConfig:
         return self.head_dim if self.head_dim is not None else self.width // self.num_heads
 
 
+FAMILIES = ("llava", "blip2", "instructblip")
+
+
 @dataclasses.dataclass(frozen=True)
 class VLMConfig:
     """A LLaVA-style VLM: vision tower, connector, language model."""
@@ -134,9 +167,21 @@ class VLMConfig:
     connector: ConnectorConfig = dataclasses.field(default_factory=ConnectorConfig)
     language: LanguageConfig = dataclasses.field(default_factory=LanguageConfig)
     family: str = "llava"
+    # Where image tokens go: None puts them before the text (the built-in model); an id makes
+    # them replace, in order, the prompt positions holding that token (HF LLaVA / BLIP-2 / InstructBLIP).
+    image_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("family", self.family, ("llava",))
+        _check_choice("family", self.family, FAMILIES)
+        if self.family != "llava" and self.connector.kind != "qformer":
+            raise ValueError(f"family={self.family!r} needs a qformer connector, not {self.connector.kind!r}")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens handed to the language model per image."""
+        if self.connector.kind == "qformer":
+            return self.connector.num_query_tokens
+        return self.vision.num_features
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""

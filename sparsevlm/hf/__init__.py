@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints ↔ the Flax VLM: configs, safetensors, name rules per family."""
