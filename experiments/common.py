@@ -17,6 +17,7 @@ from sparsevlm import hub
 from sparsevlm.checkpoint import ModelBundle
 from sparsevlm.data import shapes
 from sparsevlm.data.calibration import CALIBRATION_SETS, calibration_set
+from sparsevlm.data.prompts import bundle_format
 from sparsevlm.eval.evaluate import evaluate_vqa
 from sparsevlm.models.stages import Carry
 from sparsevlm.pruning import METHODS, SparsitySpec, measure_sparsity, prune
@@ -69,7 +70,8 @@ def load_study(args: argparse.Namespace) -> Study:
     """The dense model (trained on first use if it is the default), calibration data and test split."""
     bundle = hub.load_model(args.model)
     samples = min(args.calib_samples, 16) if args.quick else args.calib_samples
-    data = calibration_set(args.calib_data, bundle.tokenizer, samples, args.seed, bundle.config.vision.image_size)
+    data = calibration_set(args.calib_data, bundle.tokenizer, samples, args.seed, bundle.config.vision.image_size,
+                           bundle_format(bundle.metadata))
     calibration = calibration_carry(data, samples, bundle.tokenizer.pad_token_id, bundle.config.vision, args.seed)
     eval_images = args.eval_images if args.eval_images else (40 if args.quick else None)
     test = shapes.build_split("test", eval_images, image_size=bundle.config.vision.image_size)

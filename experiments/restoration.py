@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 from common import Study, add_arguments, load_study, markdown_table, write_outputs  # noqa: E402
 from sparsevlm.config import RestoreConfig  # noqa: E402
 from sparsevlm.data.calibration import CALIBRATION_SETS  # noqa: E402
+from sparsevlm.data.prompts import bundle_format  # noqa: E402
 from sparsevlm.pruning import SparsitySpec, apply_masks, measure_sparsity  # noqa: E402
 from sparsevlm.restore import restore, teacher_base  # noqa: E402
 
@@ -52,7 +53,7 @@ def run(study: Study, config: RestoreConfig) -> list[dict]:
             run_config = dataclasses.replace(config, method=method, kl_weight=kl_weight)
             started = time.perf_counter()
             result = restore(base, pruned.masks, study.bundle.config, study.bundle.tokenizer, run_config,
-                             progress=False)
+                             progress=False, fmt=bundle_format(study.bundle.metadata))
             trained[variant] = (result.params, time.perf_counter() - started)
         add("LoRA", *trained["LoRA"])
         add("LoRA + remask", apply_masks(trained["LoRA"][0], pruned.masks), trained["LoRA"][1])

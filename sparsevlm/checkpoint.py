@@ -30,6 +30,8 @@ class ModelBundle:
     """Everything needed to run a model: config, param tree, tokenizer, metadata and, once pruned, masks.
 
     `masks` is a tree like `params` with a boolean keep-mask for every pruned kernel and None elsewhere.
+    `processor` is the HF processor of a model loaded from a Hugging Face checkpoint (its files are
+    kept in `metadata["hf"]`, so it survives a save and load).
     """
 
     config: VLMConfig
@@ -37,6 +39,7 @@ class ModelBundle:
     tokenizer: PreTrainedTokenizerBase
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     masks: PyTree | None = None
+    processor: Any = None
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
@@ -116,12 +119,21 @@ def load_model_dir(path: str | os.PathLike) -> ModelBundle:
     manager.close()
     params = jax.tree.map(np.asarray, restored["params"])
     masks = masks_from_flat(params, flatten(restored["masks"])) if has_masks else None
+    metadata = dict(restored["metadata"] or {})
+    processor = None
+    tokenizer = None
+    if "hf" in metadata:
+        from sparsevlm.hf.load import processor_from_files
+
+        processor = processor_from_files(metadata["hf"]["processor_files"])
+        tokenizer = processor.tokenizer
     return ModelBundle(
         config=VLMConfig.from_dict(restored["config"]),
         params=params,
-        tokenizer=tokenizer_from_json(restored["tokenizer"]["tokenizer_json"]),
-        metadata=dict(restored["metadata"] or {}),
+        tokenizer=tokenizer or tokenizer_from_json(restored["tokenizer"]["tokenizer_json"]),
+        metadata=metadata,
         masks=masks,
+        processor=processor,
     )
 
 

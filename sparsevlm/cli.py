@@ -62,7 +62,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     from sparsevlm.pruning.patterns import PATTERN_HELP
 
     p = sub.add_parser("prune", help="prune a model and save it with its masks and a report")
-    p.add_argument("--model", required=True, help="'default' or a saved model directory")
+    p.add_argument("--model", required=True, help="'default', a saved model directory, or an HF checkpoint (dir or hub name)")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--pattern", default="unstructured", help=PATTERN_HELP)
     p.add_argument("--vision-sparsity", type=_sparsity, default=0.0, help="fraction of vision weights pruned")
@@ -110,9 +110,11 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write model.safetensors + config.json")
+    p = sub.add_parser("export", help="write model.safetensors + config.json (HF format for HF-loaded models)")
     p.add_argument("--model", required=True, help="'default' or a saved model directory")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="HF export dtype (default: as stored)")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="write into an existing non-empty directory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,7 +183,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune a model; save it with masks and `report.json`."""
     from sparsevlm import hub
-    from sparsevlm.checkpoint import load_model_dir, save_model
+    from sparsevlm.checkpoint import save_model
     from sparsevlm.jobs import prune_job
     from sparsevlm.pruning import SparsitySpec
 
@@ -197,7 +199,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out(out, args.force)
     source = hub.resolve_model_path(args.model)
-    bundle = load_model_dir(source)
+    bundle = hub.load_model(str(source))
     pruned, report = prune_job(
         bundle, spec, args.method, args.calib_samples, args.calib_data, args.calibration_mode,
         args.seed, args.eval_images, source=str(source),
@@ -254,8 +256,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sparsevlm import hub
     from sparsevlm.checkpoint import export_safetensors
 
-    out = export_safetensors(hub.load_model(args.model), args.out)
-    print(f"exported to {out}")
+    _check_out(Path(args.out), args.force)
+    bundle = hub.load_model(args.model)
+    if "hf" in bundle.metadata:
+        from sparsevlm.hf.load import export_hf
+
+        out = export_hf(bundle, args.out, args.dtype)
+        print(f"exported in Hugging Face format ({bundle.metadata['hf']['config']['model_type']}) to {out}")
+    else:
+        out = export_safetensors(bundle, args.out)
+        print(f"exported to {out}")
     return 0
 
 

@@ -1,4 +1,8 @@
-"""Resolve a model name or path: `default` (trained on first use) or a saved model directory."""
+"""Resolve a model name or path: `default` (trained on first use), a saved model directory, or an HF checkpoint.
+
+HF checkpoints are a local directory with `config.json` + safetensors, or a hub name such as
+`llava-hf/llava-1.5-7b-hf` (downloaded once with `huggingface_hub`, safetensors and configs only).
+"""
 
 from __future__ import annotations
 
@@ -33,24 +37,51 @@ def ensure_default_model(progress: bool = True) -> Path:
     return path
 
 
+def is_hf_dir(path: Path) -> bool:
+    """True for a directory holding an HF checkpoint (`config.json`)."""
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(name).exists()
+
+
+def download_hf(name: str) -> Path:
+    """A hub checkpoint's local snapshot: configs, processor files and safetensors only (never pickles)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+    except Exception as err:  # the hub client raises many types; the user needs the name and the cause
+        raise FileNotFoundError(f"could not fetch {name!r} from the Hugging Face hub: {err}") from None
+
+
 def resolve_model_path(name_or_path: str, progress: bool = True) -> Path:
-    """Directory of a model given as a built-in name or a path; a clear error for anything else."""
+    """Directory of a model given as a built-in name, a path or a hub name; a clear error for anything else."""
     if name_or_path == DEFAULT_MODEL:
         return ensure_default_model(progress)
+    if _looks_like_hub_name(name_or_path):
+        return download_hf(name_or_path)
     path = Path(name_or_path).expanduser()
     looks_like_path = os.sep in name_or_path or name_or_path.startswith(".") or path.exists()
     if not looks_like_path:
         raise ValueError(
-            f"unknown model {name_or_path!r}: expected one of {', '.join(BUILTIN_MODELS)} "
-            "or the path of a saved model directory"
+            f"unknown model {name_or_path!r}: expected one of {', '.join(BUILTIN_MODELS)}, "
+            "the path of a saved model or HF checkpoint directory, or a hub name like org/model"
         )
     if not path.exists():
         raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
-    if not is_model_dir(path):
-        raise FileNotFoundError(f"model path {name_or_path!r} holds no saved sparsevlm model")
+    if not is_model_dir(path) and not is_hf_dir(path):
+        raise FileNotFoundError(f"model path {name_or_path!r} holds neither a saved sparsevlm model nor config.json")
     return path
 
 
-def load_model(name_or_path: str, progress: bool = True) -> ModelBundle:
-    """Load a model by built-in name or path (the default model is trained on first use)."""
-    return load_model_dir(resolve_model_path(name_or_path, progress))
+def load_model(name_or_path: str, progress: bool = True, dtype: str = "float32") -> ModelBundle:
+    """Load a model by built-in name, path or hub name (the default model is trained on first use)."""
+    path = resolve_model_path(name_or_path, progress)
+    if is_model_dir(path):
+        return load_model_dir(path)
+    from sparsevlm.hf.load import load_hf_model
+
+    return load_hf_model(path, dtype)

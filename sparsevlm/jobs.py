@@ -11,6 +11,7 @@ from sparsevlm.checkpoint import ModelBundle
 from sparsevlm.config import RestoreConfig
 from sparsevlm.data import shapes
 from sparsevlm.data.calibration import calibration_set
+from sparsevlm.data.prompts import bundle_format
 from sparsevlm.eval.evaluate import evaluate_vqa
 from sparsevlm.pruning import SparsitySpec, apply_masks, measure_sparsity, prune
 from sparsevlm.pruning.calibrate import calibration_carry
@@ -36,7 +37,8 @@ def prune_job(
     """
     calibration = None
     if method in NEEDS_CALIBRATION:
-        data = calibration_set(calib_data, bundle.tokenizer, calib_samples, seed, bundle.config.vision.image_size)
+        data = calibration_set(calib_data, bundle.tokenizer, calib_samples, seed, bundle.config.vision.image_size,
+                               bundle_format(bundle.metadata))
         calibration = calibration_carry(data, calib_samples, bundle.tokenizer.pad_token_id, bundle.config.vision, seed)
     result = prune(
         bundle.params, bundle.config, spec, method, calibration, calibration_mode,
@@ -85,7 +87,8 @@ def restore_job(
     if teacher.config != pruned.config:
         raise ValueError("the teacher's architecture differs from the pruned model's")
     base = teacher_base(pruned.params, pruned.masks, teacher.params)
-    result = restore(base, pruned.masks, pruned.config, pruned.tokenizer, config, checkpoint_dir, progress)
+    result = restore(base, pruned.masks, pruned.config, pruned.tokenizer, config, checkpoint_dir, progress,
+                     bundle_format(pruned.metadata))
     params = apply_masks(result.params, pruned.masks) if remask else result.params
     params = jax.device_get(params)
     keeps_masks = config.method == "sparselora" or remask

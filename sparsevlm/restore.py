@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from sparsevlm.config import RestoreConfig, VLMConfig
 from sparsevlm.data.batch import endless_batches
 from sparsevlm.data.calibration import calibration_set
+from sparsevlm.data.prompts import BUILTIN, PromptFormat
 from sparsevlm.eval.evaluate import round_up
 from sparsevlm.lora import LoraConfig, init_lora, lora_param_count, merge
 from sparsevlm.pruning.masks import check_masks
@@ -63,6 +64,7 @@ def restore(
     config: RestoreConfig,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
+    fmt: PromptFormat = BUILTIN,
 ) -> RestoreResult:
     """Train LoRA factors on built-in data; returns them and the merged params (masked per the mode)."""
     check_masks(base_params, masks)
@@ -70,7 +72,7 @@ def restore(
     key = jax.random.key(config.seed)
     lora = init_lora(base_params, lora_cfg, key)
     data = calibration_set(config.train_data, tokenizer, config.train_images, config.seed,
-                           model_config.vision.image_size)
+                           model_config.vision.image_size, fmt)
     rng = np.random.default_rng(config.seed)
     stream = endless_batches(data, config.batch_size, round_up(data.max_length, 8), tokenizer.pad_token_id,
                              model_config.vision, rng)

@@ -12,6 +12,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from sparsevlm.config import VisionConfig
+from sparsevlm.data.prompts import BUILTIN, PromptFormat, encode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +32,11 @@ class Batch:
 
 
 def preprocess_images(images: np.ndarray, config: VisionConfig) -> np.ndarray:
-    """uint8 `[B, H, W, C]` → float32 normalised with the config's mean/std."""
+    """uint8 `[B, H, W, C]` → float32 normalised with the config's mean/std (resized first if needed)."""
     if images.shape[1:3] != (config.image_size, config.image_size):
-        raise ValueError(
-            f"images are {images.shape[1]}x{images.shape[2]} but the model expects "
-            f"{config.image_size}x{config.image_size}"
-        )
+        # Bicubic, as the CLIP / BLIP image processors resize (square inputs: no crop needed).
+        size = (config.image_size, config.image_size)
+        images = np.stack([np.asarray(Image.fromarray(im).resize(size, Image.BICUBIC)) for im in images])
     mean = np.asarray(config.image_mean, np.float32)
     std = np.asarray(config.image_std, np.float32)
     return ((images.astype(np.float32) / 255.0) - mean) / std
@@ -53,15 +53,6 @@ def decode_image(value: object) -> np.ndarray:
     else:
         raise ValueError(f"cannot decode an image from {type(value).__name__}")
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str | None) -> tuple[list[int], int]:
-    """`BOS prompt [target EOS]` ids and the number of prompt ids (BOS included)."""
-    ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
-    n_prompt = len(ids)
-    if target is not None:
-        ids += tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
-    return ids, n_prompt
 
 
 def collate(
@@ -112,6 +103,7 @@ def encode_vqa(
     with_targets: bool,
     prompt_column: str = "question",
     target_column: str = "answer",
+    fmt: PromptFormat = BUILTIN,
 ) -> EncodedSet:
     """Decode each distinct image once and tokenize every row of a VQA-style dataset."""
     image_rows: dict[int, int] = {}
@@ -127,7 +119,7 @@ def encode_vqa(
         index[i] = image_rows[image_id]
     prompts = plain[prompt_column]
     targets = plain[target_column]
-    sequences = [encode(tokenizer, p, t if with_targets else None) for p, t in zip(prompts, targets)]
+    sequences = [encode(tokenizer, p, t if with_targets else None, fmt) for p, t in zip(prompts, targets)]
     types = plain["question_type"] if "question_type" in plain.column_names else ["vqa"] * len(plain)
     return EncodedSet(np.stack(decoded), index, sequences, list(types), list(targets), list(prompts))
 

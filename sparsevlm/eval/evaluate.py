@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from sparsevlm.checkpoint import ModelBundle
 from sparsevlm.data.batch import encode_vqa, iterate_batches
+from sparsevlm.data.prompts import bundle_format
 from sparsevlm.eval.generate import compiled_generate, decode_text
 from sparsevlm.eval.metrics import normalize_answer
 from sparsevlm.models.vlm import VLM
@@ -34,7 +35,7 @@ def evaluate_vqa(
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size} must be positive")
     tokenizer = bundle.tokenizer
-    data = encode_vqa(dataset, tokenizer, with_targets=False)
+    data = encode_vqa(dataset, tokenizer, with_targets=False, fmt=bundle_format(bundle.metadata))
     length = round_up(data.max_length, 8)
     model = VLM(bundle.config)
     generate = compiled_generate(model, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsevlm.models.decoder import init_cache
-from sparsevlm.models.vlm import VLM
+from sparsevlm.models.vlm import VLM, Instruction
 
 Array = jax.Array
 GenerateFn = Callable[[Any, Array, Array, Array], Array]
@@ -24,13 +24,14 @@ def greedy_generate(
     max_new_tokens: int,
     eos_id: int,
     pad_id: int,
+    instruction: Instruction | None = None,
 ) -> Array:
     """New tokens `[B, max_new_tokens]` after left-padded prompts; `pad_id` after each row's EOS."""
     batch, length = tokens.shape
-    num_image = model.config.vision.num_features
-    prefix = num_image + length
+    prefix = model.prefix_length(length)
+    num_image = prefix - length
     cache = init_cache(model.config.language, batch, prefix + max_new_tokens, model.dtype)
-    logits, cache = model.apply({"params": params}, images, tokens, text_mask, cache)
+    logits, cache = model.apply({"params": params}, images, tokens, text_mask, cache, instruction)
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     valid = jnp.concatenate(
         [jnp.ones((batch, num_image), bool), text_mask.astype(bool), jnp.zeros((batch, max_new_tokens), bool)],

@@ -7,9 +7,12 @@ is its inverse for export. Layouts:
 - `copy`: same layout (biases, norms, embeddings);
 - `linear`: HF `[out, in]` ↔ Flax `[in, out]` (transpose);
 - `conv`: HF `[O, I, kh, kw]` ↔ Flax `[kh, kw, I, O]`;
-- `squeeze`: HF has a leading axis of 1 that we drop (BLIP-2 `query_tokens`, position tables);
+- `squeeze`: HF has `lead` leading axes of size 1 that we drop (BLIP-2 `query_tokens`, position tables);
 - `zeros`: no HF tensor; our leaf is zeros on load and must still be zeros on export (BLIP-2's
   vision attention has q and v biases but no k bias).
+
+HF tensors the Flax forward never reads (e.g. the CLIP layers after LLaVA's feature layer) are
+kept verbatim under `unused/<HF name>` (`unused_rules`), so an exported checkpoint is complete.
 
 A rule with several `ours` paths splits the converted tensor along its last axis into equal
 parts (HF's fused `qkv` ↔ our `q`, `k`, `v`).
@@ -32,6 +35,7 @@ class Rule:
     hf: str
     ours: tuple[str, ...]
     layout: str = "copy"
+    lead: int = 1  # `squeeze`: how many leading size-1 axes HF has
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -40,9 +44,17 @@ class Rule:
             object.__setattr__(self, "ours", (self.ours,))
 
 
-def rule(hf: str, ours: str | tuple[str, ...], layout: str = "copy") -> Rule:
+UNUSED = "unused"
+
+
+def rule(hf: str, ours: str | tuple[str, ...], layout: str = "copy", lead: int = 1) -> Rule:
     """Shorthand constructor."""
-    return Rule(hf, ours if isinstance(ours, tuple) else (ours,), layout)
+    return Rule(hf, ours if isinstance(ours, tuple) else (ours,), layout, lead)
+
+
+def unused_rules(names: Iterable[str]) -> list[Rule]:
+    """Keep these HF tensors verbatim under `unused/`, for export only."""
+    return [Rule(name, (f"{UNUSED}/{name}",)) for name in names]
 
 
 def linear_rules(hf: str, ours: str | tuple[str, ...], bias: bool = True) -> list[Rule]:
@@ -62,25 +74,25 @@ def norm_rules(hf: str, ours: str, bias: bool = True) -> list[Rule]:
     return rules
 
 
-def _to_our_layout(value: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "linear":
+def _to_our_layout(value: np.ndarray, r: Rule) -> np.ndarray:
+    if r.layout == "linear":
         return value.T
-    if layout == "conv":
+    if r.layout == "conv":
         return value.transpose(2, 3, 1, 0)
-    if layout == "squeeze":
-        if value.ndim == 0 or value.shape[0] != 1:
-            raise ValueError(f"expected a leading axis of size 1, got shape {tuple(value.shape)}")
-        return value[0]
+    if r.layout == "squeeze":
+        if value.shape[: r.lead] != (1,) * r.lead:
+            raise ValueError(f"expected {r.lead} leading axes of size 1, got shape {tuple(value.shape)}")
+        return value.reshape(value.shape[r.lead :])
     return value
 
 
-def _to_hf_layout(value: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "linear":
+def _to_hf_layout(value: np.ndarray, r: Rule) -> np.ndarray:
+    if r.layout == "linear":
         return value.T
-    if layout == "conv":
+    if r.layout == "conv":
         return value.transpose(3, 2, 0, 1)
-    if layout == "squeeze":
-        return value[None]
+    if r.layout == "squeeze":
+        return value.reshape((1,) * r.lead + value.shape)
     return value
 
 
@@ -102,11 +114,14 @@ def to_ours(
             continue
         raw = read(r.hf)
         try:
-            value = _to_our_layout(raw, r.layout)
+            value = _to_our_layout(raw, r)
         except ValueError as err:
             raise ValueError(f"tensor {r.hf} in {where(r.hf)}: {err}") from None
         parts = np.split(value, len(r.ours), axis=-1) if len(r.ours) > 1 else [value]
         for path, part in zip(r.ours, parts):
+            if path.startswith(f"{UNUSED}/"):
+                yield path, part
+                continue
             if path not in expected:
                 raise ValueError(f"conversion rule for {r.hf} names {path!r}, which this model does not have")
             if tuple(part.shape) != tuple(expected[path]):
@@ -133,7 +148,7 @@ def to_hf(
             raise ValueError(f"cannot export {r.hf}: the params have no {missing[0]!r}")
         parts = [np.asarray(flat[p]) for p in r.ours]
         value = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
-        yield r.hf, np.ascontiguousarray(_to_hf_layout(value, r.layout))
+        yield r.hf, np.ascontiguousarray(_to_hf_layout(value, r))
 
 
 def layer_rules(depth: int, build: Callable[[int], list[Rule]]) -> list[Rule]:

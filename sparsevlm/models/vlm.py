@@ -1,4 +1,8 @@
-"""The LLaVA composition: vision tower → connector → image tokens placed before the text prompt."""
+"""The VLM composition: vision tower → connector (MLP or Q-Former) → image tokens spliced into the text.
+
+Image tokens go before the text (the built-in model) or, when the config names an image token,
+into the prompt positions holding it, in order (how HF LLaVA, BLIP-2 and InstructBLIP do it).
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,26 @@ from sparsevlm.models.stages import Carry, PyTree, Stage
 from sparsevlm.models.vit import ViT, vit_block
 
 Array = jax.Array
+Instruction = tuple[Array, Array]  # the Q-Former's own prompt tokens [B, Tq] and mask (InstructBLIP)
 
 TOWERS = ("vision", "connector", "language")
+
+
+def connector_module(config: VLMConfig, dtype: Dtype = jnp.float32) -> nn.Module:
+    """The connector as a standalone module: LLaVA MLP projector or Q-Former."""
+    if config.connector.kind == "qformer":
+        from sparsevlm.models.qformer import QFormer
+
+        return QFormer(config.connector, config.language.width, dtype)
+    return MLP(config.connector.hidden_dim, config.language.width, config.connector.act, gated=False, dtype=dtype)
+
+
+def splice_image_tokens(text_embeds: Array, image_tokens: Array, tokens: Array, image_token_id: int) -> Array:
+    """Replace, row by row and in order, the embeddings at `image_token_id` positions by the image tokens."""
+    is_image = tokens == image_token_id
+    order = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_tokens.shape[1] - 1)
+    gathered = jnp.take_along_axis(image_tokens, order[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
 def attention_mask(valid: Array, query_slots: Array) -> Array:
@@ -39,19 +61,35 @@ class VLM(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         self.vision = ViT(cfg.vision, self.dtype)
-        self.connector = MLP(
-            cfg.connector.hidden_dim, cfg.language.width, cfg.connector.act, gated=False, dtype=self.dtype
-        )
+        self.connector = connector_module(cfg, self.dtype)
         self.language = Decoder(cfg.language, self.dtype)
 
-    def encode_images(self, images: Array) -> Array:
-        """Images `[B, H, W, C]` → image tokens in the language model's embedding space `[B, N, E]`."""
-        return self.connector(self.vision(images))
+    def encode_images(self, images: Array, instruction: Instruction | None = None) -> Array:
+        """Images `[B, H, W, C]` → image tokens in the language model's embedding space `[B, N, E]`.
+
+        `instruction` (InstructBLIP) is the Q-Former's own tokens and mask for the prompt.
+        """
+        features = self.vision(images)
+        if self.config.connector.kind != "qformer":
+            return self.connector(features)
+        if self.config.connector.reads_text:
+            if instruction is None:
+                raise ValueError("this model's Q-Former reads the instruction: pass `instruction`")
+            return self.connector(features, instruction[0], instruction[1])
+        return self.connector(features)
 
     def language_inputs(self, image_tokens: Array, tokens: Array, text_mask: Array) -> tuple[Array, Array, Array]:
-        """Splice image tokens before the text: embeddings `[B, N+T, E]`, validity and rotary positions."""
-        embeds = jnp.concatenate([image_tokens, self.language.embed_tokens(tokens)], axis=1)
-        valid = jnp.concatenate([jnp.ones(image_tokens.shape[:2], bool), text_mask.astype(bool)], axis=1)
+        """Splice image tokens into the text: embeddings `[B, L, E]`, validity and positions.
+
+        L is N + T when image tokens go before the text, else T (they replace placeholder tokens).
+        """
+        text = self.language.embed_tokens(tokens)
+        if self.config.image_token_id is None:
+            embeds = jnp.concatenate([image_tokens.astype(text.dtype), text], axis=1)
+            valid = jnp.concatenate([jnp.ones(image_tokens.shape[:2], bool), text_mask.astype(bool)], axis=1)
+        else:
+            embeds = splice_image_tokens(text, image_tokens, tokens, self.config.image_token_id)
+            valid = text_mask.astype(bool)
         positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
         return embeds, valid, positions
 
@@ -61,18 +99,25 @@ class VLM(nn.Module):
         tokens: Array,
         text_mask: Array,
         cache: list[KVCache] | None = None,
+        instruction: Instruction | None = None,
     ) -> tuple[Array, list[KVCache] | None]:
         """Full forward (training, scoring, or generation prefill when `cache` is given).
 
-        Returns logits `[B, N + T, V]` and, with a cache of length S >= N + T, the filled cache.
+        Returns logits `[B, L, V]` (L = `prefix_length(T)`) and, with a cache of length S >= L, the filled cache.
         """
-        embeds, valid, positions = self.language_inputs(self.encode_images(images), tokens, text_mask)
+        image_tokens = self.encode_images(images, instruction)
+        embeds, valid, positions = self.language_inputs(image_tokens, tokens, text_mask)
         length = embeds.shape[1]
         if cache is not None:
             pad = cache[0]["k"].shape[1] - length
             valid = jnp.pad(valid, ((0, 0), (0, pad)))
         mask = attention_mask(valid, jnp.arange(length))
         return self.language(embeds, positions, mask, cache, 0)
+
+    def prefix_length(self, num_text: int) -> int:
+        """Sequence length the language model sees for `num_text` text tokens."""
+        cfg = self.config
+        return num_text + (cfg.num_image_tokens if cfg.image_token_id is None else 0)
 
     def decode(
         self,
@@ -102,7 +147,7 @@ def calibration_stages(config: VLMConfig, dtype: Dtype = jnp.float32) -> tuple[S
     vit = ViT(config.vision, dtype)
     vision_block = vit_block(config.vision, dtype)
     language_block = decoder_block(config.language, dtype)
-    connector = MLP(config.connector.hidden_dim, config.language.width, config.connector.act, gated=False, dtype=dtype)
+    connector = connector_module(config, dtype)
 
     def vision_embed(params: PyTree, carry: Carry) -> Carry:
         rest = {k: v for k, v in carry.items() if k != "images"}

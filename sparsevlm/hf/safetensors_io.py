@@ -1,0 +1,208 @@
+"""Safetensors checkpoints read and written one tensor at a time (single file or sharded with an index).
+
+The format is a little-endian u64 header length, a JSON header `{name: {dtype, shape,
+data_offsets}}` and raw bytes. Reading it directly (rather than through `safetensors.numpy`)
+gives bfloat16 support via `ml_dtypes`, memory-mapped reads of one tensor at a time, and errors
+that name the file and tensor when a checkpoint is truncated or malformed. Writing streams each
+tensor to disk as it is produced, so an export never holds the whole HF-layout model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsFile:
+    """One `.safetensors` file: its header, and tensors read on demand (memory-mapped)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"checkpoint file {self.path} does not exist")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ValueError(f"{self.path} is not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise ValueError(f"{self.path} is not a valid safetensors file (header length {header_len})")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"{self.path} has a corrupted safetensors header: {err}") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + header_len
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, entry in header.items():
+            try:
+                dtype = DTYPES[entry["dtype"]]
+                shape = tuple(int(d) for d in entry["shape"])
+                begin, end = (int(o) for o in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{self.path}: tensor {name!r} has an unsupported or malformed header entry {entry!r}") from None
+            if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+                raise ValueError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
+            if self._data_start + end > size:
+                raise ValueError(
+                    f"{self.path} is truncated: tensor {name!r} ends at byte {self._data_start + end} "
+                    f"but the file has {size}"
+                )
+            self._entries[name] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, without reading it."""
+        return self._entry(name)[1]
+
+    def _entry(self, name: str) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        if name not in self._entries:
+            raise KeyError(f"tensor {name!r} is not in {self.path}")
+        return self._entries[name]
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor as a fresh numpy array."""
+        dtype, shape, begin, end = self._entry(name)
+        if end == begin:
+            return np.zeros(shape, dtype)
+        # Read just this tensor's bytes straight into a fresh array (no mapping of the whole file).
+        out = np.empty(shape, dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != end - begin:
+                raise ValueError(f"{self.path} is truncated inside tensor {name!r}")
+        return out
+
+
+class Checkpoint:
+    """A directory's safetensors weights: `model.safetensors`, or shards listed by `model.safetensors.index.json`."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        index = self.directory / INDEX_NAME
+        self._files: dict[str, SafetensorsFile] = {}
+        if index.is_file():
+            try:
+                weight_map: Mapping[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{index} is not a valid safetensors index: {err}") from None
+            for name in sorted(set(weight_map.values())):
+                if Path(name).name != name:
+                    raise ValueError(f"{index} names shard {name!r} outside the checkpoint directory")
+                if not (self.directory / name).is_file():
+                    raise FileNotFoundError(f"shard {name} listed in {index} is missing from {self.directory}")
+            self._location = dict(weight_map)
+        elif (self.directory / SINGLE_NAME).is_file():
+            self._location = {name: SINGLE_NAME for name in self._file(SINGLE_NAME).keys()}
+        else:
+            pickles = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(
+                p.name for p in self.directory.glob("*.pt*")
+            )
+            if pickles:
+                raise ValueError(
+                    f"{self.directory} holds only pickle weights ({', '.join(pickles[:3])}); they are refused "
+                    "because loading a pickle can run arbitrary code. Convert them to safetensors first "
+                    "(e.g. with transformers: model.save_pretrained(dir, safe_serialization=True) on a trusted machine)."
+                )
+            raise FileNotFoundError(f"{self.directory} has no {SINGLE_NAME} or {INDEX_NAME}")
+
+    def _file(self, name: str) -> SafetensorsFile:
+        if name not in self._files:
+            self._files[name] = SafetensorsFile(self.directory / name)
+        return self._files[name]
+
+    def keys(self) -> list[str]:
+        """All tensor names."""
+        return list(self._location)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._location
+
+    def where(self, name: str) -> str:
+        """The file holding a tensor."""
+        return str(self.directory / self._location.get(name, "?"))
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor; a clear error if the index names it but its shard does not hold it."""
+        if name not in self._location:
+            raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.directory}")
+        shard = self._file(self._location[name])
+        if name not in shard.keys():
+            raise ValueError(f"{shard.path} does not contain tensor {name!r}, though {INDEX_NAME} says it does")
+        return shard.read(name)
+
+    def nbytes(self) -> int:
+        """Total bytes of tensor data (from the headers)."""
+        total = 0
+        for name, file in self._location.items():
+            dtype, shape, _, _ = self._file(file)._entry(name)
+            total += dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        return total
+
+
+def write_file(
+    path: str | os.PathLike,
+    specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, np.ndarray]],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a safetensors file whose header is known up front (`specs`), streaming `tensors` in that order."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, (dtype, shape) in specs.items():
+        if np.dtype(dtype) not in _NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be written to safetensors")
+        nbytes = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": _NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data section, as the reference writer does
+    order = list(specs)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        written = 0
+        for name, array in tensors:
+            if written >= len(order) or name != order[written]:
+                raise ValueError(f"tensor {name!r} arrives out of the declared order")
+            dtype, shape = specs[name]
+            if array.dtype != np.dtype(dtype) or tuple(array.shape) != tuple(shape):
+                raise ValueError(f"tensor {name!r} is {array.dtype}{tuple(array.shape)}, declared {dtype}{tuple(shape)}")
+            f.write(np.ascontiguousarray(array).tobytes())
+            written += 1
+        if written != len(order):
+            raise ValueError(f"only {written} of {len(order)} declared tensors were written")
+
+
+def iter_file(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor of one file, in file order."""
+    file = SafetensorsFile(path)
+    for name in file.keys():
+        yield name, file.read(name)
