@@ -62,7 +62,7 @@ def test_bad_split_is_one_clear_error_line(saved_model, capsys, tmp_path):
 def test_model_dir_without_model_is_an_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["evaluate", "--model", str(tmp_path / "empty")]) != 0
-    assert "holds no saved sparsevlm model" in capsys.readouterr().err
+    assert "holds neither a saved sparsevlm model nor config.json" in capsys.readouterr().err
 
 
 def test_bad_flag_value_exits_nonzero(capsys):

@@ -24,9 +24,13 @@ def test_collate_rejects_too_long_sequences():
         collate(np.zeros((1, 48, 48, 3), np.uint8), [([1, 2, 3, 4], 2)], 3, 0, VisionConfig())
 
 
-def test_preprocess_rejects_wrong_image_size():
-    with pytest.raises(ValueError, match="32x32 but the model expects 48x48"):
-        preprocess_images(np.zeros((1, 32, 32, 3), np.uint8), VisionConfig())
+def test_preprocess_resizes_other_sizes_bicubically():
+    from PIL import Image
+
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    out = preprocess_images(image[None], VisionConfig())
+    want = np.asarray(Image.fromarray(image).resize((48, 48), Image.BICUBIC), np.float32) / 255.0
+    np.testing.assert_allclose(out[0], (want - 0.5) / 0.5, atol=1e-6)
 
 
 def test_iterate_batches_keeps_shapes_and_covers_every_example():
