@@ -33,7 +33,15 @@ PyTree = Any
 Array = jax.Array
 
 MODES = ("lora", "sparselora")
-_BLOCK_LINEARS = r"blocks_\d+/(attn/(q|k|v|o)|mlp/(up|gate|down))/kernel"
+# Per tower, the kernels the paper adapts, as regexes over our paths. In HF names: ViT qkv, proj,
+# fc1, fc2 (CLIP: q/k/v/out_proj, fc1, fc2); Q-Former query, key, value, dense; Llama/Vicuna
+# q/k/v/o/gate/up/down_proj; OPT q/k/v/out_proj, fc1, fc2; T5 q, k, v, o, wi_0, wi_1, wo.
+TOWER_TARGETS = {
+    "vision": r"vision/blocks_\d+/(attn/(q|k|v|o)|mlp/(up|down))/kernel",
+    "mlp_connector": r"connector/(up|down)/kernel",
+    "qformer_connector": r"connector/blocks_\d+/((attn|cross)/(q|k|v|o)|(mlp|text_mlp)/(up|down))/kernel",
+    "language": r"language/((encoder|decoder)/)?blocks_\d+/((attn|cross)/(q|k|v|o)|mlp/(gate|up|down))/kernel",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +53,9 @@ class LoraConfig:
     """
 
     targets: tuple[tuple[str, int], ...] = (
-        (rf"vision/{_BLOCK_LINEARS}", 4),
-        (r"connector/(.+/)?[^/]+/kernel", 2),
-        (rf"language/{_BLOCK_LINEARS}", 8),
+        (TOWER_TARGETS["vision"], 4),
+        (TOWER_TARGETS["mlp_connector"], 2),
+        (TOWER_TARGETS["language"], 8),
     )
     alpha: float = 16.0
 
@@ -59,11 +67,15 @@ class LoraConfig:
             raise ValueError(f"LoRA alpha {self.alpha!r} must be positive")
 
     @classmethod
-    def with_ranks(cls, vision: int = 4, connector: int = 2, language: int = 8, alpha: float = 16.0) -> "LoraConfig":
-        """The default targets with per-tower ranks."""
-        base = cls()
-        ranks = {"vision": vision, "connector": connector, "language": language}
-        return cls(tuple((p, ranks[p.split("/")[0]]) for p, _ in base.targets), alpha)
+    def with_ranks(
+        cls, vision: int = 4, connector: int = 2, language: int = 8, alpha: float = 16.0, connector_kind: str = "mlp"
+    ) -> "LoraConfig":
+        """The paper's targets for a model with this connector kind (`mlp` or `qformer`), with per-tower ranks."""
+        return cls(
+            ((TOWER_TARGETS["vision"], vision), (TOWER_TARGETS[f"{connector_kind}_connector"], connector),
+             (TOWER_TARGETS["language"], language)),
+            alpha,
+        )
 
 
 def lora_targets(params: PyTree, config: LoraConfig) -> dict[str, int]:

@@ -38,9 +38,10 @@ class RestoreResult:
     seconds: float
 
 
-def lora_config(config: RestoreConfig) -> LoraConfig:
-    """The LoRA targets and ranks a restore config asks for."""
-    return LoraConfig.with_ranks(config.vision_rank, config.connector_rank, config.language_rank, config.alpha)
+def lora_config(config: RestoreConfig, model_config: VLMConfig | None = None) -> LoraConfig:
+    """The LoRA targets and ranks a restore config asks for, for this model's connector kind."""
+    kind = model_config.connector.kind if model_config is not None else "mlp"
+    return LoraConfig.with_ranks(config.vision_rank, config.connector_rank, config.language_rank, config.alpha, kind)
 
 
 def teacher_base(pruned: PyTree, masks: PyTree, dense: PyTree) -> PyTree:
@@ -68,7 +69,7 @@ def restore(
 ) -> RestoreResult:
     """Train LoRA factors on built-in data; returns them and the merged params (masked per the mode)."""
     check_masks(base_params, masks)
-    lora_cfg = lora_config(config)
+    lora_cfg = lora_config(config, model_config)
     key = jax.random.key(config.seed)
     lora = init_lora(base_params, lora_cfg, key)
     data = calibration_set(config.train_data, tokenizer, config.train_images, config.seed,

@@ -32,18 +32,15 @@ from sparsevlm.tree import flatten, unflatten
 PyTree = Any
 MODEL_TYPES = ("llava", "blip-2", "instructblip")
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-# LoRA targets per family as the paper names them (HF module names), and the regex over our
-# paths each one becomes. ViT `qkv` is one fused HF linear; ours are three (q, k, v).
-LORA_TARGETS = {
-    "vision": (("qkv", "proj", "fc1", "fc2"), r"vision/blocks_\d+/(attn/(q|k|v|o)|mlp/(up|down))/kernel"),
-    "qformer": (("query", "key", "value", "dense"),
-                r"connector/blocks_\d+/((attn|cross)/(q|k|v|o)|(mlp|text_mlp)/(up|down))/kernel"),
-    "llama": (("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-              r"language/blocks_\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel"),
-    "opt": (("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-            r"language/blocks_\d+/(attn/(q|k|v|o)|mlp/(up|down))/kernel"),
-    "t5": (("q", "k", "v", "o", "wi_0", "wi_1", "wo"),
-           r"language/(encoder|decoder)/blocks_\d+/((attn|cross)/(q|k|v|o)|mlp/(gate|up|down))/kernel"),
+# The HF modules the paper adapts with LoRA, per tower kind (`lora.TOWER_TARGETS` selects ours).
+PAPER_LORA_MODULES = {
+    "clip": {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"},
+    "blip_vit": {"qkv", "projection", "fc1", "fc2"},
+    "mlp": {"linear_1", "linear_2"},
+    "qformer": {"query", "key", "value", "dense"},
+    "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    "opt": {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"},
+    "t5": {"q", "k", "v", "o", "wi_0", "wi_1", "wo"},
 }
 
 
@@ -177,12 +174,21 @@ def _read_config(directory: Path) -> tuple[dict[str, Any], Any]:
     if model_type not in MODEL_TYPES:
         raise ValueError(f"{path}: model_type={model_type!r} is not supported; allowed: {', '.join(MODEL_TYPES)}")
     # The config class for this model_type from transformers itself (never remote code).
-    return raw, transformers.AutoConfig.for_model(**raw)
+    try:
+        return raw, transformers.AutoConfig.for_model(**raw)
+    except Exception as err:  # ValueError, KeyError or huggingface_hub's validation errors (not ValueErrors)
+        detail = " ".join(str(err).split())  # one line: the CLI prints errors as a single line
+        detail = detail if len(detail) <= 300 else f"{detail[:300]}..."
+        raise ValueError(f"{path}: transformers rejects this config: {detail}") from err
 
 
 def load_processor(directory: str | os.PathLike) -> Any:
     """The checkpoint's `AutoProcessor` (tokenizer + image processor; PIL image processing without torchvision)."""
-    return transformers.AutoProcessor.from_pretrained(str(directory), trust_remote_code=False)
+    try:
+        return transformers.AutoProcessor.from_pretrained(str(directory), trust_remote_code=False)
+    except OSError as err:  # transformers' "can't load" is a bare OSError, which callers do not expect
+        detail = " ".join(str(err).split())
+        raise FileNotFoundError(f"{directory} lacks usable processor files (tokenizer, image processor): {detail}") from None
 
 
 def processor_files(processor: Any) -> dict[str, str]:
@@ -211,7 +217,10 @@ def load_hf_model(directory: str | os.PathLike, dtype: str = "float32") -> Model
     checkpoint = Checkpoint(directory)
     processor = load_processor(directory)
     image_processor = processor.image_processor
-    config = vlm_config(hf_config, image_processor.image_mean, image_processor.image_std)
+    try:
+        config = vlm_config(hf_config, image_processor.image_mean, image_processor.image_std)
+    except ValueError as err:
+        raise ValueError(f"{directory / 'config.json'}: {err}") from None
     _check_image_size(config, image_processor)
     names = naming(hf_config.model_type, checkpoint.keys(), directory)
     rules = conversion_rules(config, hf_config.text_config.model_type, names)
@@ -295,11 +304,10 @@ def export_hf(bundle: ModelBundle, out_dir: str | os.PathLike, dtype: str | None
     return out_dir
 
 
-def lora_targets(config: VLMConfig, text_model_type: str) -> dict[str, tuple[tuple[str, ...], str]]:
-    """Per tower: the paper's HF module names and the regex over our paths they map to."""
-    connector = LORA_TARGETS["qformer"] if config.connector.kind == "qformer" else (
-        ("linear_1", "linear_2"), r"connector/(up|down)/kernel")
-    return {"vision": LORA_TARGETS["vision"], "connector": connector, "language": LORA_TARGETS[text_model_type]}
+def hf_modules(bundle: ModelBundle, paths: Iterable[str]) -> set[str]:
+    """The HF module names (last component, e.g. `q_proj`) behind some of our kernel paths."""
+    wanted = set(paths)
+    return {r.hf.rsplit(".", 2)[-2] for r in _rules_for(bundle) if wanted & set(r.ours)}
 
 
-__all__ = ["MODEL_TYPES", "export_hf", "expected_shapes", "load_hf_model", "lora_targets", "vlm_config"]
+__all__ = ["MODEL_TYPES", "export_hf", "expected_shapes", "hf_modules", "load_hf_model", "vlm_config"]

@@ -162,6 +162,10 @@ def calibration_stages(config: VLMConfig, dtype: Dtype = jnp.float32) -> tuple[S
     def project(params: PyTree, carry: Carry) -> Carry:
         return carry | {"x": connector.apply({"params": params}, carry["x"])}
 
+    connector_stages = [Stage("connector", project)]
+    if config.connector.kind == "qformer":
+        connector_stages = _qformer_stages(config, dtype)
+
     def splice(params: PyTree, carry: Carry) -> Carry:
         x, valid, positions = model.apply(
             {"params": {"language": params}}, carry["x"], carry["tokens"], carry["text_mask"],
@@ -177,7 +181,50 @@ def calibration_stages(config: VLMConfig, dtype: Dtype = jnp.float32) -> tuple[S
         Stage("vision", vision_embed),
         *[Stage(f"vision/blocks_{i}", vision_layer) for i in range(config.vision.blocks_used)],
         Stage("vision", vision_head),
-        Stage("connector", project),
+        *connector_stages,
         Stage("language", splice),
         *[Stage(f"language/blocks_{i}", language_layer) for i in range(config.language.depth)],
     )
+
+
+def _qformer_stages(config: VLMConfig, dtype: Dtype) -> list[Stage]:
+    """Q-Former stages: embed (queries [+ instruction]), one stage per block, then query slice + projection.
+
+    The image features ride along in the carry as `image` (every cross-attention reads them);
+    `weight` marks the query and real instruction positions.
+    """
+    from sparsevlm.models.qformer import QFormer, qformer_block
+
+    cfg = config.connector
+    qformer = QFormer(cfg, config.language.width, dtype)
+    num_queries = cfg.num_query_tokens
+    blocks = {index: qformer_block(cfg, index, dtype) for index in range(min(cfg.depth, cfg.cross_attention_frequency + 1))}
+
+    def embed(params: PyTree, carry: Carry) -> Carry:
+        batch = carry["x"].shape[0]
+        text = (carry["instruction_tokens"], carry["instruction_mask"]) if cfg.reads_text else (None, None)
+        x, self_mask = qformer.apply({"params": params}, *text, batch, method=QFormer.embed)
+        weight = jnp.ones((batch, num_queries), jnp.float32)
+        if cfg.reads_text:
+            weight = jnp.concatenate([weight, carry["instruction_mask"].astype(jnp.float32)], axis=1)
+        return carry | {"image": carry["x"], "x": x, "self_mask": self_mask, "weight": weight}
+
+    def layer_fn(block: nn.Module):  # noqa: ANN202 - one function per block shape (with / without cross-attention)
+        def layer(params: PyTree, carry: Carry) -> Carry:
+            x = block.apply({"params": params}, carry["x"], carry["self_mask"], carry["image"], num_queries)
+            return carry | {"x": x}
+
+        return layer
+
+    with_cross = layer_fn(blocks[0])
+    without_cross = layer_fn(blocks[1]) if 1 in blocks and cfg.cross_attention_frequency > 1 else with_cross
+
+    def head(params: PyTree, carry: Carry) -> Carry:
+        rest = {k: v for k, v in carry.items() if k not in ("image", "self_mask", "weight")}
+        return rest | {"x": qformer.apply({"params": params}, carry["x"], method=QFormer.head)}
+
+    layers = [
+        Stage(f"connector/blocks_{i}", with_cross if i % cfg.cross_attention_frequency == 0 else without_cross)
+        for i in range(cfg.depth)
+    ]
+    return [Stage("connector", embed), *layers, Stage("connector", head)]

@@ -123,3 +123,15 @@ def test_prune_restore_export_round_trip(loaded, tmp_path):
     assert ((down.reshape(down.shape[0], -1, 4) == 0).sum(-1) >= 2).all()
     fc1 = next(v for k, v in state.items() if k.endswith("encoder.layers.0.mlp.fc1.weight")).numpy()
     assert ((fc1.reshape(fc1.shape[0], -1, 4) == 0).sum(-1) >= 2).all()
+
+
+def test_lora_targets_are_the_papers_modules(loaded):
+    from sparsevlm.hf.load import PAPER_LORA_MODULES, hf_modules
+    from sparsevlm.lora import lora_targets
+
+    bundle, _ = loaded
+    targets = lora_targets(bundle.params, LoraConfig.with_ranks(connector_kind=bundle.config.connector.kind))
+    want = PAPER_LORA_MODULES["clip"] | PAPER_LORA_MODULES["mlp"] | PAPER_LORA_MODULES["llama"]
+    assert hf_modules(bundle, targets) == want
+    # Every layer the forward runs is adapted; the unused CLIP layer is not.
+    assert not any(p.startswith("unused/") for p in targets)
