@@ -195,17 +195,26 @@ def processor_files(processor: Any) -> dict[str, str]:
     """A processor's saved files as text, to store with a model and write back on export."""
     with tempfile.TemporaryDirectory() as tmp:
         processor.save_pretrained(tmp)
-        return {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
+        # InstructBLIP keeps its Q-Former tokenizer in a subfolder: store relative paths.
+        return {p.relative_to(tmp).as_posix(): p.read_text() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
 
 
 def processor_from_files(files: dict[str, str]) -> Any:
     """Inverse of `processor_files`."""
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in files.items():
-            if Path(name).name != name:
-                raise ValueError(f"stored processor file name {name!r} is not a plain file name")
-            (Path(tmp) / name).write_text(text)
+            _write_relative(Path(tmp), name, text)
         return load_processor(tmp)
+
+
+def _write_relative(root: Path, name: str, text: str) -> None:
+    """Write `root/name`, refusing names that would leave `root` (stored names are data, not trusted paths)."""
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or ".." in parts:
+        raise ValueError(f"stored processor file name {name!r} would leave the output directory")
+    target = root.joinpath(*parts)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
 
 
 def load_hf_model(directory: str | os.PathLike, dtype: str = "float32") -> ModelBundle:
@@ -259,10 +268,14 @@ def _convert(
             f"describe ({len(unexpected)} such tensors): the weights and config do not match"
         )
 
+    # `to_ours` transposes linear kernels: read them column-major, so the transpose is a view rather
+    # than a second copy (otherwise the largest of them, often the LM head, is held twice at once).
+    transposed = {r.hf for r in rules if r.layout == "linear"}
+
     def read(name: str) -> np.ndarray:
         if name not in checkpoint:
             raise ValueError(f"tensor {name!r} that config.json implies is missing from the checkpoint at {directory}")
-        return checkpoint.read(name)
+        return checkpoint.read(name, order="F" if name in transposed else "C")
 
     flat = dict(to_ours(rules, read, expected, dtype, checkpoint.where))
     missing = sorted(set(expected) - set(flat))
@@ -300,7 +313,7 @@ def export_hf(bundle: ModelBundle, out_dir: str | os.PathLike, dtype: str | None
         config["dtype"] = dtype
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     for name, text in hf.get("processor_files", {}).items():
-        (out_dir / name).write_text(text)
+        _write_relative(out_dir, name, text)
     return out_dir
 
 

@@ -11,3 +11,17 @@ from tests.hf import tiny
 def llava_dir(tmp_path_factory):
     """A saved tiny LLaVA (CLIP + Llama) with its processor."""
     return tiny.save_llava(tmp_path_factory.mktemp("llava"))
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory, llava_dir):
+    """Every tiny family checkpoint, by family name (built on first use)."""
+    builders = {"blip2-opt": tiny.save_blip2, "instructblip-llama": tiny.save_instructblip}
+    cache = {"llava-llama": llava_dir}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = builders[family](tmp_path_factory.mktemp(family))
+        return cache[family]
+
+    return get

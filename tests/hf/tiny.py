@@ -19,7 +19,9 @@ IMAGE_SIZE = 32
 PATCH = 8
 
 
-def word_tokenizer(words: tuple[str, ...] = tuple(WORDS), image_token: bool = True) -> PreTrainedTokenizerFast:
+def word_tokenizer(
+    words: tuple[str, ...] = tuple(WORDS), image_token: bool = True, declare_image_token: bool = True
+) -> PreTrainedTokenizerFast:
     """A WordLevel tokenizer: ids 0–4 are pad, unk, BOS, EOS, image; then the words."""
     specials = SPECIALS if image_token else SPECIALS[:4]
     vocab = {token: i for i, token in enumerate(specials)}
@@ -27,7 +29,8 @@ def word_tokenizer(words: tuple[str, ...] = tuple(WORDS), image_token: bool = Tr
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    extra = {"extra_special_tokens": {"image_token": "<image>"}} if image_token else {}
+    # InstructBlipProcessor wants to declare the image token itself (it needs an AddedToken).
+    extra = {"extra_special_tokens": {"image_token": "<image>"}} if image_token and declare_image_token else {}
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
         **extra,
@@ -90,3 +93,69 @@ def _perturb(model: torch.nn.Module) -> None:
 def random_image(seed: int = 0) -> np.ndarray:
     """A uint8 RGB image of the tiny models' size."""
     return np.random.default_rng(seed).integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+
+
+def _blip_image_processor() -> Any:
+    from transformers import BlipImageProcessor
+
+    return BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+
+def _blip_vision_and_qformer(width: int, reads_text: bool) -> tuple[Any, Any]:
+    from transformers import Blip2QFormerConfig, Blip2VisionConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
+
+    vision_cls, qformer_cls = (InstructBlipVisionConfig, InstructBlipQFormerConfig) if reads_text else (
+        Blip2VisionConfig, Blip2QFormerConfig)
+    vision = vision_cls(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=IMAGE_SIZE, patch_size=PATCH)
+    extra = {"vocab_size": len(word_tokenizer(image_token=False)), "pad_token_id": 0} if reads_text else {}
+    qformer = qformer_cls(hidden_size=width, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * width,
+                          encoder_hidden_size=width, **extra)
+    return vision, qformer
+
+
+def save_blip2(directory: Path, text: str = "opt", seed: int = 0, width: int = 32, queries: int = 4) -> Path:
+    """A tiny `Blip2ForConditionalGeneration` (BLIP ViT + Q-Former + OPT) with its `Blip2Processor`."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, OPTConfig
+
+    if text != "opt":
+        raise ValueError(f"text={text!r}: only the OPT language model is built here")
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(declare_image_token=False)
+    vision, qformer = _blip_vision_and_qformer(width, reads_text=False)
+    language = OPTConfig(vocab_size=vocab_size(), hidden_size=width, ffn_dim=2 * width, num_hidden_layers=2,
+                         num_attention_heads=4, word_embed_proj_dim=width, bos_token_id=2, eos_token_id=3,
+                         pad_token_id=0, max_position_embeddings=128)
+    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                         text_config=language.to_dict(), num_query_tokens=queries,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    model = Blip2ForConditionalGeneration(config).eval()
+    _perturb(model)
+    model.save_pretrained(directory)
+    Blip2Processor(image_processor=_blip_image_processor(), tokenizer=tokenizer,
+                   num_query_tokens=queries).save_pretrained(directory)
+    return directory
+
+
+def save_instructblip(directory: Path, seed: int = 0, width: int = 32, queries: int = 4) -> Path:
+    """A tiny `InstructBlipForConditionalGeneration` (BLIP ViT + instruction Q-Former + Llama) with its processor."""
+    from transformers import (
+        InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor, LlamaConfig,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(declare_image_token=False)
+    vision, qformer = _blip_vision_and_qformer(width, reads_text=True)
+    language = LlamaConfig(vocab_size=vocab_size(), hidden_size=width, intermediate_size=2 * width,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, bos_token_id=2,
+                           eos_token_id=3, pad_token_id=0)
+    config = InstructBlipConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                                text_config=language.to_dict(), num_query_tokens=queries,
+                                image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    model = InstructBlipForConditionalGeneration(config).eval()
+    _perturb(model)
+    model.save_pretrained(directory)
+    InstructBlipProcessor(image_processor=_blip_image_processor(), tokenizer=tokenizer,
+                          qformer_tokenizer=word_tokenizer(image_token=False),
+                          num_query_tokens=queries).save_pretrained(directory)
+    return directory

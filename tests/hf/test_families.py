@@ -1,0 +1,152 @@
+"""HF LLaVA, BLIP-2 and InstructBLIP in Flax: logits and greedy generations equal transformers'; export loads back."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from sparsevlm.eval.generate import greedy_generate
+from sparsevlm.hf.load import PAPER_LORA_MODULES, export_hf, hf_modules, load_hf_model
+from sparsevlm.lora import LoraConfig, init_lora, lora_targets, merge
+from sparsevlm.models.vlm import VLM
+from sparsevlm.pruning import SparsitySpec, prune
+from sparsevlm.tree import flatten
+from tests.hf.tiny import random_image
+
+LLAVA_PROMPTS = ["USER: <image> what color is the shape ? ASSISTANT:", "USER: <image> how many ? ASSISTANT:"]
+BLIP_PROMPTS = ["Question: what color is the shape ? Short answer:", "Question: how many ? Short answer:"]
+FAMILIES = {
+    # name: (HF class, prompts, the paper's LoRA modules)
+    "llava-llama": ("LlavaForConditionalGeneration", LLAVA_PROMPTS, ("clip", "mlp", "llama")),
+    "blip2-opt": ("Blip2ForConditionalGeneration", BLIP_PROMPTS, ("blip_vit", "qformer", "opt")),
+    "instructblip-llama": ("InstructBlipForConditionalGeneration", BLIP_PROMPTS, ("blip_vit", "qformer", "llama")),
+}
+
+
+def _inputs(processor, prompts):
+    processor.tokenizer.padding_side = "left"
+    images = [random_image(i) for i in range(len(prompts))]
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+def _arrays(inputs):
+    instruction = None
+    if "qformer_input_ids" in inputs:
+        instruction = (inputs["qformer_input_ids"].numpy(), inputs["qformer_attention_mask"].numpy().astype(bool))
+    images = np.transpose(inputs["pixel_values"].numpy(), (0, 2, 3, 1))
+    return images, inputs["input_ids"].numpy(), inputs["attention_mask"].numpy().astype(bool), instruction
+
+
+def _ours(bundle, inputs, params=None):
+    images, tokens, mask, instruction = _arrays(inputs)
+    logits, _ = VLM(bundle.config).apply(
+        {"params": bundle.params if params is None else params}, images, tokens, mask, None, instruction
+    )
+    return np.asarray(logits)
+
+
+def _theirs(model, inputs):
+    kwargs = dict(inputs)
+    if model.config.text_config.model_type == "llama":
+        # Positions over real tokens only, as generation counts them for left-padded rows (OPT does this itself).
+        kwargs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(**kwargs).logits.numpy()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, hf_dirs):
+    name = request.param
+    directory = hf_dirs(name)
+    model = getattr(transformers, FAMILIES[name][0]).from_pretrained(directory).eval()
+    return name, load_hf_model(directory), model
+
+
+def test_logits_match_transformers_on_a_left_padded_batch(family):
+    name, bundle, model = family
+    inputs = _inputs(bundle.processor, FAMILIES[name][1])
+    assert (inputs["attention_mask"] == 0).any(), "the batch should exercise padding"
+    mask = inputs["attention_mask"].numpy().astype(bool)
+    assert np.abs(_ours(bundle, inputs) - _theirs(model, inputs))[mask].max() <= 1e-4
+
+
+def test_greedy_generation_matches_transformers(family):
+    name, bundle, model = family
+    tokenizer = bundle.tokenizer
+    for prompt in FAMILIES[name][1]:
+        inputs = _inputs(bundle.processor, [prompt])
+        with torch.no_grad():
+            want = model.generate(**inputs, max_new_tokens=8, do_sample=False, num_beams=1,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        want = want[0, inputs["input_ids"].shape[1]:].numpy()
+        images, tokens, mask, instruction = _arrays(inputs)
+        got = greedy_generate(VLM(bundle.config), bundle.params, images, tokens, mask, max_new_tokens=8,
+                              eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, instruction=instruction)
+        assert len(want) > 0
+        np.testing.assert_array_equal(np.asarray(got)[0, : len(want)], want)
+
+
+def test_lora_targets_are_the_papers_modules(family):
+    name, bundle, _ = family
+    targets = lora_targets(bundle.params, LoraConfig.with_ranks(connector_kind=bundle.config.connector.kind))
+    want = set().union(*(PAPER_LORA_MODULES[kind] for kind in FAMILIES[name][2]))
+    assert hf_modules(bundle, targets) == want
+    assert not any(p.startswith("unused/") for p in targets)
+
+
+def test_llava_config_follows_the_checkpoint(hf_dirs):
+    bundle = load_hf_model(hf_dirs("llava-llama"))
+    vision = bundle.config.vision
+    assert vision.feature_layer == -2 and vision.blocks_used == 2 and vision.drop_cls_token
+    # The unused last CLIP layer and post-norm are kept verbatim for export, not in the model.
+    unused = [p for p in flatten(bundle.params) if p.startswith("unused/")]
+    assert any("encoder.layers.2." in p for p in unused) and any("post_layernorm" in p for p in unused)
+
+
+def test_bfloat16_loading(hf_dirs):
+    bundle = load_hf_model(hf_dirs("llava-llama"), dtype="bfloat16")
+    kernels = [v for p, v in flatten(bundle.params).items() if p.endswith("kernel")]
+    assert kernels and all(str(k.dtype) == "bfloat16" for k in kernels)
+
+
+@pytest.mark.slow
+def test_prune_merge_export_round_trip(family, tmp_path):
+    """Wanda 2:4 → SparseLoRA merge → export → transformers loads the same logits and keeps the zeros."""
+    name, bundle, _ = family
+    from sparsevlm.data.calibration import calibration_set
+    from sparsevlm.data.prompts import bundle_format
+    from sparsevlm.pruning.calibrate import calibration_carry
+
+    if bundle.config.connector.reads_text:
+        pytest.skip("calibration batches do not carry InstructBLIP's Q-Former instruction yet")
+    data = calibration_set("shapes-captions", bundle.tokenizer, 8, image_size=bundle.config.vision.image_size,
+                           fmt=bundle_format(bundle.metadata))
+    calibration = calibration_carry(data, 8, bundle.tokenizer.pad_token_id, bundle.config.vision)
+    result = prune(bundle.params, bundle.config, SparsitySpec.same(0.5, pattern="2:4"), "wanda", calibration,
+                   key=jax.random.key(0))
+    lora_config = LoraConfig.with_ranks(connector_kind=bundle.config.connector.kind)
+    # Stand-in for training: non-zero factors, so the merge really changes the kept weights.
+    lora = jax.tree.map(lambda x: x + 0.01, init_lora(result.params, lora_config, jax.random.key(1)))
+    merged = jax.device_get(merge(result.params, lora, result.masks, lora_config.alpha, "sparselora"))
+    restored = dataclasses.replace(bundle, params=merged)
+    out = export_hf(restored, tmp_path / "exported")
+    model = getattr(transformers, FAMILIES[name][0]).from_pretrained(out).eval()
+    inputs = _inputs(bundle.processor, FAMILIES[name][1])
+    mask = inputs["attention_mask"].numpy().astype(bool)
+    assert np.abs(_ours(restored, inputs) - _theirs(model, inputs))[mask].max() <= 1e-4
+    flat = flatten(merged)
+    for path, keep in flatten(result.masks).items():
+        if keep is not None:
+            assert (np.asarray(flat[path])[~np.asarray(keep)] == 0).all(), path
+    # The zeros are in the PyTorch weights too: every group of 4 inputs has at least 2.
+    unused = [p.split("/", 1)[1] for p in flat if p.startswith("unused/")]  # never run, never pruned
+    pruned_hf = [v.numpy() for k, v in model.state_dict().items()
+                 if k.endswith(("fc1.weight", "down_proj.weight")) and not any(k.endswith(u) for u in unused)]
+    assert pruned_hf
+    for weight in pruned_hf:
+        assert ((weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1) >= 2).all()
