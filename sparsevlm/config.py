@@ -120,7 +120,11 @@ LANGUAGE_ARCHS = ("llama", "opt", "t5")
 
 @dataclasses.dataclass(frozen=True)
 class LanguageConfig:
-    """Language model: a Llama-style decoder (RMSNorm, rotary, SwiGLU, GQA), OPT, or T5 (`arch`)."""
+    """Language model: a Llama-style decoder (RMSNorm, rotary, SwiGLU, GQA), OPT, or T5 (`arch`).
+
+    OPT: LayerNorm, learned absolute positions, ReLU MLP. T5: encoder–decoder, RMSNorm, relative
+    position bias, gated-GELU (v1.1) or ReLU MLP; `depth` counts the encoder's blocks.
+    """
 
     arch: str = "llama"
     vocab_size: int = 128
@@ -133,12 +137,17 @@ class LanguageConfig:
     act: str = "silu"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    attention_bias: bool = False
-    tie_embeddings: bool = False
-    max_seq_len: int = 256
+    attention_bias: bool = False  # opt: HF `enable_bias`, which also puts biases on the MLP
+    tie_embeddings: bool = False  # t5: tied head with HF's d_model**-0.5 scaling of the decoder output
+    max_seq_len: int = 256  # opt: rows of the learned position table (HF `max_position_embeddings`)
+    gated_mlp: bool | None = None  # None: the arch's own (llama, t5: gated; opt: not)
+    decoder_depth: int | None = None  # t5: decoder blocks (None: as many as the encoder's `depth`)
+    relative_buckets: int = 32  # t5: relative position buckets
+    relative_max_distance: int = 128  # t5: relative distance from which all positions share a bucket
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len"):
+        for name in ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len",
+                     "relative_buckets", "relative_max_distance"):
             _check_positive(f"language.{name}", getattr(self, name))
         _check_choice("language.arch", self.arch, LANGUAGE_ARCHS)
         _check_choice("language.act", self.act, ACTIVATIONS)
@@ -149,11 +158,35 @@ class LanguageConfig:
             )
         if self.head_dim is None and self.width % self.num_heads:
             raise ValueError(f"language.width={self.width} is not divisible by num_heads={self.num_heads}")
+        if self.arch != "llama" and self.num_kv_heads != self.num_heads:
+            raise ValueError(
+                f"language.num_kv_heads={self.num_kv_heads} must equal language.num_heads={self.num_heads} "
+                f"for arch={self.arch!r} (no grouped-query attention)"
+            )
+        if self.decoder_depth is not None:
+            if self.arch != "t5":
+                raise ValueError(f"language.decoder_depth is for arch='t5' only, not {self.arch!r}")
+            _check_positive("language.decoder_depth", self.decoder_depth)
 
     @property
     def resolved_head_dim(self) -> int:
         """Per-head width."""
         return self.head_dim if self.head_dim is not None else self.width // self.num_heads
+
+    @property
+    def norm(self) -> str:
+        """Norm kind of the blocks and the final norm."""
+        return "layernorm" if self.arch == "opt" else "rmsnorm"
+
+    @property
+    def resolved_gated_mlp(self) -> bool:
+        """Whether the MLP is gated (`down(act(gate x) * up x)`)."""
+        return self.gated_mlp if self.gated_mlp is not None else self.arch != "opt"
+
+    @property
+    def num_decoder_layers(self) -> int:
+        """Blocks of the (KV-cached) decoder."""
+        return self.decoder_depth or self.depth
 
 
 FAMILIES = ("llava", "blip2", "instructblip")

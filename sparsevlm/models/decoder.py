@@ -1,4 +1,4 @@
-"""Llama-style decoder language model with a KV cache."""
+"""Decoder-only language models with a KV cache: Llama-style (rotary, SwiGLU) and OPT (learned positions)."""
 
 from __future__ import annotations
 
@@ -11,29 +11,33 @@ from sparsevlm.models.layers import Block, Dtype, KVCache, Linear, make_norm
 
 Array = jax.Array
 
+# HF OPT reserves the first two rows of its position table (a fairseq padding-index relic).
+OPT_POSITION_OFFSET = 2
+
 
 def init_cache(config: LanguageConfig, batch: int, length: int, dtype: Dtype = jnp.float32) -> list[KVCache]:
-    """Zeroed per-layer KV cache for `length` positions."""
+    """Zeroed per-layer KV cache for `length` positions (T5: the decoder's self-attention)."""
     shape = (batch, length, config.num_kv_heads, config.resolved_head_dim)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.depth)]
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_decoder_layers)]
 
 
 def decoder_block(config: LanguageConfig, dtype: Dtype = jnp.float32) -> Block:
     """One decoder block as a standalone module (the decoder and block-wise calibration share it)."""
+    opt = config.arch == "opt"
     return Block(
         width=config.width,
         num_heads=config.num_heads,
         head_dim=config.resolved_head_dim,
         mlp_dim=config.mlp_dim,
         act=config.act,
-        norm="rmsnorm",
+        norm=config.norm,
         norm_eps=config.norm_eps,
         num_kv_heads=config.num_kv_heads,
-        gated_mlp=True,
+        gated_mlp=config.resolved_gated_mlp,
         qkv_bias=config.attention_bias,
         out_bias=config.attention_bias,
-        mlp_bias=False,
-        rope_theta=config.rope_theta,
+        mlp_bias=opt and config.attention_bias,
+        rope_theta=None if opt else config.rope_theta,
         dtype=dtype,
     )
 
@@ -46,15 +50,27 @@ class Decoder(nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
+        if cfg.arch == "t5":
+            raise ValueError("language.arch='t5' is an encoder–decoder: use sparsevlm.models.t5.T5")
         self.embed = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=nn.initializers.normal(0.02))
+        if cfg.arch == "opt":
+            self.pos_embed = nn.Embed(
+                cfg.max_seq_len + OPT_POSITION_OFFSET, cfg.width, embedding_init=nn.initializers.normal(0.02)
+            )
         self.blocks = [decoder_block(cfg, self.dtype) for _ in range(cfg.depth)]
-        self.norm = make_norm("rmsnorm", cfg.norm_eps, "norm", self.dtype)
+        self.norm = make_norm(cfg.norm, cfg.norm_eps, "norm", self.dtype)
         if not cfg.tie_embeddings:
             self.lm_head = Linear(cfg.vocab_size, use_bias=False, dtype=self.dtype)
 
     def embed_tokens(self, tokens: Array) -> Array:
         """Token ids `[B, T]` → embeddings `[B, T, width]`."""
         return self.embed(tokens).astype(self.dtype)
+
+    def add_positions(self, embeds: Array, positions: Array) -> Array:
+        """Add absolute position embeddings (OPT) to the block input; rotary models are unchanged."""
+        if self.config.arch != "opt":
+            return embeds
+        return embeds + self.pos_embed(positions + OPT_POSITION_OFFSET).astype(embeds.dtype)
 
     def __call__(
         self,
@@ -65,7 +81,7 @@ class Decoder(nn.Module):
         cache_index: Array | int = 0,
     ) -> tuple[Array, list[KVCache] | None]:
         """Embeddings `[B, T, E]`, positions `[B, T]`, mask `[B, T, S]` → logits `[B, T, V]` (float32)."""
-        x = embeds
+        x = self.add_positions(embeds, positions)
         new_cache: list[KVCache] | None = [] if cache is not None else None
         for i, block in enumerate(self.blocks):
             x, layer_cache = block(x, mask, positions, None if cache is None else cache[i], cache_index)

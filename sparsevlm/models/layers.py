@@ -73,8 +73,15 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
+def causal_mask(valid: Array, query_slots: Array) -> Array:
+    """Causal mask `[B, T, S]`: query at slot `query_slots[t]` may see key slot `s <= it` that is valid."""
+    key_slots = jnp.arange(valid.shape[1])
+    causal = key_slots[None, None, :] <= query_slots[None, :, None]
+    return causal & valid[:, None, :].astype(bool)
+
+
 class Attention(nn.Module):
-    """Multi-head / grouped-query attention; self or cross; optional rotary positions and KV cache."""
+    """Multi-head / grouped-query attention; self or cross; optional rotary positions, score bias and KV cache."""
 
     num_heads: int
     head_dim: int
@@ -84,6 +91,7 @@ class Attention(nn.Module):
     out_bias: bool = True
     rope_theta: float | None = None
     dtype: Dtype = jnp.float32
+    scale_scores: bool = True  # False for T5, which folds the 1/sqrt(d) into its weights
 
     @nn.compact
     def __call__(
@@ -94,11 +102,13 @@ class Attention(nn.Module):
         kv_input: Array | None = None,
         cache: KVCache | None = None,
         cache_index: Array | int = 0,
+        score_bias: Array | None = None,
     ) -> tuple[Array, KVCache | None]:
         """Attend from `x` `[B, T, E]` over itself (or `kv_input`); `mask` `[B, T, S]` is True where allowed.
 
         With `cache`, the new keys/values are written at `cache_index` and attention runs over the
-        whole cache (length S); the updated cache is returned.
+        whole cache (length S); the updated cache is returned. `score_bias` `[B or 1, H, T, S]` is
+        added to the scores before masking (T5's relative position bias).
         """
         kv_heads = self.num_kv_heads or self.num_heads
         batch, length = x.shape[:2]
@@ -123,7 +133,11 @@ class Attention(nn.Module):
         groups = self.num_heads // kv_heads
         q = q.reshape(batch, length, kv_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(self.head_dim))
+        if self.scale_scores:
+            scores = scores / jnp.sqrt(jnp.float32(self.head_dim))
+        if score_bias is not None:
+            bias = score_bias.astype(jnp.float32)
+            scores = scores + bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[2:])
         if mask is not None:
             scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
@@ -154,7 +168,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: `x + attn(norm1 x)`, then `x + mlp(norm2 x)`."""
+    """Pre-norm transformer block: `x + attn(norm1 x)`, [`x + cross(norm_cross x, encoded)`], `x + mlp(norm2 x)`."""
 
     width: int
     num_heads: int
@@ -170,6 +184,8 @@ class Block(nn.Module):
     mlp_bias: bool = True
     rope_theta: float | None = None
     dtype: Dtype = jnp.float32
+    scale_scores: bool = True
+    cross_attention: bool = False  # an encoder–decoder decoder block (T5)
 
     @nn.compact
     def __call__(
@@ -179,21 +195,42 @@ class Block(nn.Module):
         positions: Array | None = None,
         cache: KVCache | None = None,
         cache_index: Array | int = 0,
+        score_bias: Array | None = None,
+        encoded: Array | None = None,
+        encoded_mask: Array | None = None,
     ) -> tuple[Array, KVCache | None]:
-        """One block; returns the new residual stream and the updated KV cache (if any)."""
+        """One block; returns the new residual stream and the updated KV cache (if any).
+
+        `score_bias` is added to the self-attention scores; `encoded` `[B, S, E]` and `encoded_mask`
+        `[B, T, S]` feed the cross-attention of a `cross_attention` block.
+        """
+
+        def attention(name: str, rope_theta: float | None) -> Attention:
+            return Attention(
+                num_heads=self.num_heads,
+                head_dim=self.head_dim,
+                out_features=self.width,
+                num_kv_heads=self.num_kv_heads,
+                qkv_bias=self.qkv_bias,
+                out_bias=self.out_bias,
+                rope_theta=rope_theta,
+                dtype=self.dtype,
+                scale_scores=self.scale_scores,
+                name=name,
+            )
+
         h = make_norm(self.norm, self.norm_eps, "norm1", self.dtype)(x)
-        h, cache = Attention(
-            num_heads=self.num_heads,
-            head_dim=self.head_dim,
-            out_features=self.width,
-            num_kv_heads=self.num_kv_heads,
-            qkv_bias=self.qkv_bias,
-            out_bias=self.out_bias,
-            rope_theta=self.rope_theta,
-            dtype=self.dtype,
-            name="attn",
-        )(h, mask, positions, cache=cache, cache_index=cache_index)
+        h, cache = attention("attn", self.rope_theta)(
+            h, mask, positions, cache=cache, cache_index=cache_index, score_bias=score_bias
+        )
         x = x + h.astype(x.dtype)
+        if self.cross_attention:
+            if encoded is None:
+                raise ValueError("a cross-attention block needs `encoded`")
+            h = make_norm(self.norm, self.norm_eps, "norm_cross", self.dtype)(x)
+            # Encoder outputs have no positions of their own: no rotary, no bias.
+            h, _ = attention("cross", None)(h, encoded_mask, kv_input=encoded.astype(self.dtype))
+            x = x + h.astype(x.dtype)
         h = make_norm(self.norm, self.norm_eps, "norm2", self.dtype)(x)
         h = MLP(self.mlp_dim, self.width, self.act, self.gated_mlp, self.mlp_bias, self.dtype, name="mlp")(h)
         return x + h.astype(x.dtype), cache

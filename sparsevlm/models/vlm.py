@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from sparsevlm.config import VLMConfig
 from sparsevlm.models.decoder import Decoder, decoder_block
 from sparsevlm.models.layers import MLP, Dtype, KVCache
+from sparsevlm.models.layers import causal_mask as attention_mask
 from sparsevlm.models.stages import Carry, PyTree, Stage
 from sparsevlm.models.vit import ViT, vit_block
 
@@ -39,13 +40,6 @@ def splice_image_tokens(text_embeds: Array, image_tokens: Array, tokens: Array, 
     order = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_tokens.shape[1] - 1)
     gathered = jnp.take_along_axis(image_tokens, order[..., None], axis=1)
     return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
-
-
-def attention_mask(valid: Array, query_slots: Array) -> Array:
-    """Causal mask `[B, T, S]`: query at slot `query_slots[t]` may see key slot `s <= it` that is valid."""
-    key_slots = jnp.arange(valid.shape[1])
-    causal = key_slots[None, None, :] <= query_slots[None, :, None]
-    return causal & valid[:, None, :].astype(bool)
 
 
 class VLM(nn.Module):
@@ -166,10 +160,14 @@ def calibration_stages(config: VLMConfig, dtype: Dtype = jnp.float32) -> tuple[S
     if config.connector.kind == "qformer":
         connector_stages = _qformer_stages(config, dtype)
 
+    def splice_and_position(module: VLM, image_tokens: Array, tokens: Array, text_mask: Array) -> tuple:
+        x, valid, positions = module.language_inputs(image_tokens, tokens, text_mask)
+        return module.language.add_positions(x, positions), valid, positions  # OPT's learned positions
+
     def splice(params: PyTree, carry: Carry) -> Carry:
         x, valid, positions = model.apply(
             {"params": {"language": params}}, carry["x"], carry["tokens"], carry["text_mask"],
-            method=VLM.language_inputs,
+            method=splice_and_position,
         )
         return {"x": x, "valid": valid, "positions": positions, "weight": valid.astype(jnp.float32)}
 
