@@ -188,7 +188,9 @@ def load_processor(directory: str | os.PathLike) -> Any:
         return transformers.AutoProcessor.from_pretrained(str(directory), trust_remote_code=False)
     except OSError as err:  # transformers' "can't load" is a bare OSError, which callers do not expect
         detail = " ".join(str(err).split())
-        raise FileNotFoundError(f"{directory} lacks usable processor files (tokenizer, image processor): {detail}") from None
+        raise FileNotFoundError(
+            f"{directory} lacks usable processor files (tokenizer, image processor): {detail}"
+        ) from None
 
 
 def processor_files(processor: Any) -> dict[str, str]:
@@ -270,7 +272,8 @@ def _convert(
 
     # `to_ours` transposes linear kernels: read them column-major, so the transpose is a view rather
     # than a second copy (otherwise the largest of them, often the LM head, is held twice at once).
-    transposed = {r.hf for r in rules if r.layout == "linear"}
+    # A tensor some other rule also reads (untransposed) stays row-major.
+    transposed = {r.hf for r in rules if r.layout == "linear"} - {r.hf for r in rules if r.layout != "linear"}
 
     def read(name: str) -> np.ndarray:
         if name not in checkpoint:

@@ -13,7 +13,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import BinaryIO, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -34,6 +34,7 @@ _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _MAX_HEADER = 100 * 1024 * 1024
+_CHUNK_BYTES = 8 * 1024 * 1024  # scratch for column-major reads
 
 
 class SafetensorsFile:
@@ -49,12 +50,18 @@ class SafetensorsFile:
             if len(prefix) < 8:
                 raise ValueError(f"{self.path} is not a safetensors file (only {size} bytes)")
             (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(_MAX_HEADER, size - 8):
+            if header_len > _MAX_HEADER:
                 raise ValueError(f"{self.path} is not a valid safetensors file (header length {header_len})")
+            if header_len > size - 8:
+                raise ValueError(
+                    f"{self.path} is truncated: its header needs {header_len} bytes but only {size - 8} follow"
+                )
             try:
                 header = json.loads(f.read(header_len))
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise ValueError(f"{self.path} has a corrupted safetensors header: {err}") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path} has a corrupted safetensors header: the header is not a JSON object")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._data_start = 8 + header_len
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
@@ -65,8 +72,12 @@ class SafetensorsFile:
                 begin, end = (int(o) for o in entry["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"{self.path}: tensor {name!r} has an unsupported or malformed header entry {entry!r}") from None
-            if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-                raise ValueError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
+            nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            if not 0 <= begin <= end or end - begin != nbytes:
+                raise ValueError(
+                    f"{self.path}: tensor {name!r} has data_offsets [{begin}, {end}], but {dtype} of shape {shape} "
+                    f"takes {nbytes} bytes"
+                )
             if self._data_start + end > size:
                 raise ValueError(
                     f"{self.path} is truncated: tensor {name!r} ends at byte {self._data_start + end} "
@@ -87,18 +98,34 @@ class SafetensorsFile:
             raise KeyError(f"tensor {name!r} is not in {self.path}")
         return self._entries[name]
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor as a fresh numpy array."""
+    def read(self, name: str, order: str = "C") -> np.ndarray:
+        """One tensor as a fresh numpy array; `order="F"` lays it out column-major (its `.T` is then C-contiguous)."""
+        if order not in ("C", "F"):
+            raise ValueError(f"order={order!r} is not supported; allowed: C, F")
         dtype, shape, begin, end = self._entry(name)
+        out = np.empty(shape, dtype, order=order)
         if end == begin:
-            return np.zeros(shape, dtype)
-        # Read just this tensor's bytes straight into a fresh array (no mapping of the whole file).
-        out = np.empty(shape, dtype)
+            return out
+        # Read just this tensor's bytes straight into the result (no mapping of the whole file).
         with open(self.path, "rb") as f:
             f.seek(self._data_start + begin)
-            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != end - begin:
-                raise ValueError(f"{self.path} is truncated inside tensor {name!r}")
+            if order == "C" or out.ndim < 2:
+                self._fill(f, out, name)
+                return out
+            # The file is row-major: read a few rows at a time into a small buffer and scatter them, so a
+            # column-major read (a transposed load) never holds the tensor twice.
+            rows = max(1, _CHUNK_BYTES // (out[0].size * dtype.itemsize))
+            buffer = np.empty((min(rows, shape[0]), *shape[1:]), dtype)
+            for start in range(0, shape[0], rows):
+                block = buffer[: min(rows, shape[0] - start)]
+                self._fill(f, block, name)
+                out[start : start + len(block)] = block
         return out
+
+    def _fill(self, f: BinaryIO, array: np.ndarray, name: str) -> None:
+        # `array` is C-contiguous (so the reshape is a view): its bytes in memory order are the file's.
+        if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
+            raise ValueError(f"{self.path} is truncated inside tensor {name!r}")
 
 
 class Checkpoint:
@@ -149,14 +176,14 @@ class Checkpoint:
         """The file holding a tensor."""
         return str(self.directory / self._location.get(name, "?"))
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor; a clear error if the index names it but its shard does not hold it."""
+    def read(self, name: str, order: str = "C") -> np.ndarray:
+        """One tensor (`order` as in `SafetensorsFile.read`); a clear error if its shard lacks it."""
         if name not in self._location:
             raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.directory}")
         shard = self._file(self._location[name])
         if name not in shard.keys():
             raise ValueError(f"{shard.path} does not contain tensor {name!r}, though {INDEX_NAME} says it does")
-        return shard.read(name)
+        return shard.read(name, order)
 
     def nbytes(self) -> int:
         """Total bytes of tensor data (from the headers)."""
@@ -178,27 +205,33 @@ def write_file(
     offset = 0
     for name, (dtype, shape) in specs.items():
         if np.dtype(dtype) not in _NAMES:
-            raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be written to safetensors")
+            raise ValueError(f"tensor {name!r}: dtype {np.dtype(dtype)} cannot be written to safetensors")
         nbytes = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
         header[name] = {"dtype": _NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # align the data section, as the reference writer does
     order = list(specs)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        written = 0
-        for name, array in tensors:
-            if written >= len(order) or name != order[written]:
-                raise ValueError(f"tensor {name!r} arrives out of the declared order")
-            dtype, shape = specs[name]
-            if array.dtype != np.dtype(dtype) or tuple(array.shape) != tuple(shape):
-                raise ValueError(f"tensor {name!r} is {array.dtype}{tuple(array.shape)}, declared {dtype}{tuple(shape)}")
-            f.write(np.ascontiguousarray(array).tobytes())
-            written += 1
-        if written != len(order):
-            raise ValueError(f"only {written} of {len(order)} declared tensors were written")
+    try:
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            written = 0
+            for name, array in tensors:
+                if written >= len(order) or name != order[written]:
+                    raise ValueError(f"tensor {name!r} arrives out of the declared order")
+                dtype, shape = specs[name]
+                if array.dtype != np.dtype(dtype) or tuple(array.shape) != tuple(shape):
+                    raise ValueError(f"tensor {name!r} is {array.dtype}{tuple(array.shape)}, "
+                                     f"declared {np.dtype(dtype)}{tuple(shape)}")
+                f.write(np.ascontiguousarray(array).tobytes())
+                written += 1
+            if written != len(order):
+                raise ValueError(f"only {written} of {len(order)} declared tensors were written")
+    except BaseException:
+        # A half-written file would look like a truncated checkpoint later; leave nothing behind.
+        Path(path).unlink(missing_ok=True)
+        raise
 
 
 def iter_file(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
