@@ -144,6 +144,7 @@ class LanguageConfig:
     decoder_depth: int | None = None  # t5: decoder blocks (None: as many as the encoder's `depth`)
     relative_buckets: int = 32  # t5: relative position buckets
     relative_max_distance: int = 128  # t5: relative distance from which all positions share a bucket
+    decoder_start_id: int = 0  # t5: the decoder's first input token (HF `decoder_start_token_id`)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "mlp_dim", "max_seq_len",

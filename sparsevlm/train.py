@@ -30,6 +30,14 @@ def batch_arrays(batch: Batch) -> dict[str, Any]:
     return dataclasses.asdict(batch)
 
 
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The keyword inputs of `VLM.__call__` a batch provides besides images and text."""
+    instruction = None
+    if batch.get("instruction_tokens") is not None:
+        instruction = (batch["instruction_tokens"], batch["instruction_mask"])
+    return {"instruction": instruction, "target_mask": batch["loss_mask"]}
+
+
 def token_cross_entropy(logits: Array, tokens: Array, loss_mask: Array) -> tuple[Array, Array]:
     """Summed next-token CE over target positions, and their count.
 
@@ -81,7 +89,9 @@ def make_train_step(
     """A jit-compiled full-parameter step minimising mean next-token CE on target tokens."""
 
     def loss_fn(params: PyTree, batch: dict[str, Any]) -> tuple[Array, Array]:
-        logits, _ = model.apply({"params": params}, batch["images"], batch["tokens"], batch["text_mask"])
+        logits, _ = model.apply(
+            {"params": params}, batch["images"], batch["tokens"], batch["text_mask"], **model_inputs(batch)
+        )
         total, count = token_cross_entropy(
             text_logits(logits, batch["tokens"].shape[1]), batch["tokens"], batch["loss_mask"]
         )
@@ -133,8 +143,9 @@ def make_restore_step(
     from sparsevlm.lora import lora_scope  # lora imports pruning, which imports models: keep train light
 
     def loss_fn(lora: PyTree, params: PyTree, masks: PyTree, batch: dict[str, Any]) -> tuple[Array, dict]:
+        inputs = model_inputs(batch)
         with lora_scope(lora, masks, alpha, mode):
-            logits, _ = model.apply({"params": params}, batch["images"], batch["tokens"], batch["text_mask"])
+            logits, _ = model.apply({"params": params}, batch["images"], batch["tokens"], batch["text_mask"], **inputs)
         num_text = batch["tokens"].shape[1]
         student = text_logits(logits, num_text)
         ce_sum, ce_count = token_cross_entropy(student, batch["tokens"], batch["loss_mask"])
@@ -142,9 +153,14 @@ def make_restore_step(
         metrics = {"ce": ce, "tokens": ce_count}
         if kl_weight == 0.0:  # static: no teacher pass at all
             return ce, metrics | {"kl": jnp.zeros(())}
-        teacher_logits, _ = model.apply({"params": params}, batch["images"], batch["tokens"], batch["text_mask"])
+        teacher_logits, _ = model.apply(
+            {"params": params}, batch["images"], batch["tokens"], batch["text_mask"], **inputs
+        )
         teacher = jax.lax.stop_gradient(text_logits(teacher_logits, num_text))
-        kl_sum, kl_count = distillation_kl(student[:, :-1], teacher[:, :-1], batch["text_mask"][:, 1:], temperature)
+        # Positions that predict a real next token (for T5: the decoder's, from the start token on).
+        predicts = model.apply({"params": params}, batch["text_mask"], batch["loss_mask"], method=VLM.prediction_mask)
+        kl_mask = batch["text_mask"][:, 1:] & predicts[:, :-1]
+        kl_sum, kl_count = distillation_kl(student[:, :-1], teacher[:, :-1], kl_mask, temperature)
         kl = kl_sum / jnp.maximum(kl_count, 1.0)
         return (1.0 - kl_weight) * ce + kl_weight * kl, metrics | {"kl": kl}
 

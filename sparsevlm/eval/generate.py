@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from sparsevlm.models.decoder import init_cache
+from sparsevlm.models.t5 import T5
+from sparsevlm.models.t5 import greedy_generate as t5_greedy
 from sparsevlm.models.vlm import VLM, Instruction
 
 Array = jax.Array
@@ -27,6 +29,11 @@ def greedy_generate(
     instruction: Instruction | None = None,
 ) -> Array:
     """New tokens `[B, max_new_tokens]` after left-padded prompts; `pad_id` after each row's EOS."""
+    if model.config.language.arch == "t5":
+        embeds, valid = model.apply({"params": params}, images, tokens, text_mask, instruction, method=_encoder_inputs)
+        language = T5(model.config.language, model.dtype)
+        return t5_greedy(language, params["language"], embeds, valid, max_new_tokens,
+                         model.config.language.decoder_start_id, eos_id, pad_id)
     batch, length = tokens.shape
     prefix = model.prefix_length(length)
     num_image = prefix - length
@@ -54,6 +61,10 @@ def greedy_generate(
     carry = (first, cache, valid, position, jnp.zeros((batch,), bool))
     _, rest = jax.lax.scan(step, carry, jnp.arange(max_new_tokens - 1))
     return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def _encoder_inputs(model: VLM, images: Array, tokens: Array, text_mask: Array, instruction: Instruction | None):
+    return model.encoder_inputs(model.encode_images(images, instruction), tokens, text_mask, None)
 
 
 @functools.lru_cache(maxsize=16)

@@ -41,6 +41,7 @@ def language_config(hf_config: Any) -> LanguageConfig:
         tie_embeddings=bool(tied),
         relative_buckets=hf_config.relative_attention_num_buckets,
         relative_max_distance=hf_config.relative_attention_max_distance,
+        decoder_start_id=int(getattr(hf_config, "decoder_start_token_id", None) or 0),
     )
 
 

@@ -42,7 +42,7 @@ def position_bias(config: LanguageConfig, table: Array, query_slots: Array, key_
     """Relative position bias `[1, H, T, S]` from a stack's `relative_bias/embedding` table `[buckets, H]`."""
     relative = key_slots[None, :].astype(jnp.int32) - query_slots[:, None].astype(jnp.int32)
     buckets = relative_position_bucket(relative, not causal, config.relative_buckets, config.relative_max_distance)
-    return jnp.transpose(table[buckets], (2, 0, 1))[None].astype(jnp.float32)
+    return jnp.transpose(jnp.asarray(table)[buckets], (2, 0, 1))[None].astype(jnp.float32)
 
 
 def _t5_block(config: LanguageConfig, cross_attention: bool, dtype: Dtype) -> Block:

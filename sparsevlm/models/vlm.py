@@ -14,15 +14,32 @@ import jax.numpy as jnp
 
 from sparsevlm.config import VLMConfig
 from sparsevlm.models.decoder import Decoder, decoder_block
-from sparsevlm.models.layers import MLP, Dtype, KVCache
+from sparsevlm.models.layers import MLP, Dtype, KVCache, make_norm
 from sparsevlm.models.layers import causal_mask as attention_mask
 from sparsevlm.models.stages import Carry, PyTree, Stage
+from sparsevlm.models.t5 import T5
 from sparsevlm.models.vit import ViT, vit_block
 
 Array = jax.Array
 Instruction = tuple[Array, Array]  # the Q-Former's own prompt tokens [B, Tq] and mask (InstructBLIP)
 
 TOWERS = ("vision", "connector", "language")
+
+
+def prompt_mask(text_mask: Array, target_mask: Array | None) -> Array:
+    """The prompt part of left-padded `[prompt | targets]` rows."""
+    mask = text_mask.astype(bool)
+    return mask if target_mask is None else mask & ~target_mask.astype(bool)
+
+
+def decoder_inputs(tokens: Array, text_mask: Array, target_mask: Array | None, start_id: int) -> tuple[Array, Array]:
+    """Encoder–decoder view of `[prompt | targets]`: the start token replaces the last prompt token,
+    so decoder position t (from there on) predicts token t + 1, as in the decoder-only layout."""
+    prompt = prompt_mask(text_mask, target_mask)
+    slots = jnp.arange(tokens.shape[1])
+    last = jnp.max(jnp.where(prompt, slots[None], -1), axis=1, keepdims=True)
+    decoder_tokens = jnp.where(slots[None] == last, start_id, tokens)
+    return decoder_tokens, text_mask.astype(bool) & (slots[None] >= last)
 
 
 def connector_module(config: VLMConfig, dtype: Dtype = jnp.float32) -> nn.Module:
@@ -56,7 +73,7 @@ class VLM(nn.Module):
         cfg = self.config
         self.vision = ViT(cfg.vision, self.dtype)
         self.connector = connector_module(cfg, self.dtype)
-        self.language = Decoder(cfg.language, self.dtype)
+        self.language = T5(cfg.language, self.dtype) if cfg.language.arch == "t5" else Decoder(cfg.language, self.dtype)
 
     def encode_images(self, images: Array, instruction: Instruction | None = None) -> Array:
         """Images `[B, H, W, C]` → image tokens in the language model's embedding space `[B, N, E]`.
@@ -94,12 +111,22 @@ class VLM(nn.Module):
         text_mask: Array,
         cache: list[KVCache] | None = None,
         instruction: Instruction | None = None,
+        target_mask: Array | None = None,
     ) -> tuple[Array, list[KVCache] | None]:
         """Full forward (training, scoring, or generation prefill when `cache` is given).
 
-        Returns logits `[B, L, V]` (L = `prefix_length(T)`) and, with a cache of length S >= L, the filled cache.
+        Returns logits `[B, L, V]` (L = `prefix_length(T)`) and, with a cache of length S >= L, the
+        filled cache. Logits at t predict token t + 1 for every architecture: an encoder–decoder
+        (T5) encodes the prompt (`text_mask` without `target_mask`) and decodes the targets, its
+        start token sitting at the last prompt position.
         """
         image_tokens = self.encode_images(images, instruction)
+        if self.config.language.arch == "t5":
+            if cache is not None:
+                raise ValueError("an encoder-decoder model has no decoder-only prefill; use eval.generate")
+            embeds, valid = self.encoder_inputs(image_tokens, tokens, text_mask, target_mask)
+            decoder_tokens, decoder_valid = self.decoder_inputs(tokens, text_mask, target_mask)
+            return self.language(embeds, valid, decoder_tokens, decoder_valid)
         embeds, valid, positions = self.language_inputs(image_tokens, tokens, text_mask)
         length = embeds.shape[1]
         if cache is not None:
@@ -107,6 +134,24 @@ class VLM(nn.Module):
             valid = jnp.pad(valid, ((0, 0), (0, pad)))
         mask = attention_mask(valid, jnp.arange(length))
         return self.language(embeds, positions, mask, cache, 0)
+
+    def encoder_inputs(
+        self, image_tokens: Array, tokens: Array, text_mask: Array, target_mask: Array | None
+    ) -> tuple[Array, Array]:
+        """T5: encoder embeddings (image tokens spliced into the prompt) and their validity."""
+        prompt = prompt_mask(text_mask, target_mask)
+        embeds, valid, _ = self.language_inputs(image_tokens, tokens, prompt)
+        return embeds, valid
+
+    def decoder_inputs(self, tokens: Array, text_mask: Array, target_mask: Array | None) -> tuple[Array, Array]:
+        """T5: decoder tokens (start token at the last prompt position, then the targets) and validity."""
+        return decoder_inputs(tokens, text_mask, target_mask, self.config.language.decoder_start_id)
+
+    def prediction_mask(self, text_mask: Array, target_mask: Array | None) -> Array:
+        """`[B, T]` True where the logits are a real next-token prediction (for distillation)."""
+        if self.config.language.arch == "t5":
+            return self.decoder_inputs(text_mask.astype(jnp.int32), text_mask, target_mask)[1]
+        return text_mask.astype(bool)
 
     def prefix_length(self, num_text: int) -> int:
         """Sequence length the language model sees for `num_text` text tokens."""
@@ -140,7 +185,6 @@ def calibration_stages(config: VLMConfig, dtype: Dtype = jnp.float32) -> tuple[S
     model = VLM(config, dtype)
     vit = ViT(config.vision, dtype)
     vision_block = vit_block(config.vision, dtype)
-    language_block = decoder_block(config.language, dtype)
     connector = connector_module(config, dtype)
 
     def vision_embed(params: PyTree, carry: Carry) -> Carry:
@@ -160,6 +204,21 @@ def calibration_stages(config: VLMConfig, dtype: Dtype = jnp.float32) -> tuple[S
     if config.connector.kind == "qformer":
         connector_stages = _qformer_stages(config, dtype)
 
+    language_stages = _t5_stages(config, dtype) if config.language.arch == "t5" else _decoder_stages(config, dtype)
+    return (
+        Stage("vision", vision_embed),
+        *[Stage(f"vision/blocks_{i}", vision_layer) for i in range(config.vision.blocks_used)],
+        Stage("vision", vision_head),
+        *connector_stages,
+        *language_stages,
+    )
+
+
+def _decoder_stages(config: VLMConfig, dtype: Dtype) -> list[Stage]:
+    """Decoder-only language stages: splice image tokens into the text, then one stage per block."""
+    model = VLM(config, dtype)
+    language_block = decoder_block(config.language, dtype)
+
     def splice_and_position(module: VLM, image_tokens: Array, tokens: Array, text_mask: Array) -> tuple:
         x, valid, positions = module.language_inputs(image_tokens, tokens, text_mask)
         return module.language.add_positions(x, positions), valid, positions  # OPT's learned positions
@@ -175,14 +234,75 @@ def calibration_stages(config: VLMConfig, dtype: Dtype = jnp.float32) -> tuple[S
         mask = attention_mask(carry["valid"], jnp.arange(carry["x"].shape[1]))
         return carry | {"x": language_block.apply({"params": params}, carry["x"], mask, carry["positions"])[0]}
 
-    return (
-        Stage("vision", vision_embed),
-        *[Stage(f"vision/blocks_{i}", vision_layer) for i in range(config.vision.blocks_used)],
-        Stage("vision", vision_head),
-        *connector_stages,
+    return [
         Stage("language", splice),
         *[Stage(f"language/blocks_{i}", language_layer) for i in range(config.language.depth)],
-    )
+    ]
+
+
+def _t5_stages(config: VLMConfig, dtype: Dtype) -> list[Stage]:
+    """Encoder–decoder stages: encoder inputs, position bias, encoder blocks, final norm; then the same
+    for the decoder, whose cross-attention reads the encoder output (`encoded`; its keys' padding
+    weights are `kv_weight`). Position biases ride in the carry, one per row so chunking can split them.
+    """
+    from sparsevlm.models.t5 import position_bias, t5_decoder_block, t5_encoder_block
+
+    model = VLM(config, dtype)
+    lang = config.language
+    encoder_block, decoder_block_ = t5_encoder_block(lang, dtype), t5_decoder_block(lang, dtype)
+    final_norm = make_norm(lang.norm, lang.norm_eps, "norm", dtype)
+
+    def splice(params: PyTree, carry: Carry) -> Carry:
+        target = carry.get("target_mask")
+        embeds, valid = model.apply(
+            {"params": {"language": params}}, carry["x"], carry["tokens"], carry["text_mask"], target,
+            method=VLM.encoder_inputs,
+        )
+        tokens, decoder_valid = decoder_inputs(carry["tokens"], carry["text_mask"], target, lang.decoder_start_id)
+        return {"x": embeds, "encoded_valid": valid, "decoder_tokens": tokens, "decoder_valid": decoder_valid,
+                "weight": valid.astype(jnp.float32)}
+
+    def bias_fn(causal: bool):  # noqa: ANN202 - the encoder's and the decoder's bias stage
+        def add_bias(params: PyTree, carry: Carry) -> Carry:
+            batch, length = carry["x"].shape[:2]
+            slots = jnp.arange(length)
+            bias = position_bias(lang, params["relative_bias"]["embedding"], slots, slots, causal)
+            return carry | {"bias": jnp.broadcast_to(bias, (batch, *bias.shape[1:]))}
+
+        return add_bias
+
+    def encoder_layer(params: PyTree, carry: Carry) -> Carry:
+        valid = carry["encoded_valid"]
+        mask = jnp.broadcast_to(valid[:, None, :], (valid.shape[0], valid.shape[1], valid.shape[1]))
+        x, _ = encoder_block.apply({"params": params}, carry["x"], mask, score_bias=carry["bias"])
+        return carry | {"x": x}
+
+    def encoder_end(params: PyTree, carry: Carry) -> Carry:
+        encoded = final_norm.apply({"params": params["norm"]}, carry["x"])
+        keep = ("encoded_valid", "decoder_tokens", "decoder_valid")
+        return {k: carry[k] for k in keep} | {"encoded": encoded}
+
+    def decoder_embed(params: PyTree, carry: Carry) -> Carry:
+        x = jnp.take(params["embed"]["embedding"], carry["decoder_tokens"], axis=0).astype(dtype)
+        return carry | {"x": x, "weight": carry["decoder_valid"].astype(jnp.float32),
+                        "kv_weight": carry["encoded_valid"].astype(jnp.float32)}
+
+    def decoder_layer(params: PyTree, carry: Carry) -> Carry:
+        x, valid, encoded_valid = carry["x"], carry["decoder_valid"], carry["encoded_valid"]
+        mask = attention_mask(valid, jnp.arange(x.shape[1]))
+        cross = jnp.broadcast_to(encoded_valid[:, None, :], (x.shape[0], x.shape[1], encoded_valid.shape[1]))
+        x, _ = decoder_block_.apply({"params": params}, x, mask, None, None, 0, carry["bias"], carry["encoded"], cross)
+        return carry | {"x": x}
+
+    return [
+        Stage("language", splice),
+        Stage("language/encoder", bias_fn(causal=False)),
+        *[Stage(f"language/encoder/blocks_{i}", encoder_layer) for i in range(lang.depth)],
+        Stage("language/encoder", encoder_end),
+        Stage("language", decoder_embed),
+        Stage("language/decoder", bias_fn(causal=True)),
+        *[Stage(f"language/decoder/blocks_{i}", decoder_layer) for i in range(lang.num_decoder_layers)],
+    ]
 
 
 def _qformer_stages(config: VLMConfig, dtype: Dtype) -> list[Stage]:

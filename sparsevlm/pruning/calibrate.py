@@ -44,7 +44,8 @@ def calibration_carry(
     chosen = np.sort(np.random.default_rng(seed).choice(len(data), num_samples, replace=False))
     length = max(len(data.sequences[i][0]) for i in chosen)
     batch = collate(data.images[data.image_index[chosen]], [data.sequences[i] for i in chosen], length, pad_id, vision)
-    return {"images": batch.images, "tokens": batch.tokens, "text_mask": batch.text_mask}
+    return {"images": batch.images, "tokens": batch.tokens, "text_mask": batch.text_mask,
+            "target_mask": batch.loss_mask}
 
 
 def _input_stats(x: Array, weight: Array | None, need_hessian: bool) -> LayerStats:
@@ -71,11 +72,14 @@ def _capturing(fn: Callable[[PyTree, Carry], Carry], need_hessian: bool) -> Call
     def run(params: PyTree, carry: Carry) -> tuple[Carry, dict[str, LayerStats]]:
         stats: dict[str, LayerStats] = {}
         weight = carry.get("weight")
+        kv_weight = carry.get("kv_weight")  # padding of the sequence a cross-attention reads (T5 decoder)
 
         def interceptor(next_fun, args, kwargs, context):  # noqa: ANN001, ANN202
             if isinstance(context.module, Linear) and context.method_name == "__call__":
-                name = "/".join(context.module.path)
-                new = _input_stats(args[0], weight, need_hessian)
+                path = context.module.path
+                name = "/".join(path)
+                reads_other = kv_weight is not None and len(path) >= 2 and path[-2] == "cross" and path[-1] in "kv"
+                new = _input_stats(args[0], kv_weight if reads_other else weight, need_hessian)
                 stats[name] = new if name not in stats else jax.tree.map(jnp.add, stats[name], new)
             return next_fun(*args, **kwargs)
 

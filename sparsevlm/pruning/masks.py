@@ -23,7 +23,7 @@ PyTree = Any
 PRUNABLE_RULES: tuple[tuple[str, bool], ...] = (
     (r"vision/blocks_\d+/(attn|mlp)/[^/]+/kernel", True),
     (r"connector/(.+/)?[^/]+/kernel", True),
-    (r"language/blocks_\d+/(attn|mlp)/[^/]+/kernel", True),
+    (r"language/((encoder|decoder)/)?blocks_\d+/(attn|cross|mlp)/[^/]+/kernel", True),
 )
 
 

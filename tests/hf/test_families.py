@@ -25,7 +25,10 @@ FAMILIES = {
     "llava-llama": ("LlavaForConditionalGeneration", LLAVA_PROMPTS, ("clip", "mlp", "llama")),
     "blip2-opt": ("Blip2ForConditionalGeneration", BLIP_PROMPTS, ("blip_vit", "qformer", "opt")),
     "instructblip-llama": ("InstructBlipForConditionalGeneration", BLIP_PROMPTS, ("blip_vit", "qformer", "llama")),
+    "blip2-flant5": ("Blip2ForConditionalGeneration", BLIP_PROMPTS, ("blip_vit", "qformer", "t5")),
+    "instructblip-flant5": ("InstructBlipForConditionalGeneration", BLIP_PROMPTS, ("blip_vit", "qformer", "t5")),
 }
+TARGETS = np.array([[7, 8, 9], [10, 11, 12]])  # decoder targets for the encoder-decoder (T5) families
 
 
 def _inputs(processor, prompts):
@@ -42,16 +45,38 @@ def _arrays(inputs):
     return images, inputs["input_ids"].numpy(), inputs["attention_mask"].numpy().astype(bool), instruction
 
 
+def _is_t5(bundle) -> bool:
+    return bundle.config.language.arch == "t5"
+
+
 def _ours(bundle, inputs, params=None):
+    """Our logits at the positions HF returns them for (T5: the decoder's, start token first)."""
     images, tokens, mask, instruction = _arrays(inputs)
+    target = None
+    if _is_t5(bundle):  # [prompt | targets] rows; the start token sits at the last prompt position
+        tokens = np.concatenate([tokens, TARGETS[: len(tokens)]], axis=1)
+        mask = np.concatenate([mask, np.ones(TARGETS[: len(mask)].shape, bool)], axis=1)
+        target = np.zeros(tokens.shape, bool)
+        target[:, -TARGETS.shape[1]:] = True
     logits, _ = VLM(bundle.config).apply(
-        {"params": bundle.params if params is None else params}, images, tokens, mask, None, instruction
+        {"params": bundle.params if params is None else params}, images, tokens, mask, None, instruction, target
     )
-    return np.asarray(logits)
+    logits = np.asarray(logits)
+    return logits[:, -TARGETS.shape[1] - 1:] if _is_t5(bundle) else logits
+
+
+def _mask(bundle, inputs):
+    """Positions to compare: real prompt tokens, or every decoder position."""
+    if _is_t5(bundle):
+        return np.ones((len(inputs["input_ids"]), TARGETS.shape[1] + 1), bool)
+    return inputs["attention_mask"].numpy().astype(bool)
 
 
 def _theirs(model, inputs):
     kwargs = dict(inputs)
+    if model.config.text_config.model_type == "t5":
+        start = np.full((len(inputs["input_ids"]), 1), model.config.text_config.decoder_start_token_id)
+        kwargs["decoder_input_ids"] = torch.tensor(np.concatenate([start, TARGETS[: len(start)]], axis=1))
     if model.config.text_config.model_type == "llama":
         # Positions over real tokens only, as generation counts them for left-padded rows (OPT does this itself).
         kwargs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
@@ -71,8 +96,7 @@ def test_logits_match_transformers_on_a_left_padded_batch(family):
     name, bundle, model = family
     inputs = _inputs(bundle.processor, FAMILIES[name][1])
     assert (inputs["attention_mask"] == 0).any(), "the batch should exercise padding"
-    mask = inputs["attention_mask"].numpy().astype(bool)
-    assert np.abs(_ours(bundle, inputs) - _theirs(model, inputs))[mask].max() <= 1e-4
+    assert np.abs(_ours(bundle, inputs) - _theirs(model, inputs))[_mask(bundle, inputs)].max() <= 1e-4
 
 
 def test_greedy_generation_matches_transformers(family):
@@ -83,7 +107,8 @@ def test_greedy_generation_matches_transformers(family):
         with torch.no_grad():
             want = model.generate(**inputs, max_new_tokens=8, do_sample=False, num_beams=1,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        want = want[0, inputs["input_ids"].shape[1]:].numpy()
+        # Decoder-only models return the prompt too; T5 returns the decoder's start token first.
+        want = want[0, 1:].numpy() if _is_t5(bundle) else want[0, inputs["input_ids"].shape[1]:].numpy()
         images, tokens, mask, instruction = _arrays(inputs)
         got = greedy_generate(VLM(bundle.config), bundle.params, images, tokens, mask, max_new_tokens=8,
                               eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, instruction=instruction)
@@ -137,8 +162,7 @@ def test_prune_merge_export_round_trip(family, tmp_path):
     out = export_hf(restored, tmp_path / "exported")
     model = getattr(transformers, FAMILIES[name][0]).from_pretrained(out).eval()
     inputs = _inputs(bundle.processor, FAMILIES[name][1])
-    mask = inputs["attention_mask"].numpy().astype(bool)
-    assert np.abs(_ours(restored, inputs) - _theirs(model, inputs))[mask].max() <= 1e-4
+    assert np.abs(_ours(restored, inputs) - _theirs(model, inputs))[_mask(bundle, inputs)].max() <= 1e-4
     flat = flatten(merged)
     for path, keep in flatten(result.masks).items():
         if keep is not None:
@@ -146,7 +170,8 @@ def test_prune_merge_export_round_trip(family, tmp_path):
     # The zeros are in the PyTorch weights too: every group of 4 inputs has at least 2.
     unused = [p.split("/", 1)[1] for p in flat if p.startswith("unused/")]  # never run, never pruned
     pruned_hf = [v.numpy() for k, v in model.state_dict().items()
-                 if k.endswith(("fc1.weight", "down_proj.weight")) and not any(k.endswith(u) for u in unused)]
+                 if k.endswith(("fc1.weight", "down_proj.weight", "DenseReluDense.wo.weight"))
+                 and not any(k.endswith(u) for u in unused)]
     assert pruned_hf
     for weight in pruned_hf:
         assert ((weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1) >= 2).all()

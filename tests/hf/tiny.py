@@ -159,3 +159,57 @@ def save_instructblip(directory: Path, seed: int = 0, width: int = 32, queries: 
                           qformer_tokenizer=word_tokenizer(image_token=False),
                           num_query_tokens=queries).save_pretrained(directory)
     return directory
+
+
+def _flan_t5(width: int) -> Any:
+    from transformers import T5Config
+
+    return T5Config(vocab_size=vocab_size(), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2,
+                    num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                    pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
+
+
+def _untie_t5_head(model: Any) -> None:
+    # A fresh v5 T5 is always tied; FlanT5 checkpoints have their own head (see hf/t5.py).
+    language = model.language_model
+    language.lm_head.weight = torch.nn.Parameter(torch.randn_like(language.lm_head.weight) * 0.05)
+    language.config.tie_word_embeddings = False
+
+
+def save_blip2_t5(directory: Path, seed: int = 0, width: int = 32, queries: int = 4) -> Path:
+    """A tiny `Blip2ForConditionalGeneration` with a FlanT5 language model."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(declare_image_token=False)
+    vision, qformer = _blip_vision_and_qformer(width, reads_text=False)
+    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                         text_config=_flan_t5(width).to_dict(), num_query_tokens=queries,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    model = Blip2ForConditionalGeneration(config).eval()
+    _untie_t5_head(model)
+    _perturb(model)
+    model.save_pretrained(directory)
+    Blip2Processor(image_processor=_blip_image_processor(), tokenizer=tokenizer,
+                   num_query_tokens=queries).save_pretrained(directory)
+    return directory
+
+
+def save_instructblip_t5(directory: Path, seed: int = 0, width: int = 32, queries: int = 4) -> Path:
+    """A tiny `InstructBlipForConditionalGeneration` with a FlanT5 language model."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(declare_image_token=False)
+    vision, qformer = _blip_vision_and_qformer(width, reads_text=True)
+    config = InstructBlipConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                                text_config=_flan_t5(width).to_dict(), num_query_tokens=queries,
+                                image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    model = InstructBlipForConditionalGeneration(config).eval()
+    _untie_t5_head(model)
+    _perturb(model)
+    model.save_pretrained(directory)
+    InstructBlipProcessor(image_processor=_blip_image_processor(), tokenizer=tokenizer,
+                          qformer_tokenizer=word_tokenizer(image_token=False),
+                          num_query_tokens=queries).save_pretrained(directory)
+    return directory
