@@ -41,6 +41,16 @@ class ModelBundle:
     masks: PyTree | None = None
     processor: Any = None
 
+    @property
+    def instruction_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """InstructBLIP's Q-Former tokenizer (its prompt goes to the Q-Former too); None for other models."""
+        if not self.config.connector.reads_text:
+            return None
+        tokenizer = getattr(self.processor, "qformer_tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("this model's Q-Former reads the instruction but its processor has no qformer_tokenizer")
+        return tokenizer
+
 
 def is_model_dir(path: str | os.PathLike) -> bool:
     """True if `path` holds a saved model (a complete orbax step with our items)."""

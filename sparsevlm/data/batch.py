@@ -26,6 +26,9 @@ class Batch:
     tokens: np.ndarray  # int32 [B, T]
     text_mask: np.ndarray  # bool [B, T]
     loss_mask: np.ndarray  # bool [B, T]
+    # InstructBLIP: the prompt in the Q-Former's own tokenizer, right-padded (its positions count from 0).
+    instruction_tokens: np.ndarray | None = None  # int32 [B, Tq]
+    instruction_mask: np.ndarray | None = None  # bool [B, Tq]
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -61,8 +64,13 @@ def collate(
     length: int,
     pad_id: int,
     vision: VisionConfig,
+    instructions: Sequence[list[int]] | None = None,
+    instruction_length: int | None = None,
 ) -> Batch:
-    """Left-pad encoded sequences to `length`; targets are the ids after each prompt."""
+    """Left-pad encoded sequences to `length`; targets are the ids after each prompt.
+
+    `instructions` (InstructBLIP's Q-Former prompt ids) are right-padded with 0 to `instruction_length`.
+    """
     batch = len(sequences)
     tokens = np.full((batch, length), pad_id, np.int32)
     text_mask = np.zeros((batch, length), bool)
@@ -74,7 +82,18 @@ def collate(
         tokens[row, start:] = ids
         text_mask[row, start:] = True
         loss_mask[row, start + n_prompt :] = True
-    return Batch(preprocess_images(images, vision), tokens, text_mask, loss_mask)
+    batch_images = preprocess_images(images, vision)
+    if instructions is None:
+        return Batch(batch_images, tokens, text_mask, loss_mask)
+    width = instruction_length or max(len(ids) for ids in instructions)
+    instruction_tokens = np.zeros((batch, width), np.int32)
+    instruction_mask = np.zeros((batch, width), bool)
+    for row, ids in enumerate(instructions):
+        if len(ids) > width:
+            raise ValueError(f"instruction of {len(ids)} tokens does not fit instruction_length={width}")
+        instruction_tokens[row, : len(ids)] = ids
+        instruction_mask[row, : len(ids)] = True
+    return Batch(batch_images, tokens, text_mask, loss_mask, instruction_tokens, instruction_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +106,23 @@ class EncodedSet:
     question_types: list[str]
     answers: list[str]
     questions: list[str]
+    instructions: list[list[int]] | None = None  # InstructBLIP: Q-Former prompt ids per example
 
     def __len__(self) -> int:
         return len(self.sequences)
+
+    @property
+    def instruction_length(self) -> int | None:
+        """Longest instruction rounded up to a multiple of 8 (one shape for every batch), if any."""
+        if self.instructions is None:
+            return None
+        return -(-max(len(ids) for ids in self.instructions) // 8) * 8
+
+    def collate(self, chosen: np.ndarray, length: int, pad_id: int, vision: VisionConfig) -> Batch:
+        """The examples at `chosen` as one batch."""
+        instructions = None if self.instructions is None else [self.instructions[i] for i in chosen]
+        return collate(self.images[self.image_index[chosen]], [self.sequences[i] for i in chosen], length, pad_id,
+                       vision, instructions, self.instruction_length)
 
     @property
     def max_length(self) -> int:
@@ -104,8 +137,13 @@ def encode_vqa(
     prompt_column: str = "question",
     target_column: str = "answer",
     fmt: PromptFormat = BUILTIN,
+    instruction_tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> EncodedSet:
-    """Decode each distinct image once and tokenize every row of a VQA-style dataset."""
+    """Decode each distinct image once and tokenize every row of a VQA-style dataset.
+
+    With `instruction_tokenizer` (InstructBLIP's Q-Former tokenizer) the formatted prompt is also
+    encoded with it, as the HF processor does.
+    """
     image_rows: dict[int, int] = {}
     decoded: list[np.ndarray] = []
     plain = dataset.cast_column("image", datasets.Image(decode=False))
@@ -121,7 +159,10 @@ def encode_vqa(
     targets = plain[target_column]
     sequences = [encode(tokenizer, p, t if with_targets else None, fmt) for p, t in zip(prompts, targets)]
     types = plain["question_type"] if "question_type" in plain.column_names else ["vqa"] * len(plain)
-    return EncodedSet(np.stack(decoded), index, sequences, list(types), list(targets), list(prompts))
+    instructions = None
+    if instruction_tokenizer is not None:
+        instructions = [instruction_tokenizer(fmt.template.format(question=p))["input_ids"] for p in prompts]
+    return EncodedSet(np.stack(decoded), index, sequences, list(types), list(targets), list(prompts), instructions)
 
 
 def iterate_batches(
@@ -145,8 +186,7 @@ def iterate_batches(
             real = order[start : start + batch_size]
         else:
             real = chosen
-        batch = collate(data.images[data.image_index[chosen]], [data.sequences[i] for i in chosen], length, pad_id, vision)
-        yield batch, real
+        yield data.collate(chosen, length, pad_id, vision), real
 
 
 def endless_batches(

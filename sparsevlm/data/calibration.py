@@ -20,6 +20,7 @@ def calibration_set(
     seed: int = 0,
     image_size: int = 48,
     fmt: PromptFormat = BUILTIN,
+    instruction_tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> EncodedSet:
     """Encoded examples (prompt + target text) from `num_images` training images.
 
@@ -31,8 +32,11 @@ def calibration_set(
         raise ValueError(f"calibration samples {num_images} must be positive")
     train = shapes.build_split("train", num_images, seed=seed, image_size=image_size)
     if name == "shapes-vqa":
-        return encode_vqa(train, tokenizer, with_targets=True, fmt=fmt)
+        return encode_vqa(train, tokenizer, with_targets=True, fmt=fmt,
+                          instruction_tokenizer=instruction_tokenizer)
     captions = shapes.captioning_view(train)
     if name == "shapes-captions":
-        return encode_vqa(captions, tokenizer, with_targets=True, fmt=fmt)
-    return encode_vqa(datasets.concatenate_datasets([train, captions]), tokenizer, with_targets=True, fmt=fmt)
+        return encode_vqa(captions, tokenizer, with_targets=True, fmt=fmt,
+                          instruction_tokenizer=instruction_tokenizer)
+    return encode_vqa(datasets.concatenate_datasets([train, captions]), tokenizer, with_targets=True, fmt=fmt,
+                          instruction_tokenizer=instruction_tokenizer)

@@ -320,6 +320,9 @@ def _qformer_stages(config: VLMConfig, dtype: Dtype) -> list[Stage]:
 
     def embed(params: PyTree, carry: Carry) -> Carry:
         batch = carry["x"].shape[0]
+        if cfg.reads_text and "instruction_tokens" not in carry:
+            raise ValueError("this model's Q-Former reads the instruction: calibration data needs instruction_tokens "
+                             "(encode it with the bundle's instruction_tokenizer)")
         text = (carry["instruction_tokens"], carry["instruction_mask"]) if cfg.reads_text else (None, None)
         x, self_mask = qformer.apply({"params": params}, *text, batch, method=QFormer.embed)
         weight = jnp.ones((batch, num_queries), jnp.float32)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sparsevlm.data.batch import EncodedSet, collate
+from sparsevlm.data.batch import EncodedSet
 from sparsevlm.config import VisionConfig
 from sparsevlm.models.layers import Linear
 from sparsevlm.models.stages import Carry, Stage
@@ -43,9 +43,12 @@ def calibration_carry(
         raise ValueError(f"calibration samples {num_samples} exceed the {len(data)} examples available")
     chosen = np.sort(np.random.default_rng(seed).choice(len(data), num_samples, replace=False))
     length = max(len(data.sequences[i][0]) for i in chosen)
-    batch = collate(data.images[data.image_index[chosen]], [data.sequences[i] for i in chosen], length, pad_id, vision)
-    return {"images": batch.images, "tokens": batch.tokens, "text_mask": batch.text_mask,
-            "target_mask": batch.loss_mask}
+    batch = data.collate(chosen, length, pad_id, vision)
+    carry = {"images": batch.images, "tokens": batch.tokens, "text_mask": batch.text_mask,
+             "target_mask": batch.loss_mask}
+    if batch.instruction_tokens is not None:
+        carry |= {"instruction_tokens": batch.instruction_tokens, "instruction_mask": batch.instruction_mask}
+    return carry
 
 
 def _input_stats(x: Array, weight: Array | None, need_hessian: bool) -> LayerStats:

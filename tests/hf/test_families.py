@@ -147,10 +147,8 @@ def test_prune_merge_export_round_trip(family, tmp_path):
     from sparsevlm.data.prompts import bundle_format
     from sparsevlm.pruning.calibrate import calibration_carry
 
-    if bundle.config.connector.reads_text:
-        pytest.skip("calibration batches do not carry InstructBLIP's Q-Former instruction yet")
     data = calibration_set("shapes-captions", bundle.tokenizer, 8, image_size=bundle.config.vision.image_size,
-                           fmt=bundle_format(bundle.metadata))
+                           fmt=bundle_format(bundle.metadata), instruction_tokenizer=bundle.instruction_tokenizer)
     calibration = calibration_carry(data, 8, bundle.tokenizer.pad_token_id, bundle.config.vision)
     result = prune(bundle.params, bundle.config, SparsitySpec.same(0.5, pattern="2:4"), "wanda", calibration,
                    key=jax.random.key(0))
