@@ -72,7 +72,7 @@ def resolve_model_path(name_or_path: str, progress: bool = True) -> Path:
         )
     if not path.exists():
         raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
-    if not is_model_dir(path) and not is_hf_dir(path):
+    if not is_hf_dir(path) and not is_model_dir(path):
         raise FileNotFoundError(f"model path {name_or_path!r} holds neither a saved sparsevlm model nor config.json")
     return path
 
@@ -80,7 +80,7 @@ def resolve_model_path(name_or_path: str, progress: bool = True) -> Path:
 def load_model(name_or_path: str, progress: bool = True, dtype: str = "float32") -> ModelBundle:
     """Load a model by built-in name, path or hub name (the default model is trained on first use)."""
     path = resolve_model_path(name_or_path, progress)
-    if is_model_dir(path):
+    if not is_hf_dir(path):
         return load_model_dir(path)
     from sparsevlm.hf.load import load_hf_model
 

@@ -46,3 +46,18 @@ def test_prune_restore_export_through_the_cli(family, hf_dirs, tmp_path, capsys)
                 assert ((groups == 0).sum(-1) >= 2).all(), name
                 changed += int(not torch.equal(torch.where(weight == 0, 0, original[name]), weight))
     assert changed > 0
+
+
+def test_hub_name_that_cannot_be_fetched_is_a_one_line_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsevlm.cli", "evaluate", "--model", "no-such-org/no-such-model"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not fetch 'no-such-org/no-such-model' from the Hugging Face hub" in lines[0]
