@@ -42,6 +42,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="train, validation or test")
     p.add_argument("--limit", type=_positive_int, default=None, help="evaluate on the first N images only")
     p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--num-beams", type=_positive_int, default=1, help="beam search width (1: greedy decoding)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=4, help="longest answer, in tokens")
     p.add_argument("--json", default=None, help="write the result JSON here")
 
 
@@ -171,7 +173,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--split {args.split!r} is not a split; allowed: {', '.join(shapes.SPLITS)}")
     bundle = hub.load_model(args.model)
     dataset = shapes.build_split(args.split, args.limit, image_size=bundle.config.vision.image_size)
-    result = evaluate_vqa(bundle, dataset, batch_size=args.batch_size)
+    result = evaluate_vqa(bundle, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          num_beams=args.num_beams)
     print(f"accuracy {result['accuracy']:.4f} on {result['n']} questions ({args.split})")
     for qtype, score in result["by_type"].items():
         print(f"  {qtype:<6} {score:.4f}")

@@ -15,7 +15,7 @@ The search mirrors transformers 5.x `GenerationMixin._beam_search` with its defa
   current generated length, cannot beat the worst of them (HF's `early_stopping=False` heuristic);
   the loop ends when no row can improve or after `max_new_tokens` steps.
 
-With `num_beams=1` this reduces to greedy decoding.
+With `num_beams=1` this reduces to greedy decoding, which `greedy_search` does directly over the same step.
 """
 
 from __future__ import annotations
@@ -180,3 +180,29 @@ def beam_search(
 
     beams, *_ = jax.lax.while_loop(keep_going, advance, (beams, state, parents, jnp.int32(1)))
     return beams.finished_tokens[:, 0]
+
+
+class Decoding(NamedTuple):
+    """Where generation starts: first-token logits `[B, V]`, the state (leading axis B) and its step."""
+
+    first_logits: Array
+    state: PyTree
+    step: DecodeStep
+
+
+def greedy_search(
+    decode_step: DecodeStep, first_logits: Array, state: PyTree, max_new_tokens: int, eos_id: int, pad_id: int
+) -> Array:
+    """Argmax decoding `[B, max_new_tokens]` over a cached step (as `beam_search`'s); `pad_id` after each row's EOS."""
+    first = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)
+
+    def body(carry: tuple, step: Array) -> tuple[tuple, Array]:
+        token, state, done = carry
+        logits, state = decode_step(state, token, step)
+        done = done | (token == eos_id)
+        nxt = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        return (nxt, state, done), nxt
+
+    carry = (first, state, jnp.zeros(first.shape, bool))
+    _, rest = jax.lax.scan(body, carry, jnp.arange(max_new_tokens - 1, dtype=jnp.int32))
+    return jnp.concatenate([first[:, None], rest.T], axis=1)

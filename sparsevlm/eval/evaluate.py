@@ -28,23 +28,28 @@ def evaluate_vqa(
     dataset: datasets.Dataset,
     batch_size: int = 128,
     max_new_tokens: int = 4,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
     progress: bool = True,
     params: Any = None,
 ) -> dict[str, Any]:
-    """Exact-match accuracy of greedy answers on a VQA dataset, with per-type scores and predictions."""
+    """Exact-match accuracy of greedy (`num_beams=1`) or beam-search answers on a VQA dataset, with per-type scores."""
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size} must be positive")
     tokenizer = bundle.tokenizer
-    data = encode_vqa(dataset, tokenizer, with_targets=False, fmt=bundle_format(bundle.metadata))
+    data = encode_vqa(dataset, tokenizer, with_targets=False, fmt=bundle_format(bundle.metadata),
+                      instruction_tokenizer=bundle.instruction_tokenizer)
     length = round_up(data.max_length, 8)
     model = VLM(bundle.config)
-    generate = compiled_generate(model, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    generate = compiled_generate(model, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                 num_beams, length_penalty)
     params = jax.device_put(bundle.params if params is None else params)
     predictions: list[str] = [""] * len(data)
     batches = iterate_batches(data, batch_size, length, tokenizer.pad_token_id, bundle.config.vision)
     total = -(-len(data) // batch_size)
     for batch, indices in tqdm(batches, total=total, desc="evaluate", disable=not progress, leave=False):
-        out = np.asarray(generate(params, batch.images, batch.tokens, batch.text_mask))
+        instruction = None if batch.instruction_tokens is None else (batch.instruction_tokens, batch.instruction_mask)
+        out = np.asarray(generate(params, batch.images, batch.tokens, batch.text_mask, instruction=instruction))
         for row, index in enumerate(indices):
             predictions[index] = decode_text(tokenizer, out[row], tokenizer.eos_token_id)
     correct = [normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, data.answers)]
@@ -57,6 +62,8 @@ def evaluate_vqa(
         "n": len(correct),
         "split": split,
         "by_type": {t: float(np.mean(v)) for t, v in sorted(by_type.items())},
+        "num_beams": num_beams,
+        "length_penalty": length_penalty,
         "predictions": [
             {"question": q, "answer": a, "prediction": p, "type": t}
             for q, a, p, t in zip(data.questions, data.answers, predictions, data.question_types)

@@ -1,4 +1,10 @@
-"""Greedy decoding with the KV cache, compiled once per (batch shape, max_new_tokens)."""
+"""VLM generation with the KV cache: greedy or beam search, compiled once per (batch shape, decoding setup).
+
+Both language kinds reduce to the same three things, which greedy decoding and `beam_search` consume:
+the first new token's logits, a decoding state with the batch as its leading axis, and a cached step
+`(state, tokens [N], step) -> (logits [N, V], state)`. Decoder-only models prefill the prompt into the
+cache; the T5 encoder-decoder encodes the prompt and decodes its start token.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,42 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from sparsevlm.eval.beam import Decoding, beam_search, greedy_search
 from sparsevlm.models.decoder import init_cache
-from sparsevlm.models.t5 import T5
-from sparsevlm.models.t5 import greedy_generate as t5_greedy
+from sparsevlm.models.t5 import T5, start_decoding
 from sparsevlm.models.vlm import VLM, Instruction
 
 Array = jax.Array
+PyTree = Any
 GenerateFn = Callable[[Any, Array, Array, Array], Array]
+
+
+def generate(
+    model: VLM,
+    params: Any,
+    images: Array,
+    tokens: Array,
+    text_mask: Array,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    instruction: Instruction | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+) -> Array:
+    """New tokens `[B, max_new_tokens]` after left-padded prompts; `pad_id` after each row's EOS.
+
+    `num_beams=1` decodes greedily; more beams run `beam_search` (HF `generate(num_beams=K)`, with
+    `length_penalty` the exponent on the generated length).
+    """
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams={num_beams!r} must be a positive int")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
+    first_logits, state, step = _start(model, params, images, tokens, text_mask, max_new_tokens, instruction)
+    if num_beams == 1:
+        return greedy_search(step, first_logits, state, max_new_tokens, eos_id, pad_id)
+    return beam_search(step, first_logits, state, num_beams, max_new_tokens, eos_id, pad_id, length_penalty)
 
 
 def greedy_generate(
@@ -28,39 +63,59 @@ def greedy_generate(
     pad_id: int,
     instruction: Instruction | None = None,
 ) -> Array:
-    """New tokens `[B, max_new_tokens]` after left-padded prompts; `pad_id` after each row's EOS."""
+    """`generate` with one beam: new tokens `[B, max_new_tokens]`, `pad_id` after each row's EOS."""
+    return generate(model, params, images, tokens, text_mask, max_new_tokens, eos_id, pad_id, instruction)
+
+
+def _start(
+    model: VLM,
+    params: Any,
+    images: Array,
+    tokens: Array,
+    text_mask: Array,
+    max_new_tokens: int,
+    instruction: Instruction | None,
+) -> Decoding:
+    """Prefill (decoder-only) or encode and decode the start token (T5), with room for `max_new_tokens`."""
     if model.config.language.arch == "t5":
         embeds, valid = model.apply({"params": params}, images, tokens, text_mask, instruction, method=_encoder_inputs)
         language = T5(model.config.language, model.dtype)
-        return t5_greedy(language, params["language"], embeds, valid, max_new_tokens,
-                         model.config.language.decoder_start_id, eos_id, pad_id)
+        return start_decoding(language, params["language"], embeds, valid, max_new_tokens)
+    return _decoder_start(model, params, images, tokens, text_mask, max_new_tokens, instruction)
+
+
+def _decoder_start(
+    model: VLM,
+    params: Any,
+    images: Array,
+    tokens: Array,
+    text_mask: Array,
+    max_new_tokens: int,
+    instruction: Instruction | None,
+) -> Decoding:
+    """Prompt prefilled into a cache of `prefix + max_new_tokens` slots; new token `i` goes to slot `prefix + i`."""
     batch, length = tokens.shape
     prefix = model.prefix_length(length)
     num_image = prefix - length
     cache = init_cache(model.config.language, batch, prefix + max_new_tokens, model.dtype)
     logits, cache = model.apply({"params": params}, images, tokens, text_mask, cache, instruction)
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     valid = jnp.concatenate(
         [jnp.ones((batch, num_image), bool), text_mask.astype(bool), jnp.zeros((batch, max_new_tokens), bool)],
         axis=1,
     )
+    # Positions count real tokens only, so a left-padded row continues from its own last one.
     position = num_image + text_mask.sum(axis=1).astype(jnp.int32) - 1
 
-    def step(carry: tuple, offset: Array) -> tuple[tuple, Array]:
-        token, cache, valid, position, done = carry
-        index = prefix + offset
-        valid = valid.at[:, index].set(True)
-        position = position + 1
+    def step(state: dict, tokens: Array, step: Array) -> tuple[Array, dict]:
+        index = prefix + step
+        valid = state["valid"].at[:, index].set(True)
+        position = state["position"] + 1
         logits, cache = model.apply(
-            {"params": params}, token[:, None], position[:, None], valid, cache, index, method=VLM.decode
+            {"params": params}, tokens[:, None], position[:, None], valid, state["cache"], index, method=VLM.decode
         )
-        done = done | (token == eos_id)
-        nxt = jnp.where(done, pad_id, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32))
-        return (nxt, cache, valid, position, done), nxt
+        return logits[:, 0], {"cache": cache, "valid": valid, "position": position}
 
-    carry = (first, cache, valid, position, jnp.zeros((batch,), bool))
-    _, rest = jax.lax.scan(step, carry, jnp.arange(max_new_tokens - 1))
-    return jnp.concatenate([first[:, None], rest.T], axis=1)
+    return Decoding(logits[:, -1], {"cache": cache, "valid": valid, "position": position}, step)
 
 
 def _encoder_inputs(model: VLM, images: Array, tokens: Array, text_mask: Array, instruction: Instruction | None):
@@ -68,10 +123,13 @@ def _encoder_inputs(model: VLM, images: Array, tokens: Array, text_mask: Array, 
 
 
 @functools.lru_cache(maxsize=16)
-def compiled_generate(model: VLM, max_new_tokens: int, eos_id: int, pad_id: int) -> GenerateFn:
-    """`jit`-compiled `greedy_generate` for one model and decoding setup, reused across calls."""
+def compiled_generate(
+    model: VLM, max_new_tokens: int, eos_id: int, pad_id: int, num_beams: int = 1, length_penalty: float = 1.0
+) -> GenerateFn:
+    """`jit`-compiled `generate` for one model and decoding setup, reused across calls."""
     return jax.jit(
-        functools.partial(greedy_generate, model, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+        functools.partial(generate, model, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                          num_beams=num_beams, length_penalty=length_penalty)
     )
 
 

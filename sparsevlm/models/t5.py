@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsevlm.config import LanguageConfig
+from sparsevlm.eval.beam import Decoding
 from sparsevlm.models.decoder import init_cache
 from sparsevlm.models.layers import Block, Dtype, KVCache, Linear, causal_mask, make_norm
 
@@ -181,32 +182,24 @@ class T5(nn.Module):
         return logits.astype(jnp.float32), cache
 
 
-def greedy_generate(
-    model: T5,
-    params: Any,
-    embeds: Array,
-    valid: Array,
-    max_new_tokens: int,
-    start_id: int,
-    eos_id: int,
-    pad_id: int,
-) -> Array:
-    """New tokens `[B, max_new_tokens]` decoded greedily from encoder inputs; `pad_id` after each row's EOS."""
+def start_decoding(language: T5, params: Any, embeds: Array, valid: Array, max_new_tokens: int) -> Decoding:
+    """Encoder outputs, and the decoder's start token at slot 0; new token `i` is fed at slot `i + 1`."""
     batch = embeds.shape[0]
     variables = {"params": params}
-    encoded = model.apply(variables, embeds, valid, method=T5.encode)
-    # Slot i holds the decoder input of step i; future slots are hidden by the causal mask.
-    self_valid = jnp.ones((batch, max_new_tokens), bool)
-    cache = init_cache(model.config, batch, max_new_tokens, model.dtype)
+    encoded = language.apply(variables, embeds, valid, method=T5.encode)
 
-    def step(carry: tuple, index: Array) -> tuple[tuple, Array]:
-        token, cache, done = carry
-        logits, cache = model.apply(
-            variables, token[:, None], encoded, valid, self_valid, cache, index, method=T5.decode
+    def step(state: dict, tokens: Array, step: Array) -> tuple[Array, dict]:
+        # Every slot counts as usable: the causal mask hides the ones not yet written.
+        self_valid = jnp.ones((tokens.shape[0], max_new_tokens), bool)
+        logits, cache = language.apply(
+            variables, tokens[:, None], state["encoded"], state["encoded_valid"], self_valid, state["cache"],
+            step + 1, method=T5.decode,
         )
-        nxt = jnp.where(done, pad_id, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32))
-        return (nxt, cache, done | (nxt == eos_id)), nxt
+        return logits[:, 0], state | {"cache": cache}
 
-    start = jnp.full((batch,), start_id, jnp.int32)
-    _, tokens = jax.lax.scan(step, (start, cache, jnp.zeros((batch,), bool)), jnp.arange(max_new_tokens))
-    return tokens.T
+    state = {"cache": init_cache(language.config, batch, max_new_tokens, language.dtype), "encoded": encoded,
+             "encoded_valid": valid}
+    start = jnp.full((batch,), language.config.decoder_start_id, jnp.int32)
+    # The start token precedes new token 0, so it is step -1 (slot 0).
+    first_logits, state = step(state, start, jnp.int32(-1))
+    return Decoding(first_logits, state, step)

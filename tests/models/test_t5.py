@@ -17,7 +17,8 @@ from sparsevlm.config import LanguageConfig
 from sparsevlm.hf.rules import Rule, to_hf, to_ours
 from sparsevlm.hf.t5 import language_config, language_rules
 from sparsevlm.models.decoder import init_cache
-from sparsevlm.models.t5 import T5, greedy_generate, relative_position_bucket, t5_decoder_block, t5_encoder_block
+from sparsevlm.eval.beam import greedy_search
+from sparsevlm.models.t5 import T5, relative_position_bucket, start_decoding, t5_decoder_block, t5_encoder_block
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -233,7 +234,9 @@ def test_greedy_generation_matches_transformers(checkpoint: Checkpoint):
     def generate(params: dict, source: jax.Array, valid: jax.Array) -> jax.Array:
         model = T5(cfg)
         embeds = model.apply({"params": params}, source, method=T5.embed_tokens)
-        return greedy_generate(model, params, embeds, valid, NEW, FLAN_T5["decoder_start_token_id"], EOS_ID, PAD_ID)
+        assert cfg.decoder_start_id == FLAN_T5["decoder_start_token_id"]
+        first_logits, state, step = start_decoding(model, params, embeds, valid, NEW)
+        return greedy_search(step, first_logits, state, NEW, EOS_ID, PAD_ID)
 
     ours = np.asarray(generate(params, source, valid))
     # An explicit cache: the one `generate` builds from the config has only `num_layers` (encoder) layers.
