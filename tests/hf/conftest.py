@@ -16,8 +16,12 @@ def llava_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hf_dirs(tmp_path_factory, llava_dir):
     """Every tiny family checkpoint, by family name (built on first use)."""
-    builders = {"blip2-opt": tiny.save_blip2, "instructblip-llama": tiny.save_instructblip,
-                "blip2-flant5": tiny.save_blip2_t5, "instructblip-flant5": tiny.save_instructblip_t5}
+    builders = {
+        "blip2-opt": lambda d: tiny.save_blip2(d, "opt"),
+        "blip2-flant5": lambda d: tiny.save_blip2(d, "flant5"),
+        "instructblip-llama": lambda d: tiny.save_instructblip(d, "llama"),
+        "instructblip-flant5": lambda d: tiny.save_instructblip(d, "flant5"),
+    }
     cache = {"llava-llama": llava_dir}
 
     def get(family: str):

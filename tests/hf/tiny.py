@@ -114,59 +114,21 @@ def _blip_vision_and_qformer(width: int, reads_text: bool) -> tuple[Any, Any]:
     return vision, qformer
 
 
-def save_blip2(directory: Path, text: str = "opt", seed: int = 0, width: int = 32, queries: int = 4) -> Path:
-    """A tiny `Blip2ForConditionalGeneration` (BLIP ViT + Q-Former + OPT) with its `Blip2Processor`."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, OPTConfig
+def _language_config(text: str, width: int) -> Any:
+    """A tiny OPT, Llama or FlanT5 config sharing the word tokenizer's ids."""
+    from transformers import LlamaConfig, OPTConfig, T5Config
 
-    if text != "opt":
-        raise ValueError(f"text={text!r}: only the OPT language model is built here")
-    torch.manual_seed(seed)
-    tokenizer = word_tokenizer(declare_image_token=False)
-    vision, qformer = _blip_vision_and_qformer(width, reads_text=False)
-    language = OPTConfig(vocab_size=vocab_size(), hidden_size=width, ffn_dim=2 * width, num_hidden_layers=2,
-                         num_attention_heads=4, word_embed_proj_dim=width, bos_token_id=2, eos_token_id=3,
-                         pad_token_id=0, max_position_embeddings=128)
-    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
-                         text_config=language.to_dict(), num_query_tokens=queries,
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-    model = Blip2ForConditionalGeneration(config).eval()
-    _perturb(model)
-    model.save_pretrained(directory)
-    Blip2Processor(image_processor=_blip_image_processor(), tokenizer=tokenizer,
-                   num_query_tokens=queries).save_pretrained(directory)
-    return directory
-
-
-def save_instructblip(directory: Path, seed: int = 0, width: int = 32, queries: int = 4) -> Path:
-    """A tiny `InstructBlipForConditionalGeneration` (BLIP ViT + instruction Q-Former + Llama) with its processor."""
-    from transformers import (
-        InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor, LlamaConfig,
-    )
-
-    torch.manual_seed(seed)
-    tokenizer = word_tokenizer(declare_image_token=False)
-    vision, qformer = _blip_vision_and_qformer(width, reads_text=True)
-    language = LlamaConfig(vocab_size=vocab_size(), hidden_size=width, intermediate_size=2 * width,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, bos_token_id=2,
-                           eos_token_id=3, pad_token_id=0)
-    config = InstructBlipConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
-                                text_config=language.to_dict(), num_query_tokens=queries,
-                                image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-    model = InstructBlipForConditionalGeneration(config).eval()
-    _perturb(model)
-    model.save_pretrained(directory)
-    InstructBlipProcessor(image_processor=_blip_image_processor(), tokenizer=tokenizer,
-                          qformer_tokenizer=word_tokenizer(image_token=False),
-                          num_query_tokens=queries).save_pretrained(directory)
-    return directory
-
-
-def _flan_t5(width: int) -> Any:
-    from transformers import T5Config
-
-    return T5Config(vocab_size=vocab_size(), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2,
-                    num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                    pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
+    ids = {"vocab_size": vocab_size(), "eos_token_id": 3, "pad_token_id": 0}
+    if text == "opt":
+        return OPTConfig(hidden_size=width, ffn_dim=2 * width, num_hidden_layers=2, num_attention_heads=4,
+                         word_embed_proj_dim=width, bos_token_id=2, max_position_embeddings=128, **ids)
+    if text == "llama":
+        return LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, bos_token_id=2, **ids)
+    if text == "flant5":
+        return T5Config(d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_decoder_layers=2, num_heads=4,
+                        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, **ids)
+    raise ValueError(f"text={text!r} is not one of opt, llama, flant5")
 
 
 def _untie_t5_head(model: Any) -> None:
@@ -176,40 +138,46 @@ def _untie_t5_head(model: Any) -> None:
     language.config.tie_word_embeddings = False
 
 
-def save_blip2_t5(directory: Path, seed: int = 0, width: int = 32, queries: int = 4) -> Path:
-    """A tiny `Blip2ForConditionalGeneration` with a FlanT5 language model."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+def _save_blip(directory: Path, instruct: bool, text: str, seed: int, width: int, queries: int) -> Path:
+    """A tiny BLIP-2 / InstructBLIP (BLIP ViT + Q-Former + `text` language model) with its processor."""
+    import transformers
 
+    kind = "InstructBlip" if instruct else "Blip2"
     torch.manual_seed(seed)
+    # The BLIP processors declare the image token themselves (they need an AddedToken).
     tokenizer = word_tokenizer(declare_image_token=False)
-    vision, qformer = _blip_vision_and_qformer(width, reads_text=False)
-    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
-                         text_config=_flan_t5(width).to_dict(), num_query_tokens=queries,
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-    model = Blip2ForConditionalGeneration(config).eval()
-    _untie_t5_head(model)
+    vision, qformer = _blip_vision_and_qformer(width, reads_text=instruct)
+    config = getattr(transformers, f"{kind}Config")(
+        vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+        text_config=_language_config(text, width).to_dict(), num_query_tokens=queries,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    model = getattr(transformers, f"{kind}ForConditionalGeneration")(config).eval()
+    if text == "flant5":
+        _untie_t5_head(model)
     _perturb(model)
     model.save_pretrained(directory)
-    Blip2Processor(image_processor=_blip_image_processor(), tokenizer=tokenizer,
-                   num_query_tokens=queries).save_pretrained(directory)
+    extra = {"qformer_tokenizer": word_tokenizer(image_token=False)} if instruct else {}
+    getattr(transformers, f"{kind}Processor")(
+        image_processor=_blip_image_processor(), tokenizer=tokenizer, num_query_tokens=queries, **extra
+    ).save_pretrained(directory)
     return directory
 
 
-def save_instructblip_t5(directory: Path, seed: int = 0, width: int = 32, queries: int = 4) -> Path:
-    """A tiny `InstructBlipForConditionalGeneration` with a FlanT5 language model."""
-    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
+def save_blip2(directory: Path, text: str = "opt", seed: int = 0, width: int = 32, queries: int = 4) -> Path:
+    """A tiny `Blip2ForConditionalGeneration` (language model `text`: opt or flant5) with its `Blip2Processor`."""
+    return _save_blip(directory, False, text, seed, width, queries)
 
-    torch.manual_seed(seed)
-    tokenizer = word_tokenizer(declare_image_token=False)
-    vision, qformer = _blip_vision_and_qformer(width, reads_text=True)
-    config = InstructBlipConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
-                                text_config=_flan_t5(width).to_dict(), num_query_tokens=queries,
-                                image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-    model = InstructBlipForConditionalGeneration(config).eval()
-    _untie_t5_head(model)
-    _perturb(model)
+
+def save_instructblip(directory: Path, text: str = "llama", seed: int = 0, width: int = 32, queries: int = 4) -> Path:
+    """A tiny `InstructBlipForConditionalGeneration` (language `text`: llama or flant5) with its processor."""
+    return _save_blip(directory, True, text, seed, width, queries)
+
+
+def saved_tensors(model: torch.nn.Module, directory: Path) -> dict[str, np.ndarray]:
+    """`save_pretrained` a model and read back every tensor of its single safetensors file."""
+    import safetensors
+
     model.save_pretrained(directory)
-    InstructBlipProcessor(image_processor=_blip_image_processor(), tokenizer=tokenizer,
-                          qformer_tokenizer=word_tokenizer(image_token=False),
-                          num_query_tokens=queries).save_pretrained(directory)
-    return directory
+    with safetensors.safe_open(str(directory / "model.safetensors"), "np") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}

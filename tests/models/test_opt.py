@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors
 
 from sparsevlm import tree
 from sparsevlm.config import LanguageConfig
@@ -18,6 +17,7 @@ from sparsevlm.hf.opt import language_config, language_rules
 from sparsevlm.hf.rules import Rule, to_hf, to_ours
 from sparsevlm.models.decoder import Decoder, decoder_block, init_cache
 from sparsevlm.models.layers import causal_mask
+from tests.hf.tiny import saved_tensors
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -48,12 +48,6 @@ def _hf_model(**extra: object) -> torch.nn.Module:
     return model.eval()
 
 
-def _saved_tensors(model: torch.nn.Module, directory: pathlib.Path) -> dict[str, np.ndarray]:
-    model.save_pretrained(directory)
-    with safetensors.safe_open(str(directory / "model.safetensors"), "np") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
 def _expected_shapes(config: LanguageConfig) -> dict[str, tuple[int, ...]]:
     def init(module: Decoder, tokens: jax.Array) -> jax.Array:
         # An untied head never reads the embedding table in `__call__`: embed the tokens too.
@@ -67,7 +61,7 @@ def _expected_shapes(config: LanguageConfig) -> dict[str, tuple[int, ...]]:
 
 def _checkpoint(directory: pathlib.Path, tied: bool) -> Checkpoint:
     model = _hf_model(tie_word_embeddings=tied)
-    tensors = _saved_tensors(model, directory)
+    tensors = saved_tensors(model, directory)
     config = language_config(model.config)
     rules = language_rules(config, prefix="")
     flat = dict(to_ours(rules, tensors.__getitem__, _expected_shapes(config), np.float32))
@@ -239,7 +233,7 @@ def test_blip2_names_are_the_plain_names_under_language_model(tmp_path: pathlib.
     qformer = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     model = t.Blip2ForConditionalGeneration(t.Blip2Config(
         vision_config=vision, qformer_config=qformer, text_config=t.OPTConfig(**OPT).to_dict(), num_query_tokens=4))
-    names = {k for k in _saved_tensors(model, tmp_path) if k.startswith("language_model.")}
+    names = {k for k in saved_tensors(model, tmp_path) if k.startswith("language_model.")}
     rules = language_rules(language_config(model.config.text_config), prefix="language_model.")
     assert {r.hf for r in rules} == names
 

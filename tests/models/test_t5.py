@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors
 
 from sparsevlm import tree
 from sparsevlm.config import LanguageConfig
@@ -19,6 +18,7 @@ from sparsevlm.hf.t5 import language_config, language_rules
 from sparsevlm.models.decoder import init_cache
 from sparsevlm.eval.beam import greedy_search
 from sparsevlm.models.t5 import T5, relative_position_bucket, start_decoding, t5_decoder_block, t5_encoder_block
+from tests.hf.tiny import saved_tensors
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -58,12 +58,6 @@ def _hf_model(hf_config: dict) -> torch.nn.Module:
     return model.eval()
 
 
-def _saved_tensors(model: torch.nn.Module, directory: pathlib.Path) -> dict[str, np.ndarray]:
-    model.save_pretrained(directory)
-    with safetensors.safe_open(str(directory / "model.safetensors"), "np") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
 def _expected_shapes(config: LanguageConfig) -> dict[str, tuple[int, ...]]:
     embeds = jax.ShapeDtypeStruct((1, 3, config.width), np.float32)
     valid = jax.ShapeDtypeStruct((1, 3), bool)
@@ -75,7 +69,7 @@ def _expected_shapes(config: LanguageConfig) -> dict[str, tuple[int, ...]]:
 
 def _checkpoint(directory: pathlib.Path, hf_config: dict) -> Checkpoint:
     model = _hf_model(hf_config)
-    tensors = _saved_tensors(model, directory)
+    tensors = saved_tensors(model, directory)
     config = language_config(model.config)
     rules = language_rules(config, prefix="")
     flat = dict(to_ours(rules, tensors.__getitem__, _expected_shapes(config), np.float32))
@@ -264,7 +258,7 @@ def test_vlm_names_are_the_plain_names_under_language_model(family: str, tmp_pat
     # As above: a fresh v5 model ties its head, a FlanT5 checkpoint does not.
     head = model.language_model.lm_head
     head.weight = torch.nn.Parameter(head.weight.detach().clone() + 1)
-    names = {k for k in _saved_tensors(model, tmp_path) if k.startswith("language_model.")}
+    names = {k for k in saved_tensors(model, tmp_path) if k.startswith("language_model.")}
     config = language_config(model.config.text_config)
     assert not config.tie_embeddings
     assert {r.hf for r in language_rules(config, prefix="language_model.")} == names
