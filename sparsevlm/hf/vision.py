@@ -18,6 +18,23 @@ def _act(hf_config: Any) -> str:
     return _ACTIVATIONS[hf_config.hidden_act]
 
 
+def _shared_fields(hf_config: Any, image_mean: Sequence[float], image_std: Sequence[float]) -> dict[str, Any]:
+    """The ViT fields CLIP and BLIP-2 configs spell the same way, plus the processor's normalisation."""
+    return dict(
+        image_size=hf_config.image_size,
+        patch_size=hf_config.patch_size,
+        num_channels=getattr(hf_config, "num_channels", 3),
+        width=hf_config.hidden_size,
+        depth=hf_config.num_hidden_layers,
+        num_heads=hf_config.num_attention_heads,
+        mlp_dim=hf_config.intermediate_size,
+        act=_act(hf_config),
+        norm_eps=hf_config.layer_norm_eps,
+        image_mean=tuple(float(v) for v in image_mean),
+        image_std=tuple(float(v) for v in image_std),
+    )
+
+
 def clip_config(
     hf_config: Any,
     feature_layer: int,
@@ -31,15 +48,7 @@ def clip_config(
     if select_strategy not in ("default", "full"):
         raise ValueError(f"vision_feature_select_strategy={select_strategy!r} is not supported; allowed: default, full")
     return VisionConfig(
-        image_size=hf_config.image_size,
-        patch_size=hf_config.patch_size,
-        num_channels=hf_config.num_channels,
-        width=hf_config.hidden_size,
-        depth=hf_config.num_hidden_layers,
-        num_heads=hf_config.num_attention_heads,
-        mlp_dim=hf_config.intermediate_size,
-        act=_act(hf_config),
-        norm_eps=hf_config.layer_norm_eps,
+        **_shared_fields(hf_config, image_mean, image_std),
         patch_bias=False,
         qkv_bias=True,
         use_cls_token=True,
@@ -47,23 +56,13 @@ def clip_config(
         final_norm=True,
         feature_layer=feature_layer,
         drop_cls_token=select_strategy == "default",
-        image_mean=tuple(float(v) for v in image_mean),
-        image_std=tuple(float(v) for v in image_std),
     )
 
 
 def blip_config(hf_config: Any, image_mean: Sequence[float], image_std: Sequence[float]) -> VisionConfig:
     """A `Blip2VisionConfig` / `InstructBlipVisionConfig` as our `VisionConfig` (all tokens, post-norm)."""
     return VisionConfig(
-        image_size=hf_config.image_size,
-        patch_size=hf_config.patch_size,
-        num_channels=getattr(hf_config, "num_channels", 3),
-        width=hf_config.hidden_size,
-        depth=hf_config.num_hidden_layers,
-        num_heads=hf_config.num_attention_heads,
-        mlp_dim=hf_config.intermediate_size,
-        act=_act(hf_config),
-        norm_eps=hf_config.layer_norm_eps,
+        **_shared_fields(hf_config, image_mean, image_std),
         patch_bias=True,
         qkv_bias=bool(getattr(hf_config, "qkv_bias", True)),
         use_cls_token=True,
@@ -71,8 +70,6 @@ def blip_config(hf_config: Any, image_mean: Sequence[float], image_std: Sequence
         final_norm=True,
         feature_layer=-1,
         drop_cls_token=False,
-        image_mean=tuple(float(v) for v in image_mean),
-        image_std=tuple(float(v) for v in image_std),
     )
 
 
