@@ -179,7 +179,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for qtype, score in result["by_type"].items():
         print(f"  {qtype:<6} {score:.4f}")
     if args.json:
-        _write_json(args.json, {k: result[k] for k in ("accuracy", "n", "split", "by_type")} | {"model": args.model})
+        kept = ("accuracy", "n", "split", "by_type", "num_beams", "length_penalty")
+        _write_json(args.json, {k: result[k] for k in kept} | {"model": args.model, "max_new_tokens": args.max_new_tokens})
     return 0
 
 

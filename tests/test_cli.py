@@ -24,7 +24,7 @@ def test_evaluate_writes_the_result_json(saved_model, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["evaluate", "--model", saved_model, "--split", "validation", "--limit", "6", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result) == {"accuracy", "n", "split", "by_type", "model"}
+    assert set(result) == {"accuracy", "n", "split", "by_type", "num_beams", "length_penalty", "max_new_tokens", "model"}
     assert result["split"] == "validation" and result["n"] >= 6
     assert 0.0 <= result["accuracy"] <= 1.0
     assert set(result["by_type"]) <= {"color", "count", "shape", "exist"}
