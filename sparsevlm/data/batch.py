@@ -173,9 +173,15 @@ def iterate_batches(
     vision: VisionConfig,
     rng: np.random.Generator | None = None,
     drop_remainder: bool = False,
+    indices: np.ndarray | None = None,
 ) -> Iterator[tuple[Batch, np.ndarray]]:
-    """Batches in order (or shuffled with `rng`) with their example indices; the last one is padded up."""
-    order = np.arange(len(data)) if rng is None else rng.permutation(len(data))
+    """Batches in order (or shuffled with `rng`) with their example indices; the last one is padded up.
+
+    `indices` restricts the batches to those examples (e.g. one length bucket).
+    """
+    order = np.arange(len(data)) if indices is None else np.asarray(indices)
+    if rng is not None:
+        order = rng.permutation(order)
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
         if len(chosen) < batch_size:
@@ -187,6 +193,17 @@ def iterate_batches(
         else:
             real = chosen
         yield data.collate(chosen, length, pad_id, vision), real
+
+
+def length_buckets(lengths: Sequence[int], smallest: int = 8) -> dict[int, np.ndarray]:
+    """Example indices grouped by padded length: the next power of two (at least `smallest`).
+
+    Batching each group at its own length keeps padding small while the number of distinct
+    shapes, and so of compilations, stays at most log2(longest / smallest) + 1.
+    """
+    lengths = np.asarray(lengths)
+    padded = np.maximum(smallest, 2 ** np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64))
+    return {int(size): np.flatnonzero(padded == size) for size in np.unique(padded)}
 
 
 def endless_batches(

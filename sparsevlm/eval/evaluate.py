@@ -11,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sparsevlm.checkpoint import ModelBundle
-from sparsevlm.data.batch import encode_vqa, iterate_batches
+from sparsevlm.data.batch import encode_vqa, iterate_batches, length_buckets
 from sparsevlm.data.prompts import bundle_format
 from sparsevlm.eval.generate import compiled_generate, decode_text
 from sparsevlm.eval.metrics import normalize_answer
@@ -39,14 +39,19 @@ def evaluate_vqa(
     tokenizer = bundle.tokenizer
     data = encode_vqa(dataset, tokenizer, with_targets=False, fmt=bundle_format(bundle.metadata),
                       instruction_tokenizer=bundle.instruction_tokenizer)
-    length = round_up(data.max_length, 8)
+    buckets = length_buckets([len(ids) for ids, _ in data.sequences])
     model = VLM(bundle.config)
     generate = compiled_generate(model, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
                                  num_beams, length_penalty)
     params = jax.device_put(bundle.params if params is None else params)
     predictions: list[str] = [""] * len(data)
-    batches = iterate_batches(data, batch_size, length, tokenizer.pad_token_id, bundle.config.vision)
-    total = -(-len(data) // batch_size)
+    batches = (
+        batch
+        for length, members in buckets.items()
+        for batch in iterate_batches(data, batch_size, length, tokenizer.pad_token_id, bundle.config.vision,
+                                     indices=members)
+    )
+    total = sum(-(-len(members) // batch_size) for members in buckets.values())
     for batch, indices in tqdm(batches, total=total, desc="evaluate", disable=not progress, leave=False):
         instruction = None if batch.instruction_tokens is None else (batch.instruction_tokens, batch.instruction_mask)
         out = np.asarray(generate(params, batch.images, batch.tokens, batch.text_mask, instruction=instruction))
