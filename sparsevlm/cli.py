@@ -37,14 +37,21 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="exact-match accuracy of a model on shapes VQA")
-    p.add_argument("--model", required=True, help="'default' or a saved model directory")
-    p.add_argument("--split", default="test", help="train, validation or test")
-    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate on the first N images only")
-    p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--num-beams", type=_positive_int, default=1, help="beam search width (1: greedy decoding)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=4, help="longest answer, in tokens")
-    p.add_argument("--json", default=None, help="write the result JSON here")
+    from sparsevlm.eval.evaluate import EVAL_TASKS
+
+    p = sub.add_parser("evaluate", help="score a model on shapes VQA or a benchmark (VQAv2, OK-VQA, GQA, captions)")
+    p.add_argument("--model", required=True, help="'default', a saved model directory, or an HF checkpoint")
+    p.add_argument("--task", default="shapes", choices=EVAL_TASKS,
+                   help="shapes: built-in exact match; vqav2/okvqa: official VQA accuracy; gqa; nocaps/coco_caption: CIDEr-D")
+    p.add_argument("--data", default=None, help="the task's data: an HF dataset name or a local imagefolder/parquet/jsonl")
+    p.add_argument("--split", default=None, help="shapes: train, validation or test (default test); else the data's split")
+    p.add_argument("--limit", type=_positive_int, default=None,
+                   help="shapes: the first N images; other tasks: the first N rows")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--num-beams", type=_positive_int, default=1, help="beam search width (1: greedy; paper: 5)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="longest answer in tokens (default: shapes 4, VQA 10, captions 30)")
+    p.add_argument("--json", default=None, help="write the result JSON here (benchmarks: with every prediction)")
 
 
 def _sparsity(text: str) -> float:
@@ -164,23 +171,41 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Evaluate a model on a shapes-VQA split."""
+    """Evaluate a model on shapes VQA or a benchmark task."""
     from sparsevlm import hub
     from sparsevlm.data import shapes
-    from sparsevlm.eval.evaluate import evaluate_vqa
+    from sparsevlm.eval.evaluate import evaluate_task
 
-    if args.split not in shapes.SPLITS:
-        raise ValueError(f"--split {args.split!r} is not a split; allowed: {', '.join(shapes.SPLITS)}")
+    if args.task == "shapes":
+        if args.data is not None:
+            raise ValueError("--data is for benchmark tasks; --task shapes uses the built-in dataset")
+        split = args.split or "test"
+        if split not in shapes.SPLITS:
+            raise ValueError(f"--split {split!r} is not a split; allowed: {', '.join(shapes.SPLITS)}")
+    elif args.data is None:
+        raise ValueError(f"--task {args.task} needs --data (an HF dataset name or a local path)")
     bundle = hub.load_model(args.model)
-    dataset = shapes.build_split(args.split, args.limit, image_size=bundle.config.vision.image_size)
-    result = evaluate_vqa(bundle, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          num_beams=args.num_beams)
-    print(f"accuracy {result['accuracy']:.4f} on {result['n']} questions ({args.split})")
-    for qtype, score in result["by_type"].items():
-        print(f"  {qtype:<6} {score:.4f}")
+    if args.task == "shapes":
+        dataset = shapes.build_split(split, args.limit, image_size=bundle.config.vision.image_size)
+    else:
+        from sparsevlm.data.hf import load_task
+
+        dataset = load_task(args.task, args.data, args.split, args.limit)
+    result = evaluate_task(bundle, args.task, dataset, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    if args.task == "shapes":
+        print(f"accuracy {result['accuracy']:.4f} on {result['n']} questions ({split})")
+        for qtype, score in result["by_type"].items():
+            print(f"  {qtype:<6} {score:.4f}")
+    else:
+        print(f"{args.task}: {result['metric']} {result['score']:.4f} on {result['n']} rows ({result['split']})")
     if args.json:
-        kept = ("accuracy", "n", "split", "by_type", "num_beams", "length_penalty")
-        _write_json(args.json, {k: result[k] for k in kept} | {"model": args.model, "max_new_tokens": args.max_new_tokens})
+        if args.task == "shapes":
+            kept = ("accuracy", "n", "split", "by_type", "num_beams", "length_penalty")
+            payload = {k: result[k] for k in kept} | {"max_new_tokens": args.max_new_tokens or 4}
+        else:
+            payload = dict(result)
+        _write_json(args.json, payload | {"model": args.model})
     return 0
 
 

@@ -55,6 +55,11 @@ def bundle_format(metadata: Mapping[str, Any]) -> PromptFormat:
     return PromptFormat.from_dict(stored) if stored else BUILTIN
 
 
+def caption_format(fmt: PromptFormat) -> PromptFormat:
+    """The format for captioning prompts: a chat template (LLaVA) stays, a question template is dropped."""
+    return fmt if fmt.image in ("model", "marker") else dataclasses.replace(fmt, template="{question}")
+
+
 def family_format(family: str, image_token_id: int, num_image_tokens: int, encoder_decoder: bool) -> PromptFormat:
     """The VQA prompt format of an HF family, as its processor lays the tokens out."""
     return PromptFormat(

@@ -1,4 +1,4 @@
-"""Batched VQA evaluation: greedy answers, exact match overall and per question type."""
+"""Batched evaluation: generated answers scored per task (exact match, official VQA accuracy, GQA, CIDEr-D)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sparsevlm.checkpoint import ModelBundle
-from sparsevlm.data.batch import encode_vqa, iterate_batches, length_buckets
-from sparsevlm.data.prompts import bundle_format
+from sparsevlm.data.batch import EncodedSet, encode_vqa, iterate_batches, length_buckets
+from sparsevlm.data.prompts import PromptFormat, bundle_format, caption_format
 from sparsevlm.eval.generate import compiled_generate, decode_text
-from sparsevlm.eval.metrics import normalize_answer
+from sparsevlm.eval.metrics import cider_d, gqa_accuracy, normalize_answer, vqa_accuracy, vqa_score
 from sparsevlm.models.vlm import VLM
 
 
@@ -23,7 +23,7 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def evaluate_vqa(
+def generate_answers(
     bundle: ModelBundle,
     dataset: datasets.Dataset,
     batch_size: int = 128,
@@ -32,12 +32,13 @@ def evaluate_vqa(
     length_penalty: float = 1.0,
     progress: bool = True,
     params: Any = None,
-) -> dict[str, Any]:
-    """Exact-match accuracy of greedy (`num_beams=1`) or beam-search answers on a VQA dataset, with per-type scores."""
+    fmt: PromptFormat | None = None,
+) -> tuple[EncodedSet, list[str]]:
+    """The model's answer to every row's prompt (greedy or beam search), batched by length bucket."""
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size} must be positive")
     tokenizer = bundle.tokenizer
-    data = encode_vqa(dataset, tokenizer, with_targets=False, fmt=bundle_format(bundle.metadata),
+    data = encode_vqa(dataset, tokenizer, with_targets=False, fmt=fmt or bundle_format(bundle.metadata),
                       instruction_tokenizer=bundle.instruction_tokenizer)
     buckets = length_buckets([len(ids) for ids, _ in data.sequences])
     model = VLM(bundle.config)
@@ -57,6 +58,22 @@ def evaluate_vqa(
         out = np.asarray(generate(params, batch.images, batch.tokens, batch.text_mask, instruction=instruction))
         for row, index in enumerate(indices):
             predictions[index] = decode_text(tokenizer, out[row], tokenizer.eos_token_id)
+    return data, predictions
+
+
+def evaluate_vqa(
+    bundle: ModelBundle,
+    dataset: datasets.Dataset,
+    batch_size: int = 128,
+    max_new_tokens: int = 4,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    progress: bool = True,
+    params: Any = None,
+) -> dict[str, Any]:
+    """Exact-match accuracy of greedy (`num_beams=1`) or beam-search answers on a VQA dataset, with per-type scores."""
+    data, predictions = generate_answers(bundle, dataset, batch_size, max_new_tokens, num_beams, length_penalty,
+                                         progress, params)
     correct = [normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, data.answers)]
     by_type: dict[str, list[bool]] = defaultdict(list)
     for qtype, hit in zip(data.question_types, correct):
@@ -72,5 +89,70 @@ def evaluate_vqa(
         "predictions": [
             {"question": q, "answer": a, "prediction": p, "type": t}
             for q, a, p, t in zip(data.questions, data.answers, predictions, data.question_types)
+        ],
+    }
+
+
+EVAL_TASKS = ("shapes", "vqav2", "okvqa", "gqa", "nocaps", "coco_caption")
+# Paper: VQA answers with at most 10 new tokens; captions need room for a sentence.
+DEFAULT_NEW_TOKENS = {"shapes": 4, "vqa": 10, "caption": 30}
+
+
+def evaluate_task(
+    bundle: ModelBundle,
+    task: str,
+    dataset: datasets.Dataset,
+    batch_size: int = 64,
+    max_new_tokens: int | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    progress: bool = True,
+    params: Any = None,
+) -> dict[str, Any]:
+    """Score a model on an evaluation task: official VQA accuracy (VQAv2, OK-VQA), GQA accuracy, or CIDEr-D.
+
+    `dataset` is in the common format of `sparsevlm.data.hf` (built-in shapes splits for `shapes`).
+    The result has the score, its metric, the decoding setup and every row's prediction.
+    """
+    if task not in EVAL_TASKS:
+        raise ValueError(f"task={task!r} is not one of {', '.join(EVAL_TASKS)}")
+    if task == "shapes":
+        result = evaluate_vqa(bundle, dataset, batch_size, max_new_tokens or DEFAULT_NEW_TOKENS["shapes"],
+                              num_beams, length_penalty, progress, params)
+        return result | {"task": task, "metric": "exact_match", "score": result["accuracy"]}
+    from sparsevlm.data.hf import TASK_SPECS
+
+    kind = TASK_SPECS[task].kind
+    fmt = bundle_format(bundle.metadata)
+    if kind == "caption":
+        fmt = caption_format(fmt)
+    new_tokens = max_new_tokens or DEFAULT_NEW_TOKENS[kind]
+    data, predictions = generate_answers(bundle, dataset, batch_size, new_tokens, num_beams, length_penalty,
+                                         progress, params, fmt)
+    references = [list(a) for a in dataset["answers"]]
+    if kind == "caption":
+        metric = "cider_d"
+        score, per_row = cider_d(dict(enumerate(predictions)), dict(enumerate(references)))
+        row_scores = [per_row[i] for i in range(len(predictions))]
+    elif task == "gqa":
+        metric = "gqa_accuracy"
+        score = gqa_accuracy(predictions, data.answers)
+        row_scores = [gqa_accuracy([p], [a]) for p, a in zip(predictions, data.answers)]
+    else:
+        metric = "vqa_accuracy"
+        score = vqa_score(predictions, references)
+        row_scores = [vqa_accuracy(p, r) for p, r in zip(predictions, references)]
+    return {
+        "task": task,
+        "metric": metric,
+        "score": float(score),
+        "n": len(predictions),
+        "split": str(dataset.split) if dataset.split is not None else "unknown",
+        "max_new_tokens": new_tokens,
+        "num_beams": num_beams,
+        "length_penalty": length_penalty,
+        "predictions": [
+            {"image_id": i, "prompt": q, "prediction": p, "references": r, "score": float(v)}
+            for i, q, p, r, v in zip(dataset["image_id"], data.questions, predictions, references, row_scores)
         ],
     }

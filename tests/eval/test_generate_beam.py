@@ -52,17 +52,17 @@ def test_evaluate_vqa_searches_with_the_requested_beams(tiny_bundle, monkeypatch
 def test_evaluate_command_passes_decoding_flags(monkeypatch, tiny_bundle):
     seen = {}
 
-    def fake_evaluate_vqa(bundle, dataset, **kwargs):
-        seen.update(kwargs)
+    def fake_evaluate_task(bundle, task, dataset, **kwargs):
+        seen.update(kwargs, task=task)
         return {"accuracy": 0.0, "n": 0, "split": "validation", "by_type": {}}
 
-    monkeypatch.setattr(evaluate, "evaluate_vqa", fake_evaluate_vqa)
+    monkeypatch.setattr(evaluate, "evaluate_task", fake_evaluate_task)
     monkeypatch.setattr("sparsevlm.hub.load_model", lambda name: tiny_bundle)
     assert main(["evaluate", "--model", "tiny", "--split", "validation", "--limit", "1",
                  "--num-beams", "5", "--max-new-tokens", "10"]) == 0
-    assert (seen["num_beams"], seen["max_new_tokens"]) == (5, 10)
+    assert (seen["task"], seen["num_beams"], seen["max_new_tokens"]) == ("shapes", 5, 10)
     main(["evaluate", "--model", "tiny", "--split", "validation", "--limit", "1"])
-    assert (seen["num_beams"], seen["max_new_tokens"]) == (1, 4)
+    assert (seen["num_beams"], seen["max_new_tokens"]) == (1, None)  # None: the task's default length
 
 
 @pytest.mark.parametrize("flag,value", [("--num-beams", "0"), ("--max-new-tokens", "0"), ("--num-beams", "five")])
