@@ -16,7 +16,7 @@ import jax
 from sparsevlm import hub
 from sparsevlm.checkpoint import ModelBundle
 from sparsevlm.data import shapes
-from sparsevlm.data.calibration import CALIBRATION_SETS, calibration_set
+from sparsevlm.data.calibration import CALIBRATION_SETS, DATA_HELP, calibration_set, data_flag
 from sparsevlm.data.prompts import bundle_format
 from sparsevlm.eval.evaluate import evaluate_vqa
 from sparsevlm.models.stages import Carry
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="'default' or a saved model directory")
     parser.add_argument("--method", default="wanda", choices=METHODS)
     parser.add_argument("--calib-samples", type=int, default=128)
-    parser.add_argument("--calib-data", default="shapes-captions", choices=CALIBRATION_SETS)
+    parser.add_argument("--calib-data", default=CALIBRATION_SETS[0], type=data_flag, help=DATA_HELP)
     parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N test images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results")

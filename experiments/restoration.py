@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from common import Study, add_arguments, load_study, markdown_table, write_outputs  # noqa: E402
 from sparsevlm.config import RestoreConfig  # noqa: E402
-from sparsevlm.data.calibration import CALIBRATION_SETS  # noqa: E402
+from sparsevlm.data.calibration import DATA_HELP, data_flag  # noqa: E402
 from sparsevlm.data.prompts import bundle_format  # noqa: E402
 from sparsevlm.pruning import SparsitySpec, apply_masks, measure_sparsity  # noqa: E402
 from sparsevlm.restore import restore, teacher_base  # noqa: E402
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--kl-weight", type=float, default=defaults.kl_weight)
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--train-data", default=defaults.train_data, choices=CALIBRATION_SETS)
+    parser.add_argument("--train-data", default=defaults.train_data, type=data_flag, help=DATA_HELP)
     args = parser.parse_args(argv)
     study = load_study(args)
     config = RestoreConfig(

@@ -65,7 +65,7 @@ def _sparsity(text: str) -> float:
 
 
 def _add_prune(sub: argparse._SubParsersAction) -> None:
-    from sparsevlm.data.calibration import CALIBRATION_SETS
+    from sparsevlm.data.calibration import CALIBRATION_SETS, DATA_HELP, data_flag
     from sparsevlm.pruning import METHODS
     from sparsevlm.pruning.calibrate import CALIBRATION_MODES
     from sparsevlm.pruning.patterns import PATTERN_HELP
@@ -78,7 +78,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--language-sparsity", type=_sparsity, default=0.0, help="fraction of language weights pruned")
     p.add_argument("--connector-sparsity", type=_sparsity, default=0.0, help="fraction of connector weights pruned")
     p.add_argument("--calib-samples", type=_positive_int, default=128, help="calibration examples (paper: 128)")
-    p.add_argument("--calib-data", default=CALIBRATION_SETS[0], choices=CALIBRATION_SETS)
+    p.add_argument("--calib-data", default=CALIBRATION_SETS[0], type=data_flag, help=DATA_HELP)
     p.add_argument("--calibration-mode", default="sequential", choices=CALIBRATION_MODES,
                    help="sequential: each block sees the pruned blocks before it; dense: statistics of the dense model")
     p.add_argument("--seed", type=int, default=0)
@@ -89,7 +89,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
 
 def _add_restore(sub: argparse._SubParsersAction) -> None:
     from sparsevlm.config import RestoreConfig
-    from sparsevlm.data.calibration import CALIBRATION_SETS
+    from sparsevlm.data.calibration import DATA_HELP, data_flag
 
     defaults = RestoreConfig()
     p = sub.add_parser("restore", help="restore a pruned model with LoRA or SparseLoRA (+ dense-teacher KL)")
@@ -107,7 +107,7 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--connector-rank", type=_positive_int, default=defaults.connector_rank, help="(paper: 2)")
     p.add_argument("--language-rank", type=_positive_int, default=defaults.language_rank, help="(paper: 8)")
     p.add_argument("--alpha", type=float, default=defaults.alpha, help="LoRA scale numerator (scale = alpha / r)")
-    p.add_argument("--train-data", default=defaults.train_data, choices=CALIBRATION_SETS)
+    p.add_argument("--train-data", default=defaults.train_data, type=data_flag, help=DATA_HELP)
     p.add_argument("--train-images", type=_positive_int, default=defaults.train_images)
     p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (params and LoRA stay float32)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save LoRA state every N steps to OUT-checkpoints")

@@ -136,7 +136,7 @@ def test_two_four_pruning_survives_export(trained_model_dir, tmp_path):
         (["--method", "wanda", "--pattern", "blocky", "--language-sparsity", "0.5"], "pattern 'blocky' is not understood"),
         (["--method", "wanda", "--pattern", "2:4", "--language-sparsity", "0.3"], "language sparsity 0.3 does not match pattern 2:4"),
         (["--method", "wanda"], "nothing to prune"),
-        (["--method", "wanda", "--language-sparsity", "0.5", "--calib-data", "c4"], "argument --calib-data: invalid choice: 'c4'"),
+        (["--method", "wanda", "--language-sparsity", "0.5", "--calib-data", "c4"], "argument --calib-data: data 'c4' is neither a built-in set nor TASK=SOURCE"),
     ],
 )
 def test_prune_rejects_bad_input_and_writes_nothing(flags, message, saved_model, tmp_path, capsys):

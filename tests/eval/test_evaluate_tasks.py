@@ -84,3 +84,36 @@ def test_limit_zero_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "--model", "default", "--task", "vqav2", "--data", "x", "--limit", "0"])
     assert exit_info.value.code == 2 and "--limit" in capsys.readouterr().err
+
+
+def test_calibrate_prune_restore_evaluate_on_local_real_format_data(saved_model, tmp_path):
+    """CC3M-style prefix captions calibrate, COCO-style captions restore, VQAv2-style data evaluates."""
+    root = tmp_path / "cc3m"
+    rows = []
+    for i in range(12):
+        name = _image_name(i)
+        _write_image(str(root / "images" / name), i)
+        rows.append({"image": f"images/{name}", "caption": f"a {WORDS[i % 8]} {WORDS[(i + 2) % 8]} on the left"})
+    cc3m = _write_jsonl(str(root / "train.jsonl"), rows)
+    captions = _dataset_file(tmp_path, "caption", rows=12)
+    vqa = _dataset_file(tmp_path, "vqa")
+    pruned, restored = str(tmp_path / "pruned"), str(tmp_path / "restored")
+    assert main(["prune", "--model", saved_model, "--method", "wanda", "--language-sparsity", "0.5",
+                 "--calib-data", f"cc3m={cc3m}", "--calib-samples", "8", "--eval-images", "4", "--out", pruned]) == 0
+    report = json.loads((tmp_path / "pruned" / "report.json").read_text())
+    assert report["calibration"]["data"] == f"cc3m={cc3m}" and report["calibration"]["samples"] == 8
+    assert main(["restore", "--model", pruned, "--method", "sparselora", "--steps", "2", "--warmup-steps", "1",
+                 "--batch-size", "4", "--train-data", f"coco_caption_train={captions}", "--train-images", "12",
+                 "--eval-images", "4", "--out", restored]) == 0
+    out = tmp_path / "vqa.json"
+    assert main(["evaluate", "--model", restored, "--task", "vqav2", "--data", vqa, "--max-new-tokens", "2",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["n"] == 10
+
+
+@pytest.mark.parametrize("value", ["cc3m", "c4=/data", "cc3m="])
+def test_bad_data_flags_name_the_value(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "--model", "default", "--method", "wanda", "--language-sparsity", "0.5",
+              "--calib-data", value, "--out", "x"])
+    assert exit_info.value.code == 2 and f"data {value!r} is neither" in capsys.readouterr().err

@@ -136,7 +136,7 @@ def test_calibration_modes_and_counts_are_validated(tiny_bundle, calib):
     data = calibration_set("shapes-captions", tiny_bundle.tokenizer, 4)
     with pytest.raises(ValueError, match="calibration samples 9 exceed the 4"):
         calibration_carry(data, 9, 0, tiny_bundle.config.vision)
-    with pytest.raises(ValueError, match="calibration data 'cc3m'"):
+    with pytest.raises(ValueError, match="data 'cc3m' is neither a built-in set nor TASK=SOURCE"):
         calibration_set("cc3m", tiny_bundle.tokenizer, 4)
 
 
