@@ -71,7 +71,7 @@ def load_study(args: argparse.Namespace) -> Study:
     bundle = hub.load_model(args.model)
     samples = min(args.calib_samples, 16) if args.quick else args.calib_samples
     data = calibration_set(args.calib_data, bundle.tokenizer, samples, args.seed, bundle.config.vision.image_size,
-                           bundle_format(bundle.metadata), bundle.instruction_tokenizer)
+                           bundle_format(bundle.metadata), bundle.instruction_tokenizer, bundle.image_processor)
     calibration = calibration_carry(data, samples, bundle.tokenizer.pad_token_id, bundle.config.vision, args.seed)
     eval_images = args.eval_images if args.eval_images else (40 if args.quick else None)
     test = shapes.build_split("test", eval_images, image_size=bundle.config.vision.image_size)

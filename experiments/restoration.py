@@ -54,7 +54,8 @@ def run(study: Study, config: RestoreConfig) -> list[dict]:
             started = time.perf_counter()
             result = restore(base, pruned.masks, study.bundle.config, study.bundle.tokenizer, run_config,
                              progress=False, fmt=bundle_format(study.bundle.metadata),
-                             instruction_tokenizer=study.bundle.instruction_tokenizer)
+                             instruction_tokenizer=study.bundle.instruction_tokenizer,
+                             image_processor=study.bundle.image_processor)
             trained[variant] = (result.params, time.perf_counter() - started)
         add("LoRA", *trained["LoRA"])
         add("LoRA + remask", apply_masks(trained["LoRA"][0], pruned.masks), trained["LoRA"][1])

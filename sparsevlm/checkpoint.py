@@ -42,6 +42,11 @@ class ModelBundle:
     processor: Any = None
 
     @property
+    def image_processor(self) -> Any:
+        """The HF image processor (resize / crop as the checkpoint expects); None for built-in models."""
+        return getattr(self.processor, "image_processor", None)
+
+    @property
     def instruction_tokenizer(self) -> PreTrainedTokenizerBase | None:
         """InstructBLIP's Q-Former tokenizer (its prompt goes to the Q-Former too); None for other models."""
         if not self.config.connector.reads_text:

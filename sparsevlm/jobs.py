@@ -38,7 +38,7 @@ def prune_job(
     calibration = None
     if method in NEEDS_CALIBRATION:
         data = calibration_set(calib_data, bundle.tokenizer, calib_samples, seed, bundle.config.vision.image_size,
-                               bundle_format(bundle.metadata), bundle.instruction_tokenizer)
+                               bundle_format(bundle.metadata), bundle.instruction_tokenizer, bundle.image_processor)
         calibration = calibration_carry(data, calib_samples, bundle.tokenizer.pad_token_id, bundle.config.vision, seed)
     result = prune(
         bundle.params, bundle.config, spec, method, calibration, calibration_mode,
@@ -88,7 +88,7 @@ def restore_job(
         raise ValueError("the teacher's architecture differs from the pruned model's")
     base = teacher_base(pruned.params, pruned.masks, teacher.params)
     result = restore(base, pruned.masks, pruned.config, pruned.tokenizer, config, checkpoint_dir, progress,
-                     bundle_format(pruned.metadata), pruned.instruction_tokenizer)
+                     bundle_format(pruned.metadata), pruned.instruction_tokenizer, pruned.image_processor)
     params = apply_masks(result.params, pruned.masks) if remask else result.params
     params = jax.device_get(params)
     keeps_masks = config.method == "sparselora" or remask

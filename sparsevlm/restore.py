@@ -67,6 +67,7 @@ def restore(
     progress: bool = True,
     fmt: PromptFormat = BUILTIN,
     instruction_tokenizer: PreTrainedTokenizerBase | None = None,
+    image_processor: Any = None,
 ) -> RestoreResult:
     """Train LoRA factors on built-in data; returns them and the merged params (masked per the mode)."""
     check_masks(base_params, masks)
@@ -74,7 +75,7 @@ def restore(
     key = jax.random.key(config.seed)
     lora = init_lora(base_params, lora_cfg, key)
     data = calibration_set(config.train_data, tokenizer, config.train_images, config.seed,
-                           model_config.vision.image_size, fmt, instruction_tokenizer)
+                           model_config.vision.image_size, fmt, instruction_tokenizer, image_processor)
     rng = np.random.default_rng(config.seed)
     stream = endless_batches(data, config.batch_size, round_up(data.max_length, 8), tokenizer.pad_token_id,
                              model_config.vision, rng)

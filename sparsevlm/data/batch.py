@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import datasets
 import numpy as np
@@ -138,11 +138,14 @@ def encode_vqa(
     target_column: str = "answer",
     fmt: PromptFormat = BUILTIN,
     instruction_tokenizer: PreTrainedTokenizerBase | None = None,
+    image_size: int | None = None,
+    image_processor: Any = None,
 ) -> EncodedSet:
     """Decode each distinct image once and tokenize every row of a VQA-style dataset.
 
     With `instruction_tokenizer` (InstructBLIP's Q-Former tokenizer) the formatted prompt is also
-    encoded with it, as the HF processor does.
+    encoded with it, as the HF processor does. With `image_size` every image is fitted to that
+    square size (`fit_image`), so datasets of mixed image sizes stack.
     """
     image_rows: dict[int, int] = {}
     decoded: list[np.ndarray] = []
@@ -153,7 +156,8 @@ def encode_vqa(
     for i, (image_id, cell) in enumerate(zip(image_ids, image_cells)):
         if image_id not in image_rows:
             image_rows[image_id] = len(decoded)
-            decoded.append(decode_image(cell))
+            image = decode_image(cell)
+            decoded.append(image if image_size is None else fit_image(image, image_size, image_processor))
         index[i] = image_rows[image_id]
     prompts = plain[prompt_column]
     targets = plain[target_column]
@@ -162,7 +166,24 @@ def encode_vqa(
     instructions = None
     if instruction_tokenizer is not None:
         instructions = [instruction_tokenizer(fmt.template.format(question=p))["input_ids"] for p in prompts]
+    shapes = {image.shape for image in decoded}
+    if len(shapes) > 1:
+        raise ValueError(f"images have {len(shapes)} different shapes (e.g. {sorted(shapes)[:2]}): pass image_size")
     return EncodedSet(np.stack(decoded), index, sequences, list(types), list(targets), list(prompts), instructions)
+
+
+def fit_image(image: np.ndarray, size: int, image_processor: Any = None) -> np.ndarray:
+    """uint8 `[H, W, C]` → uint8 `[size, size, C]`: the HF image processor's resize and crop when given
+    (its rescaling and normalisation happen later, from the config), else a bicubic resize."""
+    if image_processor is not None:
+        out = image_processor(image, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"][0]
+        out = np.moveaxis(np.asarray(out), 0, -1) if out.shape[0] in (1, 3) else np.asarray(out)
+        if out.shape[:2] != (size, size):
+            raise ValueError(f"the image processor made {out.shape[0]}x{out.shape[1]} images, the model takes {size}")
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
 
 
 def iterate_batches(

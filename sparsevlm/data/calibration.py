@@ -7,6 +7,8 @@ name or a local imagefolder / parquet / JSON-lines path.
 
 from __future__ import annotations
 
+from typing import Any
+
 import datasets
 from transformers import PreTrainedTokenizerBase
 
@@ -51,6 +53,7 @@ def calibration_set(
     image_size: int = 48,
     fmt: PromptFormat = BUILTIN,
     instruction_tokenizer: PreTrainedTokenizerBase | None = None,
+    image_processor: Any = None,
 ) -> EncodedSet:
     """Encoded examples (prompt + target text) from `num_images` training images (rows, for `TASK=SOURCE`).
 
@@ -66,7 +69,8 @@ def calibration_set(
         dataset = load_task(task, source, limit=num_images, seed=seed)
         if TASK_SPECS[task].kind != "vqa":
             fmt = caption_format(fmt)
-        return encode_vqa(dataset, tokenizer, with_targets=True, fmt=fmt, instruction_tokenizer=instruction_tokenizer)
+        return encode_vqa(dataset, tokenizer, with_targets=True, fmt=fmt, instruction_tokenizer=instruction_tokenizer,
+                          image_size=image_size, image_processor=image_processor)
     train = shapes.build_split("train", num_images, seed=seed, image_size=image_size)
     if name == "shapes-vqa":
         return encode_vqa(train, tokenizer, with_targets=True, fmt=fmt,

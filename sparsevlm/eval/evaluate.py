@@ -39,7 +39,8 @@ def generate_answers(
         raise ValueError(f"batch_size={batch_size} must be positive")
     tokenizer = bundle.tokenizer
     data = encode_vqa(dataset, tokenizer, with_targets=False, fmt=fmt or bundle_format(bundle.metadata),
-                      instruction_tokenizer=bundle.instruction_tokenizer)
+                      instruction_tokenizer=bundle.instruction_tokenizer, image_size=bundle.config.vision.image_size,
+                      image_processor=bundle.image_processor)
     buckets = length_buckets([len(ids) for ids, _ in data.sequences])
     model = VLM(bundle.config)
     generate = compiled_generate(model, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,

@@ -50,3 +50,38 @@ def test_iterate_batches_keeps_shapes_and_covers_every_example():
     shuffled = [i for _, idx in iterate_batches(data, 2, 4, 0, VisionConfig(), np.random.default_rng(0), True)
                 for i in idx]
     assert len(shuffled) == 4 and len(set(shuffled)) == 4
+
+
+def test_fit_image_follows_the_hf_image_processor():
+    from transformers import CLIPImageProcessor
+
+    from sparsevlm.data.batch import fit_image
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    image = np.random.default_rng(1).integers(0, 256, (40, 64, 3), dtype=np.uint8)  # not square: resize + crop
+    fitted = fit_image(image, 32, processor)
+    assert fitted.shape == (32, 32, 3) and fitted.dtype == np.uint8
+    config = VisionConfig(image_size=32, patch_size=8, image_mean=tuple(processor.image_mean),
+                          image_std=tuple(processor.image_std))
+    want = np.moveaxis(processor(image, return_tensors="np")["pixel_values"][0], 0, -1)
+    # Only the rounding to uint8 between resize and normalisation differs: half a level over std.
+    np.testing.assert_allclose(preprocess_images(fitted[None], config)[0], want, atol=0.6 / 255 / min(processor.image_std))
+
+
+def test_mixed_image_sizes_stack_once_fitted():
+    import datasets
+    from PIL import Image
+
+    from sparsevlm.data.batch import encode_vqa
+    from sparsevlm.data.tokenize import build_word_tokenizer
+
+    images = [Image.fromarray(np.full((h, w, 3), 50, np.uint8)) for h, w in ((20, 30), (48, 48))]
+    dataset = datasets.Dataset.from_dict(
+        {"image": images, "image_id": [0, 1], "question": ["what ?", "what ?"], "answer": ["red", "red"]},
+        features=datasets.Features({"image": datasets.Image(), "image_id": datasets.Value("int64"),
+                                    "question": datasets.Value("string"), "answer": datasets.Value("string")}),
+    )
+    tokenizer = build_word_tokenizer(["what", "?", "red"])
+    with pytest.raises(ValueError, match="images have 2 different shapes"):
+        encode_vqa(dataset, tokenizer, with_targets=True)
+    assert encode_vqa(dataset, tokenizer, with_targets=True, image_size=48).images.shape == (2, 48, 48, 3)
