@@ -17,18 +17,29 @@ from tests.data.test_hf import _image_name, _write_image, _write_jsonl
 WORDS = ("red", "blue", "green", "circle", "square", "two", "three", "yes")
 
 
-def _dataset_file(tmp_path, kind: str, rows: int = 10) -> str:
-    root = tmp_path / kind
+def _dataset_file(tmp_path, kind: str, rows: int = 10, form: str = "jsonl") -> str:
+    """A small VQA or caption set with real PNG/JPEG files, as JSON lines, parquet or an imagefolder."""
+    root = tmp_path / f"{kind}-{form}"
     records = []
     for i in range(rows):
         name = _image_name(i)
-        _write_image(str(root / "images" / name), i)
-        row = {"image": f"images/{name}", "image_id": str(i)}
+        _write_image(str(root / ("" if form == "imagefolder" else "images") / name), i)
+        row = {"file_name": name} if form == "imagefolder" else {"image": f"images/{name}"}
+        row["image_id"] = str(i)
         if kind == "caption":
             row["captions"] = [f"a {WORDS[i % 8]} {WORDS[(i + 3) % 8]}", f"the {WORDS[(i + 1) % 8]} shape"]
         else:
             row |= {"question": f"what color is shape {i} ?", "answers": [WORDS[(i + k) % 3] for k in range(10)]}
         records.append(row)
+    if form == "imagefolder":
+        _write_jsonl(str(root / "metadata.jsonl"), records)
+        return str(root)
+    if form == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), str(root / "data.parquet"))
+        return str(root / "data.parquet")
     return _write_jsonl(str(root / "data.jsonl"), records)
 
 
@@ -87,7 +98,8 @@ def test_limit_zero_is_refused(capsys):
 
 
 def test_calibrate_prune_restore_evaluate_on_local_real_format_data(saved_model, tmp_path):
-    """CC3M-style prefix captions calibrate, COCO-style captions restore, VQAv2-style data evaluates."""
+    """CC3M-style prefix captions (JSON lines) calibrate, COCO-style captions (imagefolder) restore,
+    VQAv2-style data (parquet) evaluates: every on-disk format through the whole pipeline."""
     root = tmp_path / "cc3m"
     rows = []
     for i in range(12):
@@ -95,8 +107,8 @@ def test_calibrate_prune_restore_evaluate_on_local_real_format_data(saved_model,
         _write_image(str(root / "images" / name), i)
         rows.append({"image": f"images/{name}", "caption": f"a {WORDS[i % 8]} {WORDS[(i + 2) % 8]} on the left"})
     cc3m = _write_jsonl(str(root / "train.jsonl"), rows)
-    captions = _dataset_file(tmp_path, "caption", rows=12)
-    vqa = _dataset_file(tmp_path, "vqa")
+    captions = _dataset_file(tmp_path, "caption", rows=12, form="imagefolder")
+    vqa = _dataset_file(tmp_path, "vqa", form="parquet")
     pruned, restored = str(tmp_path / "pruned"), str(tmp_path / "restored")
     assert main(["prune", "--model", saved_model, "--method", "wanda", "--language-sparsity", "0.5",
                  "--calib-data", f"cc3m={cc3m}", "--calib-samples", "8", "--eval-images", "4", "--out", pruned]) == 0
