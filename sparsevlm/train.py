@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from sparsevlm.data.batch import Batch
-from sparsevlm.models.vlm import VLM
+from sparsevlm.models.vlm import VLM, prediction_mask
 from sparsevlm.tree import flatten, unflatten
 
 PyTree = Any
@@ -158,7 +158,7 @@ def make_restore_step(
         )
         teacher = jax.lax.stop_gradient(text_logits(teacher_logits, num_text))
         # Positions that predict a real next token (for T5: the decoder's, from the start token on).
-        predicts = model.apply({"params": params}, batch["text_mask"], batch["loss_mask"], method=VLM.prediction_mask)
+        predicts = prediction_mask(model.config, batch["text_mask"], batch["loss_mask"])
         kl_mask = batch["text_mask"][:, 1:] & predicts[:, :-1]
         kl_sum, kl_count = distillation_kl(student[:, :-1], teacher[:, :-1], kl_mask, temperature)
         kl = kl_sum / jnp.maximum(kl_count, 1.0)

@@ -42,6 +42,13 @@ def decoder_inputs(tokens: Array, text_mask: Array, target_mask: Array | None, s
     return decoder_tokens, text_mask.astype(bool) & (slots[None] >= last)
 
 
+def prediction_mask(config: VLMConfig, text_mask: Array, target_mask: Array | None) -> Array:
+    """`[B, T]` True where the logits are a real next-token prediction (T5: the decoder's positions)."""
+    if config.language.arch == "t5":
+        return decoder_inputs(text_mask.astype(jnp.int32), text_mask, target_mask, config.language.decoder_start_id)[1]
+    return text_mask.astype(bool)
+
+
 def connector_module(config: VLMConfig, dtype: Dtype = jnp.float32) -> nn.Module:
     """The connector as a standalone module: LLaVA MLP projector or Q-Former."""
     if config.connector.kind == "qformer":
@@ -146,12 +153,6 @@ class VLM(nn.Module):
     def decoder_inputs(self, tokens: Array, text_mask: Array, target_mask: Array | None) -> tuple[Array, Array]:
         """T5: decoder tokens (start token at the last prompt position, then the targets) and validity."""
         return decoder_inputs(tokens, text_mask, target_mask, self.config.language.decoder_start_id)
-
-    def prediction_mask(self, text_mask: Array, target_mask: Array | None) -> Array:
-        """`[B, T]` True where the logits are a real next-token prediction (for distillation)."""
-        if self.config.language.arch == "t5":
-            return self.decoder_inputs(text_mask.astype(jnp.int32), text_mask, target_mask)[1]
-        return text_mask.astype(bool)
 
     def prefix_length(self, num_text: int) -> int:
         """Sequence length the language model sees for `num_text` text tokens."""

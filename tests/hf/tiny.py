@@ -174,6 +174,15 @@ def save_instructblip(directory: Path, text: str = "llama", seed: int = 0, width
     return _save_blip(directory, True, text, seed, width, queries)
 
 
+def bare_language_params(rules: Any, tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]) -> dict:
+    """A saved language model's tensors as params of the bare language module (the `language/` prefix dropped)."""
+    from sparsevlm import tree
+    from sparsevlm.hf.rules import to_ours
+
+    flat = dict(to_ours(rules, tensors.__getitem__, expected, np.float32))
+    return tree.unflatten({k.removeprefix("language/"): v for k, v in flat.items()})
+
+
 def saved_tensors(model: torch.nn.Module, directory: Path) -> dict[str, np.ndarray]:
     """`save_pretrained` a model and read back every tensor of its single safetensors file."""
     import safetensors

@@ -14,10 +14,10 @@ import pytest
 from sparsevlm import tree
 from sparsevlm.config import LanguageConfig
 from sparsevlm.hf.opt import language_config, language_rules
-from sparsevlm.hf.rules import Rule, to_hf, to_ours
+from sparsevlm.hf.rules import Rule, to_hf
 from sparsevlm.models.decoder import Decoder, decoder_block, init_cache
 from sparsevlm.models.layers import causal_mask
-from tests.hf.tiny import saved_tensors
+from tests.hf.tiny import bare_language_params, saved_tensors
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -64,8 +64,7 @@ def _checkpoint(directory: pathlib.Path, tied: bool) -> Checkpoint:
     tensors = saved_tensors(model, directory)
     config = language_config(model.config)
     rules = language_rules(config, prefix="")
-    flat = dict(to_ours(rules, tensors.__getitem__, _expected_shapes(config), np.float32))
-    params = tree.unflatten({k.removeprefix("language/"): v for k, v in flat.items()})
+    params = bare_language_params(rules, tensors, _expected_shapes(config))
     return Checkpoint(model, config, tensors, params, rules)
 
 

@@ -13,12 +13,12 @@ import pytest
 
 from sparsevlm import tree
 from sparsevlm.config import LanguageConfig
-from sparsevlm.hf.rules import Rule, to_hf, to_ours
+from sparsevlm.hf.rules import Rule, to_hf
 from sparsevlm.hf.t5 import language_config, language_rules
 from sparsevlm.models.decoder import init_cache
 from sparsevlm.eval.beam import greedy_search
 from sparsevlm.models.t5 import T5, relative_position_bucket, start_decoding, t5_decoder_block, t5_encoder_block
-from tests.hf.tiny import saved_tensors
+from tests.hf.tiny import bare_language_params, saved_tensors
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -72,8 +72,7 @@ def _checkpoint(directory: pathlib.Path, hf_config: dict) -> Checkpoint:
     tensors = saved_tensors(model, directory)
     config = language_config(model.config)
     rules = language_rules(config, prefix="")
-    flat = dict(to_ours(rules, tensors.__getitem__, _expected_shapes(config), np.float32))
-    params = tree.unflatten({k.removeprefix("language/"): v for k, v in flat.items()})
+    params = bare_language_params(rules, tensors, _expected_shapes(config))
     return Checkpoint(model, config, tensors, params, rules)
 
 
