@@ -28,50 +28,8 @@ from typing import Any, Sequence
 
 LOADERS = ("sparsevlm", "transformers")
 TARGET_RATIO = 1.3  # the acceptance bar for our loader: at most 30% above the weights themselves
-# Sizes of the random LLaVA. FULL is 247 MiB of float32 weights: big enough that the weights dwarf
-# allocator and tracing noise (tens of MB), small enough for a laptop and a CI runner.
-FULL = {"width": 640, "text_layers": 6, "mlp": 1792, "vision_width": 512, "vision_layers": 4, "vocab": 16000,
-        "shard": "50MB"}
-QUICK = {"width": 128, "text_layers": 2, "mlp": 352, "vision_width": 128, "vision_layers": 2, "vocab": 4000,
-         "shard": "2MB"}
-IMAGE_SIZE, PATCH = 64, 16
 MIB = 2**20
 RESULT_PREFIX = "HF_LOAD_RESULT "
-
-
-def build_checkpoint(directory: Path, sizes: dict[str, Any]) -> None:
-    """Save a random float32 LLaVA (CLIP + Llama) and its processor to `directory`, sharded by transformers."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-        LlavaProcessor, PreTrainedTokenizerFast,
-    )
-
-    torch.manual_seed(0)
-    # The loader reads the processor too; its vocabulary need not cover the embedding table.
-    vocab = {token: i for i, token in enumerate(("<pad>", "<unk>", "<s>", "</s>", "<image>", "a", "picture"))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                        bos_token="<s>", eos_token="</s>",
-                                        extra_special_tokens={"image_token": "<image>"})
-    vision = CLIPVisionConfig(hidden_size=sizes["vision_width"], intermediate_size=4 * sizes["vision_width"],
-                              num_hidden_layers=sizes["vision_layers"], num_attention_heads=8,
-                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=sizes["vision_width"])
-    text = LlamaConfig(vocab_size=sizes["vocab"], hidden_size=sizes["width"], intermediate_size=sizes["mlp"],
-                       num_hidden_layers=sizes["text_layers"], num_attention_heads=8, num_key_value_heads=8,
-                       bos_token_id=2, eos_token_id=3, pad_token_id=0)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab["<image>"],
-                         image_seq_length=(IMAGE_SIZE // PATCH) ** 2)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.save_pretrained(directory, max_shard_size=sizes["shard"])
-    del model
-    gc.collect()
-    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(directory)
 
 
 def _status_kib(field: str) -> int:
@@ -192,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                       "used as it is (default: a temporary directory)")
     parser.add_argument("--loaders", nargs="+", choices=LOADERS, default=list(LOADERS))
     parser.add_argument("--quick", action="store_true",
-                        help=f"a small checkpoint for a smoke test: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
+                        help="the 7.5 MiB `quick` preset of benchmarks/llava.py (smoke test)")
     parser.add_argument("--json", default="results/hf_load.json")
     parser.add_argument("--measure", choices=LOADERS, help=argparse.SUPPRESS)  # internal: the child process
     args = parser.parse_args(argv)
@@ -201,9 +159,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
 
     from common import write_results
+    from llava import SIZES, build_checkpoint
 
     load_before = os.getloadavg()
-    sizes = QUICK if args.quick else FULL
+    sizes = SIZES["quick" if args.quick else "small"]
     with tempfile.TemporaryDirectory(prefix="hf_load_") as tmp:
         directory = Path(args.dir) if args.dir else Path(tmp) / "llava"
         built = not (directory / "config.json").is_file()
