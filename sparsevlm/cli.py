@@ -82,6 +82,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-mode", default="sequential", choices=CALIBRATION_MODES,
                    help="sequential: each block sees the pruned blocks before it; dense: statistics of the dense model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", type=_mesh_flag, default=None,
+                   help="shard params and calibration examples over a device mesh, e.g. 'fsdp=-1' (see restore)")
     p.add_argument("--eval-images", type=_positive_int, default=None, help="evaluate on the first N test images")
     p.add_argument("--out", required=True, help="output model directory (report.json is written inside)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -112,10 +114,25 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (params and LoRA stay float32)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save LoRA state every N steps to OUT-checkpoints")
     p.add_argument("--remask", action="store_true", help="re-apply the mask after merging (gets sparsity back for lora)")
+    p.add_argument("--mesh", type=_mesh_flag, default=None,
+                   help="shard over a device mesh, e.g. 'data=2,fsdp=4' or 'fsdp=-1' (axes data, fsdp, tensor; "
+                        "-1 takes the remaining devices); multi-host: see README 'Sharding'")
+    p.add_argument("--plan", action="store_true",
+                   help="with --mesh: print the per-device memory of params, masks, LoRA, optimizer state and the "
+                        "compiled step, then exit without training")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--eval-images", type=_positive_int, default=None, help="evaluate on the first N test images")
     p.add_argument("--out", required=True, help="output model directory (report.json is written inside)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+def _mesh_flag(text: str) -> Any:
+    from sparsevlm.sharding import MeshConfig, ShardingError
+
+    try:
+        return MeshConfig.parse(text)
+    except ShardingError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -227,11 +244,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ValueError("nothing to prune: --vision-sparsity, --language-sparsity and --connector-sparsity are all 0")
     out = Path(args.out)
     _check_out(out, args.force)
+    mesh = _mesh(args.mesh)
     source = hub.resolve_model_path(args.model)
     bundle = hub.load_model(str(source))
     pruned, report = prune_job(
         bundle, spec, args.method, args.calib_samples, args.calib_data, args.calibration_mode,
-        args.seed, args.eval_images, source=str(source),
+        args.seed, args.eval_images, source=str(source), mesh=mesh,
     )
     report["model"] = args.model
     save_model(out, pruned, overwrite=True)
@@ -240,6 +258,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"{args.method} {spec.describe()}: measured sparsity {measured}; accuracy {report['accuracy']:.4f}")
     print(f"saved to {out}")
     return 0
+
+
+def _mesh(config: Any) -> Any:
+    """The device mesh a `--mesh` flag asks for (joining a multi-host run first), or None."""
+    if config is None:
+        return None
+    from sparsevlm.sharding import initialize_distributed, make_mesh
+
+    initialize_distributed()
+    return make_mesh(config)  # checked against the device count before anything loads
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -262,14 +290,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
         connector_rank=args.connector_rank, language_rank=args.language_rank, alpha=args.alpha,
     )
     out = Path(args.out)
-    _check_out(out, args.force)
+    if args.plan and args.mesh is None:
+        raise ValueError("--plan reports the memory of a sharded run: give --mesh too (e.g. --mesh data=-1)")
+    if not args.plan:
+        _check_out(out, args.force)
+    mesh = _mesh(args.mesh)
     pruned = hub.load_model(args.model)
     teacher_name = args.teacher or pruned.metadata.get("pruning", {}).get("source_model")
     if not teacher_name:
         raise ValueError(f"{args.model} does not record the dense model it was pruned from; pass --teacher")
     teacher = hub.load_model(teacher_name)
     checkpoints = str(out.with_name(out.name + "-checkpoints")) if args.checkpoint_every else None
-    restored, report = restore_job(pruned, teacher, config, args.remask, args.eval_images, checkpoints)
+    restored, report = restore_job(pruned, teacher, config, args.remask, args.eval_images, checkpoints,
+                                   mesh=mesh, plan_only=args.plan)
+    if args.plan:
+        return 0
     report["model"], report["teacher"] = args.model, teacher_name
     save_model(out, restored, overwrite=True)
     _write_json(str(out / "report.json"), report)

@@ -6,7 +6,9 @@ import dataclasses
 from typing import Any
 
 import jax
+from jax.sharding import Mesh
 
+from sparsevlm import sharding
 from sparsevlm.checkpoint import ModelBundle
 from sparsevlm.config import RestoreConfig
 from sparsevlm.data import shapes
@@ -30,18 +32,25 @@ def prune_job(
     eval_images: int | None = None,
     progress: bool = True,
     source: str | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[ModelBundle, dict[str, Any]]:
     """Prune a model, measure its sparsity and test accuracy; returns the pruned bundle and the report.
 
     `source` (the dense model's directory) is recorded so restoration can find its dense teacher.
+    With `mesh`, params and calibration examples are sharded over it during pruning.
     """
     calibration = None
     if method in NEEDS_CALIBRATION:
         data = calibration_set(calib_data, bundle.tokenizer, calib_samples, seed, bundle.config.vision.image_size,
                                bundle_format(bundle.metadata), bundle.instruction_tokenizer, bundle.image_processor)
         calibration = calibration_carry(data, calib_samples, bundle.tokenizer.pad_token_id, bundle.config.vision, seed)
+    params = bundle.params
+    if mesh is not None:
+        params = sharding.shard(params, sharding.param_shardings(params, mesh))
+        if calibration is not None:
+            calibration = sharding.shard(calibration, sharding.batch_shardings(calibration, mesh))
     result = prune(
-        bundle.params, bundle.config, spec, method, calibration, calibration_mode,
+        params, bundle.config, spec, method, calibration, calibration_mode,
         key=jax.random.key(seed), progress=progress,
     )
     measured = measure_sparsity(result.params)
@@ -65,6 +74,7 @@ def prune_job(
         },
         "seed": seed,
         "prune_seconds": round(result.seconds, 2),
+        "mesh": dict(mesh.shape) if mesh is not None else None,
     }
     pruning = {k: report[k] for k in ("method", "pattern", "target", "measured", "calibration", "seed")}
     metadata = dict(bundle.metadata) | {"pruning": pruning | {"source_model": source},
@@ -80,15 +90,23 @@ def restore_job(
     eval_images: int | None = None,
     checkpoint_dir: str | None = None,
     progress: bool = True,
-) -> tuple[ModelBundle, dict[str, Any]]:
-    """Restore a pruned model with LoRA/SparseLoRA from its dense teacher; returns the merged bundle and report."""
+    mesh: Mesh | None = None,
+    plan_only: bool = False,
+) -> tuple[ModelBundle | None, dict[str, Any]]:
+    """Restore a pruned model with LoRA/SparseLoRA from its dense teacher; returns the merged bundle and report.
+
+    With `mesh` training is sharded; `plan_only` returns `(None, {"memory": ...})` without training.
+    """
     if pruned.masks is None:
         raise ValueError("the model to restore has no masks: prune it first with `sparsevlm prune`")
     if teacher.config != pruned.config:
         raise ValueError("the teacher's architecture differs from the pruned model's")
     base = teacher_base(pruned.params, pruned.masks, teacher.params)
     result = restore(base, pruned.masks, pruned.config, pruned.tokenizer, config, checkpoint_dir, progress,
-                     bundle_format(pruned.metadata), pruned.instruction_tokenizer, pruned.image_processor)
+                     bundle_format(pruned.metadata), pruned.instruction_tokenizer, pruned.image_processor,
+                     mesh, plan_only)
+    if plan_only:
+        return None, {"memory": result.memory}
     params = apply_masks(result.params, pruned.masks) if remask else result.params
     params = jax.device_get(params)
     keeps_masks = config.method == "sparselora" or remask
@@ -111,6 +129,8 @@ def restore_job(
         "config": dataclasses.asdict(config),
         "restore_seconds": round(result.seconds, 1),
         "loss_history": result.history,
+        "mesh": dict(mesh.shape) if mesh is not None else None,
+        "memory_per_device": result.memory,
     }
     metadata = dict(pruned.metadata) | {
         "restoration": {k: report[k] for k in ("method", "steps", "kl_weight", "temperature", "remask")},

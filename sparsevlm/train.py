@@ -8,6 +8,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sparsevlm.data.batch import Batch
 from sparsevlm.models.vlm import VLM, prediction_mask
@@ -83,10 +84,25 @@ def make_optimizer(
     )
 
 
+class StepShardings(NamedTuple):
+    """Shardings of a step's arguments (state, then the other inputs in order); see `sparsevlm.sharding`."""
+
+    state: PyTree
+    inputs: tuple[PyTree, ...]
+
+
+def _jit_step(step: Callable, shardings: StepShardings | None) -> Callable:
+    """`jax.jit(step)`; with shardings, pinned so the new state comes back sharded as the old one went in."""
+    if shardings is None:
+        return jax.jit(step)
+    metrics = NamedSharding(jax.tree.leaves(shardings.state)[0].mesh, PartitionSpec())
+    return jax.jit(step, in_shardings=(shardings.state, *shardings.inputs), out_shardings=(shardings.state, metrics))
+
+
 def make_train_step(
-    model: VLM, optimizer: optax.GradientTransformation
+    model: VLM, optimizer: optax.GradientTransformation, shardings: StepShardings | None = None
 ) -> Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, Array]]]:
-    """A jit-compiled full-parameter step minimising mean next-token CE on target tokens."""
+    """A jit-compiled full-parameter step minimising mean next-token CE on target tokens (sharded if asked)."""
 
     def loss_fn(params: PyTree, batch: dict[str, Any]) -> tuple[Array, Array]:
         logits, _ = model.apply(
@@ -97,7 +113,6 @@ def make_train_step(
         )
         return total / jnp.maximum(count, 1.0), count
 
-    @jax.jit
     def step(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, Array]]:
         (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -105,7 +120,7 @@ def make_train_step(
         metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads)}
         return TrainState(params, opt_state, state.step + 1), metrics
 
-    return step
+    return _jit_step(step, shardings)
 
 
 def distillation_kl(student: Array, teacher: Array, mask: Array, temperature: float) -> tuple[Array, Array]:
@@ -132,13 +147,15 @@ def make_restore_step(
     mode: str,
     kl_weight: float,
     temperature: float,
+    shardings: StepShardings | None = None,
 ) -> Callable[[LoraState, PyTree, PyTree, dict[str, Any]], tuple[LoraState, dict[str, Array]]]:
     """A jit-compiled restoration step: only LoRA factors train; base params and masks are inputs.
 
     Loss = (1 − λ)·CE + λ·KL(teacher ‖ student) at temperature T. The student is the masked model
     with LoRA (`mode`); the teacher is the same base params with neither masks nor LoRA, computed
     in the same step under `stop_gradient`. CE counts target tokens; KL counts every position that
-    predicts a real (non-padding) text token.
+    predicts a real (non-padding) text token. `shardings` (state; params, masks, batch) pins the
+    step's layout on a mesh (`sparsevlm.sharding.restore_shardings`).
     """
     from sparsevlm.lora import lora_scope  # lora imports pruning, which imports models: keep train light
 
@@ -164,7 +181,6 @@ def make_restore_step(
         kl = kl_sum / jnp.maximum(kl_count, 1.0)
         return (1.0 - kl_weight) * ce + kl_weight * kl, metrics | {"kl": kl}
 
-    @jax.jit
     def step(state: LoraState, params: PyTree, masks: PyTree, batch: dict[str, Any]) -> tuple[LoraState, dict]:
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.lora, params, masks, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
@@ -172,4 +188,4 @@ def make_restore_step(
         metrics = metrics | {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return LoraState(lora, opt_state, state.step + 1), metrics
 
-    return step
+    return _jit_step(step, shardings)

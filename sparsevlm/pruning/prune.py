@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sparsevlm.config import VLMConfig
 from sparsevlm.models.stages import Carry
@@ -54,9 +55,18 @@ def prune_layer(
     sparsity: float,
     key: Array | None = None,
 ) -> tuple[Array, Array]:
-    """Prune one `[in, out]` kernel; returns `(new kernel, keep-mask)`."""
+    """Prune one `[in, out]` kernel; returns `(new kernel, keep-mask)`, laid out as the kernel was."""
     if method not in METHODS:
         raise ValueError(f"pruning method {method!r} is not one of {', '.join(METHODS)}")
+    sharding = getattr(kernel, "sharding", None)
+    if isinstance(sharding, NamedSharding) and not sharding.is_fully_replicated:
+        # Every device solves the whole layer — one layer at a time, like FSDP's gather — so per-row
+        # sorts and SparseGPT's column loop run without collectives inside them (and give the
+        # one-device answer); the result goes back to the kernel's layout.
+        whole = NamedSharding(sharding.mesh, PartitionSpec())
+        kernel, stats = jax.device_put((kernel, stats), whole)
+        new_kernel, mask = prune_layer(method, kernel, stats, pattern, sparsity, key)
+        return jax.device_put(new_kernel, sharding), jax.device_put(mask, sharding)
     if method == "sparsegpt":
         if stats is None or stats.hessian is None:
             raise ValueError("sparsegpt needs the inputs' Hessian XᵀX")
@@ -85,7 +95,8 @@ def prune(
     """Prune a VLM's params to `spec` with `method`; calibration-based methods need `calibration`.
 
     `ratios` overrides the uniform per-layer allocation the spec implies (`{path: sparsity}`);
-    `config` is needed only to run calibration.
+    `config` is needed only to run calibration. Params and calibration data may be sharded over a
+    mesh (`sparsevlm.sharding`): the calibration passes then run sharded, and the masks are the same.
     """
     if method not in METHODS:
         raise ValueError(f"pruning method {method!r} is not one of {', '.join(METHODS)}")

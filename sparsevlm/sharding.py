@@ -1,0 +1,387 @@
+"""Device meshes, logical-axis sharding rules, and the shardings of params, masks, LoRA and batches.
+
+A mesh has three named axes: `data` (batch only), `fsdp` (batch, and params split along their
+`embed` dimension, gathered by XLA where a layer needs them) and `tensor` (params split along heads,
+MLP and vocabulary dimensions). Params carry logical axis names by path (`PARAM_AXES`, regexes over
+`/`-joined paths, like the pruning rules and LoRA targets); `LOGICAL_RULES` maps each logical name to
+mesh axes, MaxText-style: a name lists candidate mesh axes in order and takes the first one of size
+> 1 that the leaf's other dimensions have not already taken. Change the sharding by editing the rules,
+not the model. Masks are sharded like their kernels; LoRA A `[r, in]` along the kernel's input axis,
+B `[out, r]` along its output axis. Everything here is checked before anything compiles.
+
+Multi-host: call `initialize_distributed()` first in every process (see its docstring for the
+environment variables); each host then loads its own slice of the data and `global_batch` assembles
+the global array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sparsevlm.tree import SEP, match_rules
+
+if TYPE_CHECKING:
+    from sparsevlm.train import StepShardings
+
+PyTree = Any
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Path regex → one logical name per dimension (None: never sharded). Flax kernels are [in, out];
+# vectors are named after the dimension they run along. First match wins; no match: replicated.
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r".*/(q|k|v)/kernel", ("embed", "heads")),
+    (r".*/(q|k|v)/bias", ("heads",)),
+    (r".*/o/kernel", ("heads", "embed")),
+    (r".*/(up|gate)/kernel", ("embed", "mlp")),
+    (r".*/(up|gate)/bias", ("mlp",)),
+    (r".*/down/kernel", ("mlp", "embed")),
+    (r"connector/projection/kernel", ("embed", "embed_out")),
+    (r".*/(o|down|projection)/bias", ("embed",)),
+    (r".*(norm\w*)/(scale|bias)", ("embed",)),
+    (r"language/embed/embedding", ("vocab", "embed")),
+    (r"language/lm_head/kernel", ("embed", "vocab")),
+    (r".*/relative_bias/embedding", (None, None)),  # [buckets, heads]: a few KiB
+    (r"connector/(word|pos)_embed/embedding", (None, "embed")),
+    (r".*/patch_embed/kernel", (None, None, None, "embed")),
+    (r".*/patch_embed/bias", ("embed",)),
+    (r"vision/pos_embed", (None, "embed")),
+    (r"vision/cls_token", ("embed",)),
+    (r"connector/query_tokens", (None, "embed")),
+)
+
+# Logical name → candidate mesh axes, in order of preference.
+LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", ("fsdp",)),
+    ("embed_out", ("tensor", "fsdp")),
+    ("heads", ("tensor", "fsdp")),
+    ("mlp", ("tensor", "fsdp")),
+    ("vocab", ("tensor", "fsdp")),
+)
+
+
+class ShardingError(ValueError):
+    """A mesh or a sharding that cannot work for these devices or these shapes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the `data`, `fsdp` and `tensor` mesh axes; one size may be -1 (all remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = dataclasses.asdict(self)
+        for name, size in sizes.items():
+            if not isinstance(size, int) or (size < 1 and size != -1):
+                raise ShardingError(f"mesh axis {name}={size!r} must be a positive integer or -1 (the rest)")
+        if list(sizes.values()).count(-1) > 1:
+            raise ShardingError(f"mesh {self.spec()}: at most one axis may be -1")
+
+    @classmethod
+    def parse(cls, text: str) -> "MeshConfig":
+        """`"data=2,fsdp=4"` (unnamed axes default to data=-1, fsdp=1, tensor=1)."""
+        sizes: dict[str, int] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, sep, value = item.partition("=")
+            if not sep or name.strip() not in AXES:
+                raise ShardingError(f"--mesh item {item!r} is not AXIS=SIZE with AXIS one of {', '.join(AXES)}")
+            try:
+                sizes[name.strip()] = int(value)
+            except ValueError:
+                raise ShardingError(f"--mesh {name.strip()}={value!r}: the size must be an integer") from None
+        if "data" not in sizes:  # data takes the rest unless another axis does
+            sizes["data"] = 1 if -1 in sizes.values() else -1
+        return cls(**sizes)
+
+    def spec(self) -> str:
+        """The `data=..,fsdp=..,tensor=..` string."""
+        return ",".join(f"{name}={getattr(self, name)}" for name in AXES)
+
+    def shape(self, device_count: int) -> tuple[int, int, int]:
+        """Axis sizes for `device_count` devices (resolving -1); their product must be the device count."""
+        sizes = [getattr(self, name) for name in AXES]
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if device_count % known:
+                raise ShardingError(
+                    f"mesh {self.spec()}: the fixed axes ({known} devices) do not divide the {device_count} devices"
+                )
+            sizes = [device_count // known if s == -1 else s for s in sizes]
+        elif known != device_count:
+            raise ShardingError(
+                f"mesh {self.spec()} needs {known} devices, but there are {device_count}; the axis sizes must "
+                f"multiply to the device count (use -1 for one axis to take the rest)"
+            )
+        return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(config: MeshConfig | str = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `(data, fsdp, tensor)` mesh over `devices` (default: all of them, across hosts)."""
+    if isinstance(config, str):
+        config = MeshConfig.parse(config)
+    devices = list(jax.devices() if devices is None else devices)
+    shape = config.shape(len(devices))
+    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def initialize_distributed() -> bool:
+    """Join a multi-host run (`jax.distributed.initialize`) when the environment describes one.
+
+    Reads `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES` and
+    `JAX_PROCESS_ID`; on Cloud TPU pods and SLURM jobs JAX finds these itself (set
+    `SPARSEVLM_DISTRIBUTED=1` there). Returns whether it initialised. Call before any other JAX call.
+    """
+    explicit = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not explicit and os.environ.get("SPARSEVLM_DISTRIBUTED") != "1":
+        return False
+    if explicit:
+        missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if v not in os.environ]
+        if missing:
+            raise ShardingError(f"JAX_COORDINATOR_ADDRESS={explicit!r} is set but {', '.join(missing)} is not")
+        jax.distributed.initialize(explicit, int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"]))
+    else:
+        jax.distributed.initialize()
+    return True
+
+
+def _paths(tree: PyTree) -> list[tuple[str, Any]]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(SEP.join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), leaf) for path, leaf in leaves]
+
+
+def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    """The logical axis names of the param at `path` (all None where no rule matches)."""
+    axes = match_rules(path, PARAM_AXES)
+    if axes is None:
+        return (None,) * ndim
+    if len(axes) != ndim:
+        raise ShardingError(f"param {path}: {ndim} dimensions, but its axis rule names {len(axes)}: {axes}")
+    return axes
+
+
+def logical_to_spec(
+    axes: Sequence[str | None], mesh: Mesh, rules: Sequence[tuple[str, tuple[str, ...]]] = LOGICAL_RULES
+) -> PartitionSpec:
+    """Mesh axes for logical `axes`: per dimension, the first candidate of size > 1 not yet taken.
+
+    Every dimension's first choice is honoured before any dimension falls back to a later one, so
+    an `[vocab, embed]` table puts `embed` on `fsdp` even when `vocab` could fall back to it.
+    """
+    table = dict(rules)
+    candidates = [list(table.get(name, ())) if name is not None else [] for name in axes]
+    chosen: list[list[str]] = [[] for _ in axes]
+    taken: set[str] = set()
+    for dim, options in enumerate(candidates):  # first choices (a size-1 axis shards nothing: skipped)
+        if options and mesh.shape[options[0]] > 1 and options[0] not in taken:
+            chosen[dim].append(options[0])
+            taken.add(options[0])
+    for dim, (name, options) in enumerate(zip(axes, candidates)):  # fallbacks; `batch` spans all it can
+        for axis in options[1:]:
+            if mesh.shape[axis] == 1 or axis in taken or (chosen[dim] and name != "batch"):
+                continue
+            chosen[dim].append(axis)
+            taken.add(axis)
+    return PartitionSpec(*(None if not c else c[0] if len(c) == 1 else tuple(c) for c in chosen))
+
+
+def _check_divisible(path: str, shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> None:
+    for dim, (size, axes) in enumerate(zip(shape, spec)):
+        if axes is None:
+            continue
+        names = (axes,) if isinstance(axes, str) else axes
+        ways = math.prod(mesh.shape[a] for a in names)
+        if size % ways:
+            raise ShardingError(
+                f"{path}: dimension {dim} of shape {tuple(shape)} has size {size}, not divisible by mesh axis "
+                f"{'×'.join(names)} of size {ways}; change the mesh or the rule for this param in "
+                f"sparsevlm.sharding.PARAM_AXES / LOGICAL_RULES"
+            )
+
+
+def param_specs(params: PyTree, mesh: Mesh, rules: Sequence[tuple[str, tuple[str, ...]]] = LOGICAL_RULES) -> PyTree:
+    """A `PartitionSpec` per param leaf (checked: every sharded dimension divides its mesh axes)."""
+    specs = {}
+    for path, leaf in _paths(params):
+        spec = logical_to_spec(logical_axes(path, np.ndim(leaf)), mesh, rules)
+        _check_divisible(path, np.shape(leaf), spec, mesh)
+        specs[path] = spec
+    leaves = [specs[path] for path, _ in _paths(params)]
+    return jax.tree.unflatten(jax.tree.structure(params), leaves)
+
+
+def param_shardings(params: PyTree, mesh: Mesh, rules: Sequence[tuple[str, tuple[str, ...]]] = LOGICAL_RULES) -> PyTree:
+    """A `NamedSharding` per param leaf, from the logical-axis rules."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(params, mesh, rules),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _at(tree: Mapping[str, Any], path: str) -> Any:
+    for key in path.split(SEP):
+        tree = tree[key]
+    return tree
+
+
+def mask_shardings(masks: PyTree, shardings: PyTree) -> PyTree:
+    """Each mask sharded like its kernel (None where a param has no mask)."""
+    return jax.tree.map(lambda mask, sharding: None if mask is None else sharding, masks, shardings,
+                        is_leaf=lambda x: x is None)
+
+
+def lora_shardings(lora: PyTree, shardings: PyTree) -> PyTree:
+    """LoRA A `[r, in]` along its kernel's input axis, B `[out, r]` along its output axis."""
+    out: dict[str, Any] = {}
+    for path, _ in _paths(lora):
+        kernel_path, factor = path.rsplit(SEP, 1)
+        kernel = _at(shardings, kernel_path)
+        inp, outp = kernel.spec[0] if len(kernel.spec) > 0 else None, kernel.spec[1] if len(kernel.spec) > 1 else None
+        spec = PartitionSpec(None, inp) if factor == "a" else PartitionSpec(outp, None)
+        out[path] = NamedSharding(kernel.mesh, spec)
+    return jax.tree.unflatten(jax.tree.structure(lora), [out[p] for p, _ in _paths(lora)])
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
+    """Every batch array split along its leading (example) dimension over `data`×`fsdp`."""
+    spec = logical_to_spec(("batch",), mesh)
+    out = {}
+    for name, value in batch.items():
+        if value is None:
+            out[name] = None
+            continue
+        _check_divisible(f"batch {name!r} (batch size)", np.shape(value)[:1], spec, mesh)
+        out[name] = NamedSharding(mesh, PartitionSpec(*spec, *([None] * (np.ndim(value) - 1))))
+    return out
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, state: PyTree, shardings: PyTree, mesh: Mesh) -> PyTree:
+    """Optimizer state sharded like the params it mirrors (Adam moments); counters replicated."""
+    return optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, state, shardings,
+        transform_non_params=lambda _: replicated(mesh), is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+
+
+def shard(tree: PyTree, shardings: PyTree) -> PyTree:
+    """`tree` placed on the mesh with `shardings` (None leaves stay None)."""
+    return jax.tree.map(lambda x, s: x if s is None else jax.device_put(x, s), tree, shardings,
+                        is_leaf=lambda x: x is None)
+
+
+def global_batch(local: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
+    """One global batch from this host's slice of it (on one host: the batch itself, split over devices)."""
+    out = {}
+    for name, value in local.items():
+        if value is None:
+            out[name] = None
+            continue
+        shape = np.shape(value)
+        global_shape = (shape[0] * jax.process_count(), *shape[1:])
+        sharding = batch_shardings({name: np.empty(global_shape[:1])}, mesh)[name]
+        sharding = NamedSharding(mesh, PartitionSpec(*sharding.spec, *([None] * (len(shape) - 1))))
+        out[name] = jax.make_array_from_process_local_data(sharding, np.asarray(value), global_shape)
+    return out
+
+
+def bytes_per_device(tree: PyTree, shardings: PyTree | None = None) -> int:
+    """Bytes one device holds of `tree` (its largest shard per leaf; unsharded leaves whole)."""
+    total = 0
+    leaves = jax.tree.leaves(tree)
+    shards = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)) if shardings is not None else None
+    for i, leaf in enumerate(leaves):
+        shape, dtype = np.shape(leaf), np.dtype(getattr(leaf, "dtype", np.float32))
+        sharding = shards[i] if shards is not None else getattr(leaf, "sharding", None)
+        if sharding is not None and hasattr(sharding, "shard_shape"):
+            shape = sharding.shard_shape(shape)
+        total += math.prod(shape) * dtype.itemsize
+    return total
+
+
+def tree_bytes(tree: PyTree) -> int:
+    """Bytes of every leaf of `tree`, unsharded."""
+    return sum(math.prod(np.shape(x)) * np.dtype(getattr(x, "dtype", np.float32)).itemsize for x in jax.tree.leaves(tree))
+
+
+def with_sharding(tree: PyTree, shardings: PyTree) -> PyTree:
+    """Abstract `ShapeDtypeStruct`s of `tree` carrying `shardings` (to compile without allocating)."""
+    return jax.tree.map(
+        lambda x, s: None if x is None else jax.ShapeDtypeStruct(np.shape(x), np.dtype(x.dtype), sharding=s),
+        tree, shardings, is_leaf=lambda x: x is None,
+    )
+
+def restore_shardings(
+    mesh: Mesh, optimizer: optax.GradientTransformation, state: PyTree, params: PyTree, masks: PyTree,
+    batch: Mapping[str, Any], rules: Sequence[tuple[str, tuple[str, ...]]] = LOGICAL_RULES,
+) -> "StepShardings":
+    """Shardings of a restoration step's `(LoraState, params, masks, batch)` on `mesh`."""
+    from sparsevlm.train import LoraState, StepShardings
+
+    params_sh = param_shardings(params, mesh, rules)
+    lora_sh = lora_shardings(state.lora, params_sh)
+    state_sh = LoraState(lora_sh, opt_state_shardings(optimizer, state.opt_state, lora_sh, mesh), replicated(mesh))
+    return StepShardings(state_sh, (params_sh, mask_shardings(masks, params_sh), batch_shardings(batch, mesh)))
+
+
+def train_shardings(
+    mesh: Mesh, optimizer: optax.GradientTransformation, state: PyTree, batch: Mapping[str, Any],
+    rules: Sequence[tuple[str, tuple[str, ...]]] = LOGICAL_RULES,
+) -> "StepShardings":
+    """Shardings of a full-parameter step's `(TrainState, batch)` on `mesh`."""
+    from sparsevlm.train import StepShardings, TrainState
+
+    params_sh = param_shardings(state.params, mesh, rules)
+    state_sh = TrainState(params_sh, opt_state_shardings(optimizer, state.opt_state, params_sh, mesh), replicated(mesh))
+    return StepShardings(state_sh, (batch_shardings(batch, mesh),))
+
+
+def compiled_memory(step: Any, args: Sequence[PyTree], shardings: Sequence[PyTree]) -> dict[str, int]:
+    """XLA's per-device buffer bytes of jitted `step` compiled for `args` laid out by `shardings` (allocates nothing)."""
+    abstract = [with_sharding(arg, sharding) for arg, sharding in zip(args, shardings)]
+    analysis = step.lower(*abstract).compile().memory_analysis()
+    out = {
+        "arguments": int(analysis.argument_size_in_bytes),
+        "outputs": int(analysis.output_size_in_bytes),
+        "aliased": int(analysis.alias_size_in_bytes),
+        "temporaries": int(analysis.temp_size_in_bytes),
+        "code": int(analysis.generated_code_size_in_bytes),
+    }
+    out["step_total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    return out
+
+
+def restore_memory(step: Any, shardings: "StepShardings", state: PyTree, params: PyTree, masks: PyTree,
+                   batch: Mapping[str, Any]) -> dict[str, int]:
+    """Per-device bytes of a restoration step on its mesh: each input tree, and XLA's compiled-step figures."""
+    params_sh, masks_sh, batch_sh = shardings.inputs
+    parts = {
+        "params": bytes_per_device(params, params_sh),
+        "masks": bytes_per_device(masks, masks_sh),
+        "lora": bytes_per_device(state.lora, shardings.state.lora),
+        "optimizer": bytes_per_device(state.opt_state, shardings.state.opt_state),
+        "batch": bytes_per_device(batch, batch_sh),
+    }
+    return parts | compiled_memory(step, (state, params, masks, batch), (shardings.state, *shardings.inputs))
+
+
+def format_memory(report: Mapping[str, int], mesh: Mesh | None = None) -> str:
+    """A two-column table of a memory report, in MiB per device."""
+    title = f"per-device memory on mesh {dict(mesh.shape)}" if mesh is not None else "per-device memory"
+    lines = [title]
+    for name, value in report.items():
+        lines.append(f"  {name:<12}{value / 2**20:>12.2f} MiB")
+    return "\n".join(lines)
