@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +44,17 @@ def write_results(path: str | os.PathLike, payload: dict[str, Any], load_before:
     # Other processes on the host inflate timings: compare the load with cpu_count before trusting them.
     load = {"load_average_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)}}
     write_json(path, payload | machine() | load)
+
+
+def run_child(script: str, args: list[str], prefix: str, env: dict[str, str] | None = None,
+              timeout: float = 3600) -> Any:
+    """Run `script args` in a fresh Python process (environment `env`, default this one's); return the JSON it
+    printed after `prefix` (its last such line)."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    what = " ".join([Path(script).name, *args])
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(prefix)]
+    if not lines:
+        raise RuntimeError(f"{what} printed no result:\n{proc.stdout[-2000:]}")
+    return json.loads(lines[-1][len(prefix):])

@@ -19,8 +19,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -99,15 +97,10 @@ def measure(loader: str, directory: str) -> dict[str, Any]:
 
 def run_child(loader: str, directory: Path) -> dict[str, Any]:
     """`measure` in a fresh Python process (so nothing from this one, or the other loader, is counted)."""
+    from common import run_child as run_script
+
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one real device, as users run it
-    proc = subprocess.run([sys.executable, __file__, "--measure", loader, "--dir", str(directory)],
-                          capture_output=True, text=True, env=env, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"measuring {loader} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if not lines:
-        raise RuntimeError(f"measuring {loader} printed no result:\n{proc.stdout[-2000:]}")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+    return run_script(__file__, ["--measure", loader, "--dir", str(directory)], RESULT_PREFIX, env, timeout=1800)
 
 
 def describe(directory: Path) -> dict[str, Any]:

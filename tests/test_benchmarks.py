@@ -88,3 +88,25 @@ def test_train_step_benchmark_quick_compares_full_lora_and_sparselora(tmp_path):
         assert r["xla_memory"]["argument_mib"] < full["xla_memory"]["argument_mib"]
         assert r["xla_memory"]["output_mib"] < full["xla_memory"]["output_mib"]
     assert "x lora" in proc.stdout and "sparselora-nokl" in proc.stdout
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_quick_matches_one_device_and_splits_memory(tmp_path):
+    out = tmp_path / "scaling.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "scaling.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "scaling" and report["quick"] is True
+    rows = {r["kind"]: r for r in report["results"]}
+    assert set(rows) == {"data", "fsdp"}
+    for kind, r in rows.items():
+        assert r["devices"] == 8 and r["mesh"] == {"data": 8 if kind == "data" else 1,
+                                                     "fsdp": 8 if kind == "fsdp" else 1, "tensor": 1}
+        assert r["loss_diff"] <= 1e-5 and r["grad_norm_rel_diff"] <= 1e-5 and r["lora_max_diff"] <= 1e-5
+        assert r["lora_max_update"] > 1e-4  # the step moved the factors, so the comparison means something
+        assert r["memory_vs_one_device"]["batch"] == 0.125
+    assert rows["fsdp"]["memory_vs_one_device"]["params"] <= 0.125 * 1.05
+    assert rows["fsdp"]["memory_vs_one_device"]["masks"] <= 0.125 * 1.05
+    assert rows["data"]["memory_vs_one_device"]["params"] == 1.0  # data parallelism replicates params
+    assert "loss diff" in proc.stdout
