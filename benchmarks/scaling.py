@@ -11,7 +11,7 @@ masks, LoRA, optimizer state and batch, and XLA's compiled-step temporaries and 
 (`sparsevlm.sharding.restore_memory`), with the ratio to one device. Prints a table, writes JSON.
 
     python benchmarks/scaling.py [--devices 1 2 4 8] [--batch-size 32] [--json results/scaling.json]
-    python benchmarks/scaling.py --quick          # 8 devices only (each row still has its one-device reference), batch 8
+    python benchmarks/scaling.py --quick          # 8 devices, fsdp only (against its one-device reference), batch 8
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ MIB = 2**20
 MESHES = ("data", "fsdp")
 
 
-def measure(devices: int, batch_size: int) -> list[dict[str, Any]]:
+def measure(devices: int, batch_size: int, kinds: Sequence[str] = MESHES) -> list[dict[str, Any]]:
     """In this process (with `devices` simulated devices): reference step vs each mesh kind."""
     import jax
     import jax.numpy as jnp
@@ -68,7 +68,7 @@ def measure(devices: int, batch_size: int) -> list[dict[str, Any]]:
 
     reference_lora, reference, one_memory, one_seconds = run(sh.make_mesh("data=1", jax.devices()[:1]))
     rows = []
-    for kind in MESHES if devices > 1 else ("data",):
+    for kind in kinds if devices > 1 else ("data",):
         mesh = sh.make_mesh(f"{kind}={devices}")
         lora_new, metrics, memory, seconds = run(mesh)
         lora_diff = max(float(np.max(np.abs(a - b))) for a, b in
@@ -86,12 +86,13 @@ def measure(devices: int, batch_size: int) -> list[dict[str, Any]]:
     return rows
 
 
-def run_child(devices: int, batch_size: int) -> list[dict[str, Any]]:
+def run_child(devices: int, batch_size: int, kinds: Sequence[str]) -> list[dict[str, Any]]:
     """`measure` in a fresh process with `devices` simulated CPU devices."""
     from common import run_child as run_script
 
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    return run_script(__file__, ["--measure", str(devices), "--batch-size", str(batch_size)], RESULT_PREFIX, env)
+    return run_script(__file__, ["--measure", str(devices), "--batch-size", str(batch_size), "--meshes", *kinds],
+                      RESULT_PREFIX, env)
 
 
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
@@ -111,15 +112,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--batch-size", type=int, default=32, help="global batch (divisible by every device count)")
-    parser.add_argument("--quick", action="store_true", help="8 devices only, batch 8 (smoke test)")
+    parser.add_argument("--meshes", nargs="+", choices=MESHES, default=list(MESHES), help="mesh kinds to run")
+    parser.add_argument("--quick", action="store_true", help="8 devices, fsdp only, batch 8 (smoke test)")
     parser.add_argument("--json", default="results/scaling.json")
     parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # internal: the child process
     args = parser.parse_args(argv)
     if args.measure:
-        print(RESULT_PREFIX + json.dumps(measure(args.measure, args.batch_size)), flush=True)
+        print(RESULT_PREFIX + json.dumps(measure(args.measure, args.batch_size, args.meshes)), flush=True)
         return
     if args.quick:
-        args.devices, args.batch_size = [8], 8
+        args.devices, args.batch_size, args.meshes = [8], 8, ["fsdp"]
     bad = [d for d in args.devices if d < 1 or args.batch_size % d]
     if bad:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by every --devices value; not by {bad}")
@@ -127,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from common import write_results
 
     load_before = os.getloadavg()[0]
-    rows = [row for devices in args.devices for row in run_child(devices, args.batch_size)]
+    rows = [row for devices in args.devices for row in run_child(devices, args.batch_size, args.meshes)]
     print_table(rows)
     write_results(args.json, {
         "benchmark": "scaling", "quick": args.quick, "model": "default (random init)", "step": "sparselora",

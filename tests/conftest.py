@@ -64,9 +64,18 @@ def trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     from sparsevlm.config import PretrainConfig
     from sparsevlm.pretrain import pretrain
 
-    out = tmp_path_factory.mktemp("trained") / "default-short"
-    config = PretrainConfig(steps=150, batch_size=32, warmup_steps=20, train_images=800, vision_steps=80)
-    pretrain(config, out, eval_images=40, progress=False)
+    from filelock import FileLock
+
+    # Under pytest-xdist every worker asks for it: the first builds it in the run's shared temp
+    # directory, the others wait on the lock and reuse it.
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    out = root / "trained" / "default-short"
+    with FileLock(str(root / "trained.lock")):
+        if not (root / "trained.done").exists():
+            config = PretrainConfig(steps=150, batch_size=32, warmup_steps=20, train_images=800, vision_steps=80)
+            pretrain(config, out, eval_images=40, progress=False)
+            (root / "trained.done").write_text("")
     return str(out)
 
 
