@@ -1,0 +1,51 @@
+"""benchmarks/peer_prune.py --quick: our Wanda/SparseGPT and the PyTorch re-statement of the reference agree.
+
+Timings are not asserted; what is: the JSON's structure, that the ratios are ours / peer, and that
+both sides choose (nearly) the same masks and leave the same error, at layer and model scope.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "peer_prune.py"
+
+
+@pytest.mark.slow
+def test_peer_prune_benchmark_quick_agrees_with_the_reference_loops(tmp_path):
+    out = tmp_path / "peer_prune.json"
+    # The benchmark runs as users run it: one real device, not the tests' simulated eight.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # One PyTorch thread: the quick layers gain nothing from more, and OpenMP's spinning workers slow
+    # the peer's many small ops down several times over on a busy CI host.
+    proc = subprocess.run([sys.executable, str(BENCHMARK), "--quick", "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "peer_prune" and report["quick"] is True and report["config"] == "quick"
+    assert report["layer"] == {"shape": [512, 512], "tokens": 256}
+    assert report["peer"]["device"] in ("cpu", "cuda") and report["peer"]["device_name"]
+    assert report["peer"]["threads"] == 1
+    assert {"platform", "device", "cpu_count", "jax", "load_average_1m"} <= set(report)
+    rows = {(r["scope"], r["method"], r["pattern"]): r for r in report["results"]}
+    assert set(rows) == {(s, m, p) for s in ("layer", "model") for m in ("wanda", "sparsegpt")
+                         for p in ("unstructured", "2:4")}
+    for (scope, method, pattern), r in rows.items():
+        assert r["ours_s"] > 0 and r["peer_s"] > 0
+        assert r["ratio"] == pytest.approx(r["ours_s"] / r["peer_s"], rel=1e-2)
+        assert r["ours_sparsity"] == r["peer_sparsity"] == 0.5, (scope, method, pattern)
+        # Wanda's masks match up to ties; SparseGPT's too on one layer, while over a whole model a float-level
+        # near-tie in one layer changes its OBS updates and the later layers' inputs, so a few entries differ.
+        assert r["mask_agreement"] >= (0.99 if (method, scope) == ("sparsegpt", "model") else 0.999), r
+        assert 0 < r["ours_error"] <= 1.05 * r["peer_error"], r
+        if method == "wanda":
+            assert r["ours_error"] == pytest.approx(r["peer_error"], rel=1e-3), r
+    assert rows["model", "sparsegpt", "unstructured"]["ours_pattern"] == "unstructured-layer"
+    assert rows["model", "wanda", "unstructured"]["layers"] == 14  # 2 decoder layers x 7 linears
+    assert "x peer" in proc.stdout and "sparsegpt" in proc.stdout
