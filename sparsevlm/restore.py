@@ -114,6 +114,10 @@ def restore(
         shardings = sharding.restore_shardings(mesh, optimizer, state, base_params, masks, example)
         step_fn = make_restore_step(model, optimizer, lora_cfg.alpha, config.method, config.kl_weight,
                                     config.temperature, shardings)
+        # Compiled once, ahead of time, from shapes: the memory report comes before any array is placed,
+        # and the same executable then runs every step.
+        step_fn = sharding.compile_step(step_fn, (state, base_params, masks, example),
+                                        (shardings.state, *shardings.inputs))
         memory = sharding.restore_memory(step_fn, shardings, state, base_params, masks, example)
         print(sharding.format_memory(memory, mesh))
         if plan_only:

@@ -349,10 +349,14 @@ def train_shardings(
     return StepShardings(state_sh, (batch_shardings(batch, mesh),))
 
 
-def compiled_memory(step: Any, args: Sequence[PyTree], shardings: Sequence[PyTree]) -> dict[str, int]:
-    """XLA's per-device buffer bytes of jitted `step` compiled for `args` laid out by `shardings` (allocates nothing)."""
-    abstract = [with_sharding(arg, sharding) for arg, sharding in zip(args, shardings)]
-    analysis = step.lower(*abstract).compile().memory_analysis()
+def compile_step(step: Any, args: Sequence[PyTree], shardings: Sequence[PyTree]) -> jax.stages.Compiled:
+    """Jitted `step` compiled ahead of time for `args` laid out by `shardings` (allocates nothing)."""
+    return step.lower(*(with_sharding(arg, sharding) for arg, sharding in zip(args, shardings))).compile()
+
+
+def compiled_memory(compiled: jax.stages.Compiled) -> dict[str, int]:
+    """XLA's per-device buffer bytes of a compiled step: arguments, outputs, aliased, temporaries, code, total."""
+    analysis = compiled.memory_analysis()
     out = {
         "arguments": int(analysis.argument_size_in_bytes),
         "outputs": int(analysis.output_size_in_bytes),
@@ -364,8 +368,8 @@ def compiled_memory(step: Any, args: Sequence[PyTree], shardings: Sequence[PyTre
     return out
 
 
-def restore_memory(step: Any, shardings: "StepShardings", state: PyTree, params: PyTree, masks: PyTree,
-                   batch: Mapping[str, Any]) -> dict[str, int]:
+def restore_memory(compiled: jax.stages.Compiled, shardings: "StepShardings", state: PyTree, params: PyTree,
+                   masks: PyTree, batch: Mapping[str, Any]) -> dict[str, int]:
     """Per-device bytes of a restoration step on its mesh: each input tree, and XLA's compiled-step figures."""
     params_sh, masks_sh, batch_sh = shardings.inputs
     parts = {
@@ -375,7 +379,7 @@ def restore_memory(step: Any, shardings: "StepShardings", state: PyTree, params:
         "optimizer": bytes_per_device(state.opt_state, shardings.state.opt_state),
         "batch": bytes_per_device(batch, batch_sh),
     }
-    return parts | compiled_memory(step, (state, params, masks, batch), (shardings.state, *shardings.inputs))
+    return parts | compiled_memory(compiled)
 
 
 def format_memory(report: Mapping[str, int], mesh: Mesh | None = None) -> str:
