@@ -1,7 +1,8 @@
-"""What every benchmark records: the machine it ran on, and its JSON output."""
+"""What every benchmark shares: the machine it ran on, its JSON output, child processes and flag types."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -10,14 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import flax
-import jax
-import jaxlib
-import numpy as np
-
 
 def machine() -> dict[str, Any]:
     """Backend, device and software versions the timings were taken on."""
+    import flax  # here, not at the top: a PyTorch peer's process imports this module without starting JAX
+    import jax
+    import jaxlib
+    import numpy as np
+
     return {
         "platform": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
@@ -58,3 +59,11 @@ def run_child(script: str, args: list[str], prefix: str, env: dict[str, str] | N
     if not lines:
         raise RuntimeError(f"{what} printed no result:\n{proc.stdout[-2000:]}")
     return json.loads(lines[-1][len(prefix):])
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value

@@ -38,9 +38,9 @@ import jax
 import numpy as np
 import torch
 
-from common import write_results
+from common import positive_int, write_results
 from llava import build_checkpoint, sizes as llava_sizes
-from prune import CompileMeter, layer_inputs, layer_stats, parse_layer_size, positive_int
+from prune import CompileMeter, layer_inputs, layer_stats, parse_layer_size
 from sparsevlm.data.batch import preprocess_images
 from sparsevlm.hf.load import Naming, conversion_rules, load_hf_model
 from sparsevlm.pruning import Pattern, SparsitySpec, prune, prune_layer

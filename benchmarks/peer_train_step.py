@@ -655,16 +655,10 @@ def print_table(rows: Sequence[dict[str, Any]], report: dict[str, Any]) -> None:
           f"|diff| {report['loss_abs_diff']:.2e} ({report['loss_rel_diff']:.2e} relative)")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer > 0."""
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse arguments; as the parent, prepare both sides, time them and report."""
+    from common import positive_int  # (imports no JAX: the peer's process runs this too)
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help=f"a size preset of benchmarks/llava.py (quick, small, 1b) or a JSON file "
                                          f"with the same keys (default {FULL['config']})")

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import write_results
+from common import positive_int, write_results
 from sparsevlm.checkpoint import ModelBundle
 from sparsevlm.data.calibration import calibration_set
 from sparsevlm.hub import load_model
@@ -178,14 +178,6 @@ def parse_layer_size(text: str) -> tuple[int, int]:
     if len(dims) not in (1, 2) or min(dims) <= 0:
         raise argparse.ArgumentTypeError(f"--layer-size {text!r} must be N or INxOUT with positive integers")
     return (dims[0], dims[-1])
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer > 0."""
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return value
 
 
 def print_table(rows: Sequence[dict[str, Any]]) -> None:

@@ -33,7 +33,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from common import write_results
+from common import positive_int, write_results
 from sparsevlm.config import RestoreConfig, default_vlm_config
 from sparsevlm.data import shapes
 from sparsevlm.data.batch import encode_vqa, iterate_batches
@@ -238,14 +238,6 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
               f"{r['step_ms_min']:>8}{r['step_ms_max']:>8}{r['tokens_per_s']:>10}{ratio(r['vs_full']):>8}"
               f"{ratio(r['vs_lora']):>8}{mib(memory['step_total_mib']):>10}{mib(memory['argument_mib']):>7}"
               f"{mib(memory['output_mib']):>7}{mib(memory['temp_mib']):>7}{r['rss_peak_growth_mib']:>10}")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer > 0."""
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> None:
