@@ -42,6 +42,7 @@ from sparsevlm.eval.evaluate import round_up
 from sparsevlm.lora import LoraConfig, init_lora, lora_param_count
 from sparsevlm.models import VLM
 from sparsevlm.pruning import SparsitySpec, prune
+from sparsevlm.sharding import compiled_memory
 from sparsevlm.train import LoraState, TrainState, batch_arrays, make_optimizer, make_restore_step, make_train_step
 from sparsevlm.tree import count_params
 
@@ -115,15 +116,14 @@ def xla_memory(compiled: jax.stages.Compiled) -> dict[str, float | None]:
     arguments + outputs (no temporaries), so it understates the peak.
     """
     try:
-        stats = compiled.memory_analysis()
+        sizes: dict[str, Any] = compiled_memory(compiled)
+        peak = compiled.memory_analysis().peak_memory_in_bytes
     except NotImplementedError:
-        stats = None
-    fields = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
-              "alias": "alias_size_in_bytes", "temp": "temp_size_in_bytes", "xla_peak": "peak_memory_in_bytes"}
-    sizes = {name: getattr(stats, field, None) for name, field in fields.items()}
-    parts = [sizes["argument"], sizes["output"], sizes["temp"]]
-    sizes["step_total"] = None if None in parts else sum(parts) - (sizes["alias"] or 0)
-    return {f"{name}_mib": None if size is None else round(size / MIB, 2) for name, size in sizes.items()}
+        sizes, peak = {}, None
+    named = {"argument": "arguments", "output": "outputs", "alias": "aliased", "temp": "temporaries",
+             "step_total": "step_total"}
+    mib = {f"{name}_mib": sizes.get(field) for name, field in named.items()} | {"xla_peak_mib": peak}
+    return {name: None if size is None else round(size / MIB, 2) for name, size in mib.items()}
 
 
 def reset_peak_rss() -> bool:

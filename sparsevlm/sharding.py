@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sparsevlm.tree import SEP, match_rules
+from sparsevlm.tree import SEP, flatten, match_rules, unflatten
 
 if TYPE_CHECKING:
     from sparsevlm.train import StepShardings
@@ -156,11 +156,6 @@ def initialize_distributed() -> bool:
     return True
 
 
-def _paths(tree: PyTree) -> list[tuple[str, Any]]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(SEP.join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), leaf) for path, leaf in leaves]
-
-
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     """The logical axis names of the param at `path` (all None where no rule matches)."""
     axes = match_rules(path, PARAM_AXES)
@@ -213,24 +208,17 @@ def _check_divisible(path: str, shape: Sequence[int], spec: PartitionSpec, mesh:
 def param_specs(params: PyTree, mesh: Mesh, rules: Sequence[tuple[str, tuple[str, ...]]] = LOGICAL_RULES) -> PyTree:
     """A `PartitionSpec` per param leaf (checked: every sharded dimension divides its mesh axes)."""
     specs = {}
-    for path, leaf in _paths(params):
+    for path, leaf in flatten(params).items():
         spec = logical_to_spec(logical_axes(path, np.ndim(leaf)), mesh, rules)
         _check_divisible(path, np.shape(leaf), spec, mesh)
         specs[path] = spec
-    leaves = [specs[path] for path, _ in _paths(params)]
-    return jax.tree.unflatten(jax.tree.structure(params), leaves)
+    return unflatten(specs)
 
 
 def param_shardings(params: PyTree, mesh: Mesh, rules: Sequence[tuple[str, tuple[str, ...]]] = LOGICAL_RULES) -> PyTree:
     """A `NamedSharding` per param leaf, from the logical-axis rules."""
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(params, mesh, rules),
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def _at(tree: Mapping[str, Any], path: str) -> Any:
-    for key in path.split(SEP):
-        tree = tree[key]
-    return tree
 
 
 def mask_shardings(masks: PyTree, shardings: PyTree) -> PyTree:
@@ -241,14 +229,14 @@ def mask_shardings(masks: PyTree, shardings: PyTree) -> PyTree:
 
 def lora_shardings(lora: PyTree, shardings: PyTree) -> PyTree:
     """LoRA A `[r, in]` along its kernel's input axis, B `[out, r]` along its output axis."""
-    out: dict[str, Any] = {}
-    for path, _ in _paths(lora):
+    kernels = flatten(shardings)
+    out = {}
+    for path in flatten(lora):
         kernel_path, factor = path.rsplit(SEP, 1)
-        kernel = _at(shardings, kernel_path)
-        inp, outp = kernel.spec[0] if len(kernel.spec) > 0 else None, kernel.spec[1] if len(kernel.spec) > 1 else None
-        spec = PartitionSpec(None, inp) if factor == "a" else PartitionSpec(outp, None)
-        out[path] = NamedSharding(kernel.mesh, spec)
-    return jax.tree.unflatten(jax.tree.structure(lora), [out[p] for p, _ in _paths(lora)])
+        spec = tuple(kernels[kernel_path].spec) + (None, None)  # [in, out], padded for unsharded kernels
+        out[path] = NamedSharding(kernels[kernel_path].mesh, PartitionSpec(None, spec[0]) if factor == "a"
+                                     else PartitionSpec(spec[1], None))
+    return unflatten(out)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -256,17 +244,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def _batch_sharding(name: str, shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    spec = logical_to_spec(("batch",), mesh)
+    _check_divisible(f"batch {name!r} (batch size)", tuple(shape)[:1], spec, mesh)
+    return NamedSharding(mesh, PartitionSpec(*spec, *([None] * (len(shape) - 1))))
+
+
 def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
     """Every batch array split along its leading (example) dimension over `data`×`fsdp`."""
-    spec = logical_to_spec(("batch",), mesh)
-    out = {}
-    for name, value in batch.items():
-        if value is None:
-            out[name] = None
-            continue
-        _check_divisible(f"batch {name!r} (batch size)", np.shape(value)[:1], spec, mesh)
-        out[name] = NamedSharding(mesh, PartitionSpec(*spec, *([None] * (np.ndim(value) - 1))))
-    return out
+    return {name: None if value is None else _batch_sharding(name, np.shape(value), mesh)
+            for name, value in batch.items()}
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, state: PyTree, shardings: PyTree, mesh: Mesh) -> PyTree:
@@ -292,24 +279,17 @@ def global_batch(local: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
             continue
         shape = np.shape(value)
         global_shape = (shape[0] * jax.process_count(), *shape[1:])
-        sharding = batch_shardings({name: np.empty(global_shape[:1])}, mesh)[name]
-        sharding = NamedSharding(mesh, PartitionSpec(*sharding.spec, *([None] * (len(shape) - 1))))
-        out[name] = jax.make_array_from_process_local_data(sharding, np.asarray(value), global_shape)
+        out[name] = jax.make_array_from_process_local_data(
+            _batch_sharding(name, global_shape, mesh), np.asarray(value), global_shape)
     return out
 
 
-def bytes_per_device(tree: PyTree, shardings: PyTree | None = None) -> int:
-    """Bytes one device holds of `tree` (its largest shard per leaf; unsharded leaves whole)."""
-    total = 0
+def bytes_per_device(tree: PyTree, shardings: PyTree) -> int:
+    """Bytes one device holds of `tree` laid out by `shardings` (its shard of every leaf)."""
     leaves = jax.tree.leaves(tree)
-    shards = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)) if shardings is not None else None
-    for i, leaf in enumerate(leaves):
-        shape, dtype = np.shape(leaf), np.dtype(getattr(leaf, "dtype", np.float32))
-        sharding = shards[i] if shards is not None else getattr(leaf, "sharding", None)
-        if sharding is not None and hasattr(sharding, "shard_shape"):
-            shape = sharding.shard_shape(shape)
-        total += math.prod(shape) * dtype.itemsize
-    return total
+    shards = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    return sum(math.prod(sharding.shard_shape(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize
+               for leaf, sharding in zip(leaves, shards, strict=True))
 
 
 def tree_bytes(tree: PyTree) -> int:
