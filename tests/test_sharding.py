@@ -327,3 +327,31 @@ def test_cli_prunes_on_a_mesh_and_plans_a_sharded_restore(tiny_bundle, tmp_path,
     for part in ("params", "masks", "lora", "optimizer", "temporaries", "step_total"):
         assert f"  {part}" in printed
     assert not out.exists()  # a plan trains and writes nothing
+
+
+def test_sharded_full_train_step_matches_one_device(setup):
+    from sparsevlm.train import TrainState, make_train_step
+
+    model, _, params, _, _, arrays, _ = setup
+    optimizer = optax.sgd(0.1)
+    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    want, want_metrics = make_train_step(model, optimizer)(state, arrays)
+    mesh = sh.make_mesh("fsdp=8")
+    shardings = sh.train_shardings(mesh, optimizer, state, arrays)
+    got, metrics = make_train_step(model, optimizer, shardings)(sh.shard(state, shardings.state),
+                                                               sh.shard(arrays, shardings.inputs[0]))
+    np.testing.assert_allclose(float(metrics["loss"]), float(want_metrics["loss"]), rtol=1e-5)
+    for path, value in flatten(want.params).items():
+        np.testing.assert_allclose(flatten(got.params)[path], value, atol=1e-5, err_msg=path)
+        assert flatten(got.params)[path].sharding == flatten(shardings.state.params)[path]
+
+
+def test_distributed_init_needs_the_whole_environment(monkeypatch):
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.delenv("SPARSEVLM_DISTRIBUTED", raising=False)
+    assert sh.initialize_distributed() is False  # one process: nothing to join
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "host0:1234")
+    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    with pytest.raises(sh.ShardingError, match="JAX_COORDINATOR_ADDRESS='host0:1234' is set but JAX_NUM_PROCESSES"):
+        sh.initialize_distributed()
