@@ -13,11 +13,14 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from transformers import PreTrainedTokenizerBase
 
 from sparsevlm.config import VLMConfig
 from sparsevlm.data.tokenize import tokenizer_from_json, tokenizer_to_json
+from sparsevlm.hf.safetensors_io import SINGLE_NAME, iter_file
+from sparsevlm.integrity import (CorruptCheckpointError, listed_files, one_line_error, verify_checksums,
+                                 write_checksums)
 from sparsevlm.pruning.masks import flat_masks, masks_from_flat
 from sparsevlm.tree import flatten, unflatten
 
@@ -76,7 +79,8 @@ def save_model(path: str | os.PathLike, bundle: ModelBundle, overwrite: bool = F
     """Save a bundle as a model directory; an existing non-empty `path` needs `overwrite=True`.
 
     The new model is written to a sibling temporary directory and renamed into place, so a crash
-    mid-save leaves any previous model at `path` intact.
+    mid-save leaves any previous model at `path` intact. Its `checksums.json` is written last, inside
+    that directory, so the rename publishes the model and its manifest together.
     """
     path = Path(path).resolve()
     if path.exists() and any(path.iterdir()) and not overwrite:
@@ -99,6 +103,7 @@ def save_model(path: str | os.PathLike, bundle: ModelBundle, overwrite: bool = F
         manager.save(0, args=ocp.args.Composite(**items))
         manager.wait_until_finished()
         manager.close()
+        write_checksums(staging)
         if path.exists():
             backup = path.with_name(f".{path.name}.old")
             shutil.rmtree(backup, ignore_errors=True)
@@ -113,10 +118,16 @@ def save_model(path: str | os.PathLike, bundle: ModelBundle, overwrite: bool = F
 
 
 def load_model_dir(path: str | os.PathLike) -> ModelBundle:
-    """Load a model directory written by `save_model`."""
+    """Load a model directory written by `save_model`; a damaged one is a `CorruptCheckpointError`.
+
+    `checksums.json` is verified first, naming a truncated or changed file. Models saved before
+    manifests existed have none and still load; for them (and for damage a manifest cannot see) any
+    failure while restoring is reported as a `CorruptCheckpointError` naming the directory.
+    """
     path = Path(path).resolve()
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
+    verified = verify_checksums(path)
     manager = ocp.CheckpointManager(path, item_names=_ITEMS, options=_options(read_only=True))
     step = manager.latest_step()
     if step is None:
@@ -130,8 +141,31 @@ def load_model_dir(path: str | os.PathLike) -> ModelBundle:
     has_masks = (path / str(step) / "masks").is_dir()
     if has_masks:
         items["masks"] = ocp.args.StandardRestore()
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    manager.close()
+    if verified:
+        # Unlisted files may sit beside the model (report.json), but everything restored must be listed.
+        listed = listed_files(path)
+        for item in items:
+            if not any(name.startswith(f"{step}/{item}/") for name in listed):
+                raise CorruptCheckpointError(
+                    f"{path / str(step) / item} is not covered by {path / 'checksums.json'}: "
+                    "it was added after the model was saved"
+                )
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as err:  # orbax, tensorstore and json raise many types; none names the damage clearly
+        raise CorruptCheckpointError(
+            f"model directory {path} is damaged or incomplete (restoring it failed): {one_line_error(err)}"
+        ) from err
+    finally:
+        manager.close()
+    try:
+        return _bundle(restored, has_masks)
+    except Exception as err:  # the files parsed but do not hold a usable model
+        raise CorruptCheckpointError(f"model directory {path} holds an unusable model: {one_line_error(err)}") from err
+
+
+def _bundle(restored: Any, has_masks: bool) -> ModelBundle:
+    """A `ModelBundle` from the restored orbax items."""
     params = jax.tree.map(np.asarray, restored["params"])
     masks = masks_from_flat(params, flatten(restored["masks"])) if has_masks else None
     metadata = dict(restored["metadata"] or {})
@@ -164,9 +198,20 @@ def export_safetensors(bundle: ModelBundle, out_dir: str | os.PathLike) -> Path:
 
 
 def import_safetensors(directory: str | os.PathLike) -> ModelBundle:
-    """Read back a directory written by `export_safetensors`."""
+    """Read back a directory written by `export_safetensors`; a damaged file is a ValueError naming it."""
     directory = Path(directory)
-    params = unflatten(load_file(str(directory / "model.safetensors")))
-    config = VLMConfig.from_dict(json.loads((directory / "config.json").read_text()))
-    tokenizer = tokenizer_from_json((directory / "tokenizer.json").read_text())
+    # Our reader, not `safetensors.numpy.load_file`: its errors (SafetensorError, not a ValueError) name no file.
+    params = unflatten(dict(iter_file(directory / SINGLE_NAME)))
+    config_path, tokenizer_path = directory / "config.json", directory / "tokenizer.json"
+    for file in (config_path, tokenizer_path):
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} does not exist (export_safetensors writes it beside {SINGLE_NAME})")
+    try:
+        config = VLMConfig.from_dict(json.loads(config_path.read_text()))
+    except Exception as err:  # JSONDecodeError, UnicodeDecodeError, or fields the config does not have
+        raise ValueError(f"{config_path} is not a valid sparsevlm config: {one_line_error(err)}") from err
+    try:
+        tokenizer = tokenizer_from_json(tokenizer_path.read_text())
+    except Exception as err:  # the tokenizers library raises a bare Exception for malformed JSON
+        raise ValueError(f"{tokenizer_path} is not a valid tokenizer: {one_line_error(err)}") from err
     return ModelBundle(config, params, tokenizer)

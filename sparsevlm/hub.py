@@ -48,7 +48,7 @@ def _looks_like_hub_name(name: str) -> bool:
 
 
 def download_hf(name: str) -> Path:
-    """A hub checkpoint's local snapshot: configs, processor files and safetensors only (never pickles)."""
+    """A hub checkpoint's local snapshot: configs, processor files and safetensors only (never PyTorch .bin)."""
     from huggingface_hub import snapshot_download
 
     try:

@@ -27,6 +27,7 @@ from sparsevlm.data.prompts import family_format
 from sparsevlm.hf import llama, vision
 from sparsevlm.hf.rules import UNUSED, Rule, linear_rules, to_hf, to_ours
 from sparsevlm.hf.safetensors_io import Checkpoint, write_file
+from sparsevlm.integrity import contained
 from sparsevlm.tree import flatten, unflatten
 
 PyTree = Any
@@ -182,10 +183,29 @@ def _read_config(directory: Path) -> tuple[dict[str, Any], Any]:
         raise ValueError(f"{path}: transformers rejects this config: {detail}") from err
 
 
+def _refuse_custom_code(directory: Path) -> None:
+    """Refuse configs that ask transformers for custom code (`auto_map`): loading them would run that code."""
+    # Without an `auto_map` no Auto class looks for custom code. With one, transformers' default is to
+    # ask on a terminal (and refuse otherwise); we refuse outright, naming the file.
+    for path in sorted(directory.rglob("*config.json")):
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # not ours to judge: transformers reports an unreadable config when it reads it
+        auto_map = content.get("auto_map") if isinstance(content, dict) else None
+        if auto_map:
+            classes = ", ".join(map(str, auto_map)) if isinstance(auto_map, (dict, list)) else repr(auto_map)
+            raise ValueError(
+                f"{path} asks for custom code (auto_map: {classes}); refused: only the model and processor "
+                "classes built into transformers are used, since custom code could run anything"
+            )
+
+
 def load_processor(directory: str | os.PathLike) -> Any:
     """The checkpoint's `AutoProcessor` (tokenizer + image processor; PIL image processing without torchvision)."""
+    _refuse_custom_code(Path(directory))
     try:
-        return transformers.AutoProcessor.from_pretrained(str(directory), trust_remote_code=False)
+        return transformers.AutoProcessor.from_pretrained(str(directory))
     except OSError as err:  # transformers' "can't load" is a bare OSError, which callers do not expect
         detail = " ".join(str(err).split())
         raise FileNotFoundError(
@@ -203,6 +223,8 @@ def processor_files(processor: Any) -> dict[str, str]:
 
 def processor_from_files(files: dict[str, str]) -> Any:
     """Inverse of `processor_files`."""
+    if not isinstance(files, dict) or not all(isinstance(text, str) for text in files.values()):
+        raise ValueError("stored processor files are malformed: expected a map from file names to file contents")
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in files.items():
             _write_relative(Path(tmp), name, text)
@@ -211,10 +233,12 @@ def processor_from_files(files: dict[str, str]) -> Any:
 
 def _write_relative(root: Path, name: str, text: str) -> None:
     """Write `root/name`, refusing names that would leave `root` (stored names are data, not trusted paths)."""
-    parts = Path(name).parts
-    if not parts or Path(name).is_absolute() or ".." in parts:
-        raise ValueError(f"stored processor file name {name!r} would leave the output directory")
-    target = root.joinpath(*parts)
+    try:
+        target = contained(root, name)
+    except ValueError as err:
+        raise ValueError(f"stored processor file name {name!r} would leave the output directory: {err}") from None
+    if target.is_dir():
+        raise ValueError(f"stored processor file name {name!r} names a directory, not a file")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
 

@@ -3,13 +3,16 @@
 The format is a little-endian u64 header length, a JSON header `{name: {dtype, shape,
 data_offsets}}` and raw bytes. Reading it directly (rather than through `safetensors.numpy`)
 gives bfloat16 support via `ml_dtypes`, memory-mapped reads of one tensor at a time, and errors
-that name the file and tensor when a checkpoint is truncated or malformed. Writing streams each
+that name the file and tensor when a checkpoint is truncated or malformed (the `safetensors`
+library raises its own `SafetensorError`, not a ValueError, naming no file). Only safetensors are
+read: PyTorch `.bin`/`.pt` weights are refused, since loading them can run arbitrary code. Writing streams each
 tensor to disk as it is produced, so an export never holds the whole HF-layout model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -17,6 +20,8 @@ from typing import BinaryIO, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from sparsevlm.integrity import contained
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -63,6 +68,8 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise ValueError(f"{self.path} has a corrupted safetensors header: the header is not a JSON object")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise ValueError(f"{self.path} has a corrupted safetensors header: __metadata__ is not a map of strings")
         self._data_start = 8 + header_len
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
@@ -70,9 +77,11 @@ class SafetensorsFile:
                 dtype = DTYPES[entry["dtype"]]
                 shape = tuple(int(d) for d in entry["shape"])
                 begin, end = (int(o) for o in entry["data_offsets"])
+                if any(d < 0 for d in shape):
+                    raise ValueError("negative dimension")
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"{self.path}: tensor {name!r} has an unsupported or malformed header entry {entry!r}") from None
-            nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            nbytes = dtype.itemsize * math.prod(shape)  # exact: a huge forged shape must not wrap around
             if not 0 <= begin <= end or end - begin != nbytes:
                 raise ValueError(
                     f"{self.path}: tensor {name!r} has data_offsets [{begin}, {end}], but {dtype} of shape {shape} "
@@ -138,24 +147,29 @@ class Checkpoint:
         if index.is_file():
             try:
                 weight_map: Mapping[str, str] = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{index} is not a valid safetensors index: {err}") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"{index} is not a valid safetensors index: weight_map must map tensor names to files")
             for name in sorted(set(weight_map.values())):
-                if Path(name).name != name:
-                    raise ValueError(f"{index} names shard {name!r} outside the checkpoint directory")
+                try:
+                    # The name alone is judged: hub-cache snapshots link every file into a blob store outside.
+                    contained(self.directory, name, follow_symlinks=False)
+                except ValueError as err:
+                    raise ValueError(f"{index} names shard {name!r} outside the checkpoint directory: {err}") from None
                 if not (self.directory / name).is_file():
                     raise FileNotFoundError(f"shard {name} listed in {index} is missing from {self.directory}")
             self._location = dict(weight_map)
         elif (self.directory / SINGLE_NAME).is_file():
             self._location = {name: SINGLE_NAME for name in self._file(SINGLE_NAME).keys()}
         else:
-            pickles = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(
+            torch_files = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(
                 p.name for p in self.directory.glob("*.pt*")
             )
-            if pickles:
+            if torch_files:
                 raise ValueError(
-                    f"{self.directory} holds only pickle weights ({', '.join(pickles[:3])}); they are refused "
-                    "because loading a pickle can run arbitrary code. Convert them to safetensors first "
+                    f"{self.directory} holds only PyTorch .bin/.pt weights ({', '.join(torch_files[:3])}); they are "
+                    "refused because loading them can run arbitrary code. Convert them to safetensors first "
                     "(e.g. with transformers: model.save_pretrained(dir, safe_serialization=True) on a trusted machine)."
                 )
             raise FileNotFoundError(f"{self.directory} has no {SINGLE_NAME} or {INDEX_NAME}")

@@ -111,8 +111,8 @@ def test_pickle_only_checkpoint_is_refused(llava_copy):
     path = llava_copy / SINGLE_NAME
     torch.save({k: torch.from_numpy(v) for k, v in load_file(path).items()}, llava_copy / "pytorch_model.bin")
     path.unlink()
-    with pytest.raises(ValueError, match=r"holds only pickle weights \(pytorch_model.bin\); they are refused "
-                                         r"because loading a pickle can run arbitrary code"):
+    with pytest.raises(ValueError, match=r"holds only PyTorch .bin/.pt weights \(pytorch_model.bin\); they are "
+                                         r"refused because loading them can run arbitrary code"):
         load_hf_model(llava_copy)
 
 

@@ -217,6 +217,12 @@ def _write_header(path: Path, header: object) -> None:
         ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
          r"tensor 'w' has data_offsets \[0, 8\], but float32 of shape \(3,\) takes 12 bytes"),
         ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [-4, 4]}}, r"tensor 'w' has data_offsets \[-4, 4\]"),
+        ({"w": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}}, "tensor 'w' has an unsupported"),
+        # A forged shape whose size wraps around in int64 (2**66 bytes) must not pass as 0 bytes.
+        ({"w": {"dtype": "F32", "shape": [2**62, 4], "data_offsets": [0, 0]}},
+         r"tensor 'w' has data_offsets \[0, 0\], but float32 of shape \(4611686018427387904, 4\) takes "
+         r"73786976294838206464 bytes"),
+        ({"__metadata__": ["format", "pt"]}, "corrupted safetensors header: __metadata__ is not a map of strings"),
     ],
 )
 def test_malformed_headers_name_the_file_and_tensor(tmp_path, header, message):
@@ -252,15 +258,59 @@ def test_index_whose_shard_lacks_a_tensor(sharded_dir, tmp_path):
 
 def test_invalid_index_names_the_index(sharded_dir, tmp_path):
     directory = Path(shutil.copytree(sharded_dir, tmp_path / "ckpt"))
-    (directory / INDEX_NAME).write_text('{"metadata": {}}')
-    with pytest.raises(ValueError, match=rf"{_escaped(directory / INDEX_NAME)} is not a valid safetensors index"):
-        Checkpoint(directory)
-    (directory / INDEX_NAME).write_text(json.dumps({"weight_map": {"w": "../elsewhere.safetensors"}}))
-    with pytest.raises(ValueError, match="names shard '../elsewhere.safetensors' outside the checkpoint"):
+    for index in ('{"metadata": {}}', '{"weight_map": ["model-00001.safetensors"]}', '{"weight_map": {"w": 3}}'):
+        (directory / INDEX_NAME).write_text(index)
+        with pytest.raises(ValueError, match=rf"{_escaped(directory / INDEX_NAME)} is not a valid safetensors index"):
+            Checkpoint(directory)
+
+
+@pytest.mark.parametrize(
+    "shard,reason",
+    [("../elsewhere.safetensors", "leads outside"), ("sub/../../x.safetensors", "leads outside"),
+     ("/etc/passwd", "is absolute")],
+)
+def test_index_naming_a_shard_outside_the_directory_is_refused(sharded_dir, tmp_path, shard, reason):
+    directory = Path(shutil.copytree(sharded_dir, tmp_path / "ckpt"))
+    (directory / INDEX_NAME).write_text(json.dumps({"weight_map": {"w": shard}}))
+    with pytest.raises(ValueError, match=rf"{_escaped(directory / INDEX_NAME)} names shard '{re.escape(shard)}' "
+                                         rf"outside the checkpoint directory: path .* {reason}"):
         Checkpoint(directory)
 
 
-def test_pickle_only_directory_is_refused_with_the_reason(tmp_path):
+def test_hub_cache_layout_with_linked_shards_reads(sharded_dir, tmp_path):
+    # huggingface_hub's cache: snapshots/<rev>/<file> are symlinks into ../../blobs/<hash>, outside the snapshot.
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "rev"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for path in sharded_dir.iterdir():
+        shutil.copy(path, blobs / f"blob-{path.name}")
+        (snapshot / path.name).symlink_to(Path("..", "..", "blobs", f"blob-{path.name}"))
+    linked, plain = Checkpoint(snapshot), Checkpoint(sharded_dir)
+    assert sorted(linked.keys()) == sorted(plain.keys())
+    for name in plain.keys():
+        np.testing.assert_array_equal(linked.read(name), plain.read(name))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_damaged_file_is_one_clear_line_where_the_reference_library_also_fails(reference_file, damage):
+    path, _ = reference_file
+    raw = bytearray(path.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) - 3]
+    else:
+        raw[12:15] = b"\xff\xfe\xfd"  # inside the JSON header: no longer UTF-8
+    path.write_bytes(bytes(raw))
+    with pytest.raises(Exception):  # the reference reader agrees the file is damaged
+        with safe_open(path, "np") as reference:
+            [reference.get_tensor(name) for name in reference.keys()]
+    with pytest.raises(ValueError) as info:
+        SafetensorsFile(path)
+    message = str(info.value)
+    expected = "is truncated: tensor" if damage == "truncated" else "has a corrupted safetensors header"
+    assert message.startswith(f"{path} {expected}") and "\n" not in message, message
+
+
+def test_pytorch_only_directory_is_refused_with_the_reason(tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="pytorch_model.bin") as info:
         Checkpoint(tmp_path)
