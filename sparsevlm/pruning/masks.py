@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,12 +43,25 @@ def tower_of(path: str) -> str:
     return path.split("/", 1)[0]
 
 
-def _check_flat(flat_params: Mapping[str, Any], pruned: Mapping[str, Any]) -> None:
+def _check_leaf(path: str, mask: Any, kernel: Any, check_dtype: bool) -> None:
+    # chex raises ValueError here (what callers and the CLI catch) with a message naming the path.
+    expected = tuple(np.shape(kernel))
+    chex.assert_shape(
+        mask, expected, exception_type=ValueError,
+        custom_message=f"mask for {path} has shape {tuple(np.shape(mask))}, the kernel {expected}",
+    )
+    if check_dtype:
+        chex.assert_type(
+            mask, bool, exception_type=ValueError,
+            custom_message=f"mask for {path} has dtype {getattr(mask, 'dtype', type(mask).__name__)}, expected bool",
+        )
+
+
+def _check_flat(flat_params: Mapping[str, Any], pruned: Mapping[str, Any], check_dtype: bool = False) -> None:
     for path, mask in pruned.items():
         if path not in flat_params:
             raise ValueError(f"mask for {path!r} names no param of this model")
-        if tuple(mask.shape) != tuple(flat_params[path].shape):
-            raise ValueError(f"mask for {path} has shape {tuple(mask.shape)}, the kernel {tuple(flat_params[path].shape)}")
+        _check_leaf(path, mask, flat_params[path], check_dtype)
 
 
 def masks_from_flat(params: PyTree, pruned: Mapping[str, Any]) -> PyTree:
@@ -64,8 +78,19 @@ def flat_masks(masks: PyTree) -> dict[str, Any]:
 
 
 def check_masks(params: PyTree, masks: PyTree) -> None:
-    """A clear error unless every mask names an existing kernel of the same shape."""
-    _check_flat(flatten(params), flat_masks(masks))
+    """A ValueError unless `masks` mirrors the params' tree, each leaf None or a bool array of its kernel's shape."""
+    flat_params, flat_mask_tree = flatten(params), flatten(masks)
+    # Only shapes and dtypes are read, never values: cheap even for sharded trees.
+    missing = [p for p in flat_params if p not in flat_mask_tree]
+    if missing:
+        raise ValueError(
+            f"mask tree has no leaf for param {missing[0]!r} ({len(missing)} missing; "
+            "expected the params' structure, with None for leaves that are not pruned)"
+        )
+    extra = [p for p in flat_mask_tree if p not in flat_params]
+    if extra:
+        raise ValueError(f"mask for {extra[0]!r} names no param of this model ({len(extra)} such mask leaves)")
+    _check_flat(flat_params, {p: m for p, m in flat_mask_tree.items() if m is not None}, check_dtype=True)
 
 
 def _is_none(x: Any) -> bool:

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsevlm.pruning import SparsitySpec, apply_masks, measure_sparsity, prunable_paths, prune
+from sparsevlm.pruning.masks import check_masks, masks_from_flat
 from sparsevlm.pruning.patterns import Pattern, num_pruned
 from sparsevlm.tree import flatten, unflatten
 
@@ -259,3 +260,53 @@ def test_masks_never_touch_a_leaf_outside_the_prunable_rule(chosen, fan_in, fan_
         else:
             pruned_per_row = (~masks[path]).sum(axis=0)
             assert (pruned_per_row == int(fan_in * towers[path.split("/")[0]])).all()
+
+
+@pytest.fixture(scope="module")
+def half_masks(tiny_bundle):
+    return prune(tiny_bundle.params, None, SparsitySpec(vision=0.5, language=0.5), "magnitude").masks
+
+
+def test_check_masks_accepts_a_pruned_mask_tree_and_the_all_none_tree(tiny_bundle, half_masks):
+    check_masks(tiny_bundle.params, half_masks)
+    check_masks(tiny_bundle.params, jax.tree.map(lambda _: None, tiny_bundle.params))
+    # Sharded or jax-array masks are checked from their metadata alone.
+    check_masks(tiny_bundle.params, jax.tree.map(jax.numpy.asarray, half_masks))
+
+
+def test_check_masks_rejects_a_float_mask(tiny_bundle, half_masks):
+    path = "language/blocks_0/mlp/up/kernel"
+    flat = dict(flatten(half_masks))
+    flat[path] = flat[path].astype(np.float32)  # right shape, 0/1 values, wrong dtype
+    with pytest.raises(ValueError, match=rf"mask for {path} has dtype float32, expected bool"):
+        check_masks(tiny_bundle.params, unflatten(flat))
+    # masks_from_flat still turns 0/1 masks of any dtype into boolean ones.
+    rebuilt = masks_from_flat(tiny_bundle.params, {p: m for p, m in flat.items() if m is not None})
+    assert flatten(rebuilt)[path].dtype == np.bool_
+    np.testing.assert_array_equal(flatten(rebuilt)[path], flatten(half_masks)[path])
+    check_masks(tiny_bundle.params, rebuilt)
+
+
+def test_check_masks_rejects_a_wrong_shape(tiny_bundle, half_masks):
+    path = "vision/blocks_1/mlp/down/kernel"
+    flat = dict(flatten(half_masks))
+    flat[path] = flat[path].T  # [out, in]: the PyTorch layout, not the Flax kernel's
+    with pytest.raises(ValueError, match=rf"mask for {path} has shape \(32, 64\), the kernel \(64, 32\)"):
+        check_masks(tiny_bundle.params, unflatten(flat))
+    # A mask that would broadcast against the kernel is still the wrong shape.
+    flat[path] = np.ones((1, 32), bool)
+    with pytest.raises(ValueError, match=rf"mask for {path} has shape \(1, 32\)"):
+        check_masks(tiny_bundle.params, unflatten(flat))
+
+
+def test_check_masks_rejects_a_tree_missing_a_subtree_or_naming_an_unknown_param(tiny_bundle, half_masks):
+    without_connector = {tower: sub for tower, sub in half_masks.items() if tower != "connector"}
+    with pytest.raises(ValueError, match=r"mask tree has no leaf for param 'connector/\S+' \(\d+ missing"):
+        check_masks(tiny_bundle.params, without_connector)
+    flat = dict(flatten(half_masks))
+    del flat["language/blocks_1/attn/o/kernel"]
+    with pytest.raises(ValueError, match=r"no leaf for param 'language/blocks_1/attn/o/kernel' \(1 missing"):
+        check_masks(tiny_bundle.params, unflatten(flat))
+    flat = dict(flatten(half_masks)) | {"language/blocks_9/attn/o/kernel": None}
+    with pytest.raises(ValueError, match=r"mask for 'language/blocks_9/attn/o/kernel' names no param"):
+        check_masks(tiny_bundle.params, unflatten(flat))
