@@ -15,6 +15,11 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
 
 
+def _check_non_negative(name: str, value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{name}={value!r} must be >= 0")
+
+
 def _check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -253,13 +258,17 @@ class PretrainConfig:
     vision_steps: int = 300  # stage 1: per-cell attribute pretraining of the vision tower (0: off)
     vision_batch_size: int = 128
     eval_every: int = 0  # 0: evaluate only at the end
+    checkpoint_every: int = 0  # save the train state every N steps to OUT-checkpoints, to resume (0: off)
+    skip_nonfinite: int = 0  # skip up to N steps with a non-finite loss or gradient (0: stop at the first)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "train_images"):
             _check_positive(name, getattr(self, name))
+        for name in ("vision_steps", "eval_every", "checkpoint_every", "skip_nonfinite", "seed"):
+            _check_non_negative(name, getattr(self, name))
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
-        if self.learning_rate <= 0:
+        if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
 
 
@@ -285,7 +294,8 @@ class RestoreConfig:
     train_data: str = "shapes-mix"
     train_images: int = 2000
     bf16: bool = False
-    checkpoint_every: int = 0  # save the LoRA state every N steps (0: only at the end)
+    checkpoint_every: int = 0  # save LoRA + optimizer + data state every N steps to resume from (0: only at the end)
+    skip_nonfinite: int = 0  # skip up to N steps with a non-finite loss or gradient (0: stop at the first)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -301,8 +311,10 @@ class RestoreConfig:
             raise ValueError(f"kl_weight={self.kl_weight} must be in [0, 1]")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 0")
+        for name in ("checkpoint_every", "skip_nonfinite", "seed", "weight_decay"):
+            _check_non_negative(name, getattr(self, name))
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be > 0")
         if not self.alpha > 0:
             raise ValueError(f"alpha={self.alpha} must be > 0")
 

@@ -129,6 +129,7 @@ def restore_job(
         "config": dataclasses.asdict(config),
         "restore_seconds": round(result.seconds, 1),
         "loss_history": result.history,
+        "skipped_steps": result.skipped,
         "mesh": dict(mesh.shape) if mesh is not None else None,
         "memory_per_device": result.memory,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,14 @@ from tqdm.auto import tqdm
 from sparsevlm.checkpoint import ModelBundle, save_model
 from sparsevlm.config import PretrainConfig, VisionConfig, VLMConfig, default_vlm_config
 from sparsevlm.data import shapes
-from sparsevlm.data.batch import encode_vqa, endless_batches, iterate_batches, preprocess_images
+from sparsevlm.data.batch import (BatchStream, encode_vqa, iterate_batches, preprocess_images, rng_state,
+                                  set_rng_state)
 from sparsevlm.data.tokenize import build_word_tokenizer
 from sparsevlm.eval.evaluate import evaluate_vqa, round_up
 from sparsevlm.models.vit import ViT
 from sparsevlm.models.vlm import VLM
-from sparsevlm.train import TrainState, batch_arrays, make_optimizer, make_train_step
+from sparsevlm.train import (NonFiniteGuard, TrainingCheckpoints, TrainState, batch_arrays, make_optimizer,
+                             make_train_step)
 from sparsevlm.tree import count_params
 
 
@@ -95,8 +98,14 @@ def pretrain(
     model_config: VLMConfig | None = None,
     eval_images: int | None = None,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
 ) -> ModelBundle:
-    """Train a VLM on shapes VQA (questions + captions), evaluate on the test split, optionally save."""
+    """Train a VLM on shapes VQA (questions + captions), evaluate on the test split, optionally save.
+
+    With `checkpoint_dir` and `config.checkpoint_every`, the train state, the data position and the
+    random generator are saved every N steps, and a run finding checkpoints there resumes from the
+    newest one (skipping the vision stage, whose result is in the saved params).
+    """
     tokenizer = build_word_tokenizer(shapes.vocabulary())
     model_config = model_config or default_vlm_config(len(tokenizer))
     if model_config.language.vocab_size < len(tokenizer):
@@ -114,7 +123,7 @@ def pretrain(
     pool_sizes = np.array([len(p) for p in pools], float)
     rng = np.random.default_rng(config.seed)
     streams = [
-        endless_batches(p, config.batch_size, round_up(p.max_length, 8), tokenizer.pad_token_id,
+        BatchStream(p, config.batch_size, round_up(p.max_length, 8), tokenizer.pad_token_id,
                         model_config.vision, rng)
         for p in pools
     ]
@@ -122,27 +131,48 @@ def pretrain(
     model = VLM(model_config)
     init_batch = next(iter(iterate_batches(pools[0], 2, 8 * 2, tokenizer.pad_token_id, model_config.vision)))[0]
     params = model.init(jax.random.key(config.seed), init_batch.images, init_batch.tokens, init_batch.text_mask)["params"]
-    if config.vision_steps:
+    optimizer = make_optimizer(
+        config.learning_rate, config.end_learning_rate, config.warmup_steps, config.steps,
+        config.weight_decay, config.grad_clip,
+    )
+    state = jax.device_put(TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32)))
+    checkpoints, resumed = None, None
+    if checkpoint_dir is not None and config.checkpoint_every:
+        ignored = ("checkpoint_every", "skip_nonfinite", "eval_every")
+        run = {"pretrain": {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored},
+               "model": model_config.to_dict()}
+        checkpoints = TrainingCheckpoints(checkpoint_dir, run)
+        resumed = checkpoints.restore(state)
+    guard = NonFiniteGuard(config.skip_nonfinite)
+    history: list[dict[str, float]] = []
+    first, running, earlier_seconds = 0, None, 0.0
+    if resumed is not None:
+        first, state, extra = resumed
+        set_rng_state(rng, extra["rng"])
+        for stream, saved in zip(streams, extra["data"]):
+            stream.load_state(saved)
+        guard.skipped, history, running = extra["skipped"], extra["history"], extra["running"]
+        earlier_seconds = extra["seconds"]
+        print(f"resuming from step {first} of {config.steps} ({checkpoint_dir})")
+    elif config.vision_steps:
         params["vision"], probe_accuracy = pretrain_vision(
             model_config.vision, pools[1].images, list(captions["scene"]), config.vision_steps,
             config.vision_batch_size, config.seed, progress,
         )
         print(f"vision tower pretrained: per-cell accuracy {probe_accuracy}")
-    optimizer = make_optimizer(
-        config.learning_rate, config.end_learning_rate, config.warmup_steps, config.steps,
-        config.weight_decay, config.grad_clip,
-    )
-    state = TrainState(params, optimizer.init(params), np.zeros((), np.int32))
+        state = state._replace(params=jax.device_put(params))
     step_fn = make_train_step(model, optimizer)
     print(f"pretraining default VLM: {count_params(params):,} params, {len(pools[0]):,} questions, "
           f"{len(pools[1]):,} captions, {config.steps} steps of {config.batch_size}")
 
-    history: list[dict[str, float]] = []
-    bar = tqdm(range(config.steps), desc="pretrain", disable=not progress, mininterval=1.0)
-    running = None
+    bar = tqdm(range(first, config.steps), desc="pretrain", disable=not progress, mininterval=1.0,
+               initial=first, total=config.steps)
     for step in bar:
         stream = streams[int(rng.choice(len(pools), p=pool_sizes / pool_sizes.sum()))]
         state, metrics = step_fn(state, batch_arrays(next(stream)))
+        last_good = checkpoints.describe_latest() if checkpoints is not None else ""
+        if guard.check(metrics, step, last_good=last_good):
+            continue
         if step % 25 == 0 or step == config.steps - 1:
             loss = float(metrics["loss"])
             running = loss if running is None else 0.8 * running + 0.2 * loss
@@ -153,7 +183,14 @@ def pretrain(
             val = evaluate_vqa(partial, shapes.build_split("validation", image_size=model_config.vision.image_size),
                                progress=False)
             tqdm.write(f"step {step}: validation accuracy {val['accuracy']:.3f} {val['by_type']}")
-    train_seconds = time.perf_counter() - started
+        if checkpoints is not None and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            extra = {"rng": rng_state(rng), "data": [s.state() for s in streams], "skipped": guard.skipped,
+                     "history": history, "running": running,
+                     "seconds": earlier_seconds + time.perf_counter() - started}
+            checkpoints.save(step + 1, state, extra)
+    if checkpoints is not None:
+        checkpoints.close()
+    train_seconds = earlier_seconds + time.perf_counter() - started
 
     params = jax.tree.map(np.asarray, state.params)
     bundle = ModelBundle(model_config, params, tokenizer)
@@ -166,6 +203,7 @@ def pretrain(
         "test_accuracy": result["accuracy"],
         "test_by_type": result["by_type"],
         "loss_history": history,
+        "skipped_steps": guard.skipped,
     }
     bundle = ModelBundle(model_config, params, tokenizer, metadata)
     if out_dir is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
@@ -20,14 +18,15 @@ from transformers import PreTrainedTokenizerBase
 
 from sparsevlm import sharding
 from sparsevlm.config import RestoreConfig, VLMConfig
-from sparsevlm.data.batch import endless_batches
+from sparsevlm.data.batch import BatchStream, rng_state, set_rng_state
 from sparsevlm.data.calibration import calibration_set
 from sparsevlm.data.prompts import BUILTIN, PromptFormat
 from sparsevlm.eval.evaluate import round_up
 from sparsevlm.lora import LoraConfig, init_lora, lora_param_count, merge
-from sparsevlm.pruning.masks import check_masks
+from sparsevlm.pruning.masks import check_masks, flat_masks
 from sparsevlm.models.vlm import VLM
-from sparsevlm.train import LoraState, batch_arrays, make_optimizer, make_restore_step
+from sparsevlm.train import (LoraState, NonFiniteGuard, TrainingCheckpoints, batch_arrays, make_optimizer,
+                             make_restore_step)
 
 PyTree = Any
 
@@ -41,6 +40,15 @@ class RestoreResult:
     history: list[dict[str, float]]
     seconds: float
     memory: dict[str, int] | None = None  # per-device bytes on the mesh, when one was given
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient (RestoreConfig.skip_nonfinite)
+
+
+def _run_identity(config: RestoreConfig, model_config: VLMConfig, masks: PyTree) -> dict[str, Any]:
+    """What a resumed run must share with the one that wrote the checkpoints."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("checkpoint_every", "skip_nonfinite")}
+    kept = {path: int(np.sum(mask)) for path, mask in flat_masks(masks).items()}
+    return {"restore": settings, "model": model_config.to_dict(), "kept_weights": sum(kept.values()),
+            "pruned_layers": len(kept)}
 
 
 def lora_config(config: RestoreConfig, model_config: VLMConfig | None = None) -> LoraConfig:
@@ -93,7 +101,7 @@ def restore(
         raise ValueError(f"batch size {config.batch_size} is not divisible by the {hosts} hosts")
     # Each host draws its own examples (its process index offsets the seed); one host: as before.
     rng = np.random.default_rng(config.seed + (jax.process_index() if hosts > 1 else 0))
-    stream = endless_batches(data, config.batch_size // hosts, round_up(data.max_length, 8), tokenizer.pad_token_id,
+    stream = BatchStream(data, config.batch_size // hosts, round_up(data.max_length, 8), tokenizer.pad_token_id,
                              model_config.vision, rng)
     optimizer = make_optimizer(config.learning_rate, config.end_learning_rate, config.warmup_steps, config.steps,
                                config.weight_decay, config.grad_clip)
@@ -108,9 +116,7 @@ def restore(
         params, device_masks = jax.device_put(base_params), jax.device_put(masks)
         place = batch_arrays
     else:
-        first = next(stream)
-        stream = itertools.chain([first], stream)
-        example = sharding.global_batch(batch_arrays(first), mesh)
+        example = sharding.global_batch(batch_arrays(stream.example()), mesh)
         shardings = sharding.restore_shardings(mesh, optimizer, state, base_params, masks, example)
         step_fn = make_restore_step(model, optimizer, lora_cfg.alpha, config.method, config.kl_weight,
                                     config.temperature, shardings)
@@ -125,45 +131,54 @@ def restore(
         state = sharding.shard(state, shardings.state)
         params, device_masks = sharding.shard(base_params, shardings.inputs[0]), sharding.shard(masks, shardings.inputs[1])
         place = lambda batch: sharding.global_batch(batch_arrays(batch), mesh)  # noqa: E731
-    manager = None
+    checkpoints = None
+    micro_start, guard = 0, NonFiniteGuard(config.skip_nonfinite)
+    history: list[dict[str, float]] = []
     if checkpoint_dir is not None:
-        manager = ocp.CheckpointManager(
-            Path(checkpoint_dir).resolve(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
-        )
+        checkpoints = TrainingCheckpoints(checkpoint_dir, _run_identity(config, model_config, masks))
+        resumed = checkpoints.restore(state if mesh is not None else jax.device_put(state))
+        if resumed is not None:
+            if hosts > 1:
+                raise ValueError("resuming a multi-host restoration is not supported yet: each host's data "
+                                 f"position is not saved; delete {checkpoint_dir} to start afresh")
+            done, state, extra = resumed
+            set_rng_state(rng, extra["rng"])
+            stream.load_state(extra["data"])
+            guard.skipped, history = extra["skipped"], extra["history"]
+            micro_start = done * config.grad_accum
+            print(f"resuming from step {done} of {config.steps} ({checkpoint_dir})")
     print(f"restoring with {config.method}: {lora_param_count(lora):,} LoRA params, "
           f"{config.steps} steps of {config.batch_size}×{config.grad_accum}")
     started = time.perf_counter()
-    history: list[dict[str, float]] = []
     micro_steps = config.steps * config.grad_accum
-    bar = tqdm(range(micro_steps), desc=f"restore ({config.method})", disable=not progress, mininterval=1.0)
+    bar = tqdm(range(micro_start, micro_steps), desc=f"restore ({config.method})", disable=not progress,
+               mininterval=1.0, initial=micro_start, total=micro_steps)
+
+    def save(done: int) -> None:
+        extra = {"rng": rng_state(rng), "data": stream.state(), "skipped": guard.skipped, "history": history}
+        checkpoints.save(done, state, extra)
+
     for micro in bar:
         state, metrics = step_fn(state, params, device_masks, place(next(stream)))
-        # Checked every step (one scalar sync), so no checkpoint is written after a bad step.
-        loss, grad_norm = (float(x) for x in jax.device_get((metrics["loss"], metrics["grad_norm"])))
-        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-            last = manager.latest_step() if manager is not None else None
-            kept = f"; the last good checkpoint is step {last} in {checkpoint_dir}" if last is not None else ""
-            raise FloatingPointError(
-                f"non-finite {'loss' if not np.isfinite(loss) else 'gradient norm'} "
-                f"{loss if not np.isfinite(loss) else grad_norm} at step {micro // config.grad_accum} "
-                f"(micro-batch {micro}){kept}"
-            )
+        # Checked every step (one scalar sync): a non-finite step left the state as it was, and either
+        # stops the run (no checkpoint is written after it) or is skipped and counted.
+        last_good = checkpoints.describe_latest() if checkpoints is not None else ""
+        if guard.check(metrics, micro // config.grad_accum, f" (micro-batch {micro})", last_good):
+            continue
         if micro % 10 == 0 or micro == micro_steps - 1:
             record = {k: float(v) for k, v in metrics.items() if k != "tokens"}
             record |= {"step": micro // config.grad_accum, "micro_step": micro}
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.3f}")
         done = (micro + 1) // config.grad_accum  # optimizer steps taken
-        if (manager is not None and config.checkpoint_every and (micro + 1) % config.grad_accum == 0
-                and done % config.checkpoint_every == 0):
-            manager.save(done, args=ocp.args.StandardSave({"lora": jax.device_get(state.lora)}))
-    if manager is not None:
-        if manager.latest_step() != config.steps:
-            manager.save(config.steps, args=ocp.args.StandardSave({"lora": jax.device_get(state.lora)}), force=True)
-        manager.wait_until_finished()
-        manager.close()
+        if (checkpoints is not None and config.checkpoint_every and (micro + 1) % config.grad_accum == 0
+                and done % config.checkpoint_every == 0 and done < config.steps):
+            save(done)
+    if checkpoints is not None:
+        if checkpoints.latest_step() != config.steps:
+            save(config.steps)
+        checkpoints.close()
     # All hosts get the whole factors (on one host this is a device_get).
     lora = multihost_utils.process_allgather(state.lora, tiled=True) if mesh is not None else jax.device_get(state.lora)
     merged = jax.device_get(merge(base_params, lora, masks, lora_cfg.alpha, config.method))
-    return RestoreResult(lora, merged, history, time.perf_counter() - started, memory)
+    return RestoreResult(lora, merged, history, time.perf_counter() - started, memory, guard.skipped)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -84,6 +87,127 @@ def make_optimizer(
     )
 
 
+def keep_if_finite(new: PyTree, old: PyTree, metrics: Mapping[str, Array]) -> PyTree:
+    """`new`, or `old` unchanged when the step's loss or gradient norm is not finite (a skipped step)."""
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
+class NonFiniteGuard:
+    """Host-side check of every step: stop at a non-finite loss or gradient, or skip up to `max_skipped` such steps.
+
+    The jit steps already leave the state unchanged on a non-finite step (`keep_if_finite`), so a
+    skipped step costs one batch and nothing else.
+    """
+
+    def __init__(self, max_skipped: int = 0, skipped: int = 0) -> None:
+        if max_skipped < 0:
+            raise ValueError(f"max_skipped={max_skipped} must be >= 0")
+        self.max_skipped, self.skipped = max_skipped, skipped
+
+    def check(self, metrics: Mapping[str, Array], step: int, where: str = "", last_good: str = "") -> bool:
+        """True if this step was non-finite and skipped; raises FloatingPointError past the allowance."""
+        loss, grad_norm = (float(x) for x in jax.device_get((metrics["loss"], metrics["grad_norm"])))
+        if np.isfinite(loss) and np.isfinite(grad_norm):
+            return False
+        what = f"loss {loss}" if not np.isfinite(loss) else f"gradient norm {grad_norm}"
+        self.skipped += 1
+        if self.skipped <= self.max_skipped:
+            print(f"skipped step {step}{where}: non-finite {what} ({self.skipped} of at most {self.max_skipped})")
+            return True
+        allowance = f"; {self.skipped - 1} non-finite steps were already skipped" if self.max_skipped else ""
+        raise FloatingPointError(f"non-finite {what} at step {step}{where}{allowance}{last_good}")
+
+
+class TrainingCheckpoints:
+    """Resumable training checkpoints in one directory: the train state, and JSON for the data position etc.
+
+    Each save is an orbax step directory, written under a temporary name and renamed when complete,
+    so a kill mid-save leaves the previous checkpoint as the latest; a sha256 manifest is added to
+    each, and checked before a resume. `run` identifies the run (config, model): resuming a
+    directory written by a different run is an error naming what differs.
+    """
+
+    def __init__(self, directory: str | Path, run: Mapping[str, Any], keep: int = 2) -> None:
+        import orbax.checkpoint as ocp
+
+        self.directory = Path(directory).resolve()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise FileExistsError(f"checkpoint directory {self.directory} exists and is not a directory")
+        self.run = json.loads(json.dumps(dict(run)))  # what a JSON round trip gives back, for comparison
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_names=("state", "meta"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False),
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def describe_latest(self) -> str:
+        """"; the last good checkpoint is step N in DIR" (empty when there is none), for error messages."""
+        step = self.latest_step()
+        return "" if step is None else f"; the last good checkpoint is step {step} in {self.directory}"
+
+    def restore(self, like: PyTree) -> tuple[int, PyTree, dict[str, Any]] | None:
+        """(step, state laid out like `like`, extras) from the newest checkpoint, or None if there is none."""
+        import orbax.checkpoint as ocp
+
+        from sparsevlm.integrity import CorruptCheckpointError, one_line_error, verify_checksums
+
+        step = self.latest_step()
+        if step is None:
+            return None
+        where = self.directory / str(step)
+        verify_checksums(where)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as err:  # noqa: BLE001 — whatever orbax raises, the user needs the path
+            raise CorruptCheckpointError(f"checkpoint {where} is unreadable: {one_line_error(err)}") from err
+        if not isinstance(meta, dict) or "run" not in meta:
+            raise CorruptCheckpointError(f"checkpoint {where} has no run description: not a sparsevlm checkpoint")
+        now, then = _dotted(self.run), _dotted(meta["run"])
+        differs = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+        if differs:
+            shown = ", ".join(f"{k} {then.get(k)!r} there, {now.get(k)!r} now" for k in differs[:4])
+            more = f" and {len(differs) - 4} more" if len(differs) > 4 else ""
+            raise ValueError(
+                f"{self.directory} holds checkpoints of a different run ({shown}{more}); delete it to start "
+                "afresh, or choose another output"
+            )
+        try:
+            state = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        except Exception as err:  # noqa: BLE001
+            raise CorruptCheckpointError(f"checkpoint {where} is unreadable: {one_line_error(err)}") from err
+        return step, jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(state)), meta.get("extra", {})
+
+    def save(self, step: int, state: PyTree, extra: Mapping[str, Any]) -> None:
+        """Write step `step` (state arrays + JSON extras) and its manifest; older ones beyond `keep` go."""
+        import orbax.checkpoint as ocp
+
+        from sparsevlm.integrity import write_checksums
+
+        meta = {"run": self.run, "step": step, "extra": dict(extra)}
+        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         meta=ocp.args.JsonSave(meta)), force=True)
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            write_checksums(self.directory / str(step))
+
+    def close(self) -> None:
+        """Finish pending writes."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` → `{"a.b": 1}`: leaf settings, for naming what differs."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _dotted(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
 class StepShardings(NamedTuple):
     """Shardings of a step's arguments (state, then the other inputs in order); see `sparsevlm.sharding`."""
 
@@ -118,7 +242,7 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads)}
-        return TrainState(params, opt_state, state.step + 1), metrics
+        return keep_if_finite(TrainState(params, opt_state, state.step + 1), state, metrics), metrics
 
     return _jit_step(step, shardings)
 
@@ -186,6 +310,6 @@ def make_restore_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
         lora = optax.apply_updates(state.lora, updates)
         metrics = metrics | {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return LoraState(lora, opt_state, state.step + 1), metrics
+        return keep_if_finite(LoraState(lora, opt_state, state.step + 1), state, metrics), metrics
 
     return _jit_step(step, shardings)

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Simulated devices for sharding tests must be requested before JAX initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# One persistent compilation cache for the whole run: the first process to import this (pytest, or
+# pytest-xdist's controller) makes it, and the workers and the CLI subprocesses tests start inherit
+# it, so a program compiled once (e.g. the restore step of the tiny model) is not compiled again.
+# A size limit turns on JAX's file locking, which makes concurrent workers safe.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="sparsevlm-test-jax-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_COMPILATION_CACHE_MAX_SIZE=str(4 << 30),
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.3")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

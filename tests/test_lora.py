@@ -192,8 +192,8 @@ def test_divergence_stops_training_and_keeps_only_finite_checkpoints(tiny_bundle
                 checkpoint_dir=tmp_path / "ckpt", progress=False)
     import orbax.checkpoint as ocp
 
-    manager = ocp.CheckpointManager(tmp_path / "ckpt")
+    manager = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("state", "meta"))
     step = manager.latest_step()
     assert step is not None and step < 40
-    saved = manager.restore(step, args=ocp.args.StandardRestore())
+    saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(saved))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Any, Iterator, Sequence
+import json
+from typing import Any, Iterator, Mapping, Sequence
 
 import datasets
 import numpy as np
@@ -227,10 +228,61 @@ def length_buckets(lengths: Sequence[int], smallest: int = 8) -> dict[int, np.nd
     return {int(size): np.flatnonzero(padded == size) for size in np.unique(padded)}
 
 
-def endless_batches(
-    data: EncodedSet, batch_size: int, length: int, pad_id: int, vision: VisionConfig, rng: np.random.Generator
-) -> Iterator[Batch]:
-    """Shuffled full batches, epoch after epoch."""
-    while True:
-        for batch, _ in iterate_batches(data, batch_size, length, pad_id, vision, rng, drop_remainder=True):
-            yield batch
+class BatchStream:
+    """Shuffled full batches, epoch after epoch, whose position can be saved and restored exactly.
+
+    Each epoch draws a permutation from `rng` when its first batch is needed; `state()` holds that
+    permutation and the position in it (the generator's own state is the caller's to save, since
+    several streams may share one generator).
+    """
+
+    def __init__(self, data: EncodedSet, batch_size: int, length: int, pad_id: int, vision: VisionConfig,
+                 rng: np.random.Generator) -> None:
+        if batch_size > len(data):
+            raise ValueError(f"batch size {batch_size} is larger than the {len(data)} examples")
+        self.data, self.batch_size, self.length, self.pad_id, self.vision = data, batch_size, length, pad_id, vision
+        self.rng = rng
+        self.order: np.ndarray | None = None
+        self.position = 0
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> Batch:
+        if self.order is None or self.position + self.batch_size > len(self.order):
+            self.order, self.position = self.rng.permutation(len(self.data)), 0
+        chosen = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return self.data.collate(chosen, self.length, self.pad_id, self.vision)
+
+    def example(self) -> Batch:
+        """A batch of the first examples, shaped like every batch of the stream (its position unmoved)."""
+        return self.data.collate(np.arange(self.batch_size), self.length, self.pad_id, self.vision)
+
+    def state(self) -> dict[str, Any]:
+        """The current epoch's order and position, JSON-serialisable."""
+        return {"order": None if self.order is None else self.order.tolist(), "position": self.position}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from a `state()`; a clear error if it does not fit this data."""
+        order, position = state.get("order"), state.get("position")
+        if order is not None:
+            order = np.asarray(order, np.int64)
+            if order.shape != (len(self.data),) or not np.array_equal(np.sort(order), np.arange(len(self.data))):
+                raise ValueError(f"saved data order does not permute these {len(self.data)} examples")
+        if not isinstance(position, int) or not 0 <= position <= (len(self.data) if order is not None else 0):
+            raise ValueError(f"saved data position {position!r} is out of range")
+        self.order, self.position = order, position
+
+
+def rng_state(rng: np.random.Generator) -> str:
+    """A numpy generator's state as JSON text (its 128-bit integers kept exact)."""
+    return json.dumps(rng.bit_generator.state)
+
+
+def set_rng_state(rng: np.random.Generator, state: str) -> None:
+    """Put a generator back in a state from `rng_state`."""
+    try:
+        rng.bit_generator.state = json.loads(state)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"saved random-generator state is unusable: {err}") from None
