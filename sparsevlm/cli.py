@@ -22,6 +22,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="train the default model on built-in shapes VQA")
     defaults = PretrainConfig()
@@ -29,10 +39,14 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=_positive_int, default=defaults.steps)
     p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
     p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    p.add_argument("--warmup-steps", type=_non_negative_int, default=defaults.warmup_steps)
     p.add_argument("--train-images", type=_positive_int, default=defaults.train_images)
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--eval-every", type=int, default=0, help="validation accuracy every N steps (0: off)")
+    p.add_argument("--seed", type=_non_negative_int, default=defaults.seed)
+    p.add_argument("--eval-every", type=_non_negative_int, default=0, help="validation accuracy every N steps (0: off)")
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
+                   help="save the train state every N steps to OUT-checkpoints; rerunning resumes from it (0: off)")
+    p.add_argument("--skip-nonfinite", type=_non_negative_int, default=0,
+                   help="skip up to N steps whose loss or gradient is NaN/inf (0: stop at the first)")
     p.add_argument("--force", action="store_true", help="retrain even if the output model exists")
 
 
@@ -81,7 +95,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-data", default=CALIBRATION_SETS[0], type=data_flag, help=DATA_HELP)
     p.add_argument("--calibration-mode", default="sequential", choices=CALIBRATION_MODES,
                    help="sequential: each block sees the pruned blocks before it; dense: statistics of the dense model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--mesh", type=_mesh_flag, default=None,
                    help="shard params and calibration examples over a device mesh, e.g. 'fsdp=-1' (see restore)")
     p.add_argument("--eval-images", type=_positive_int, default=None, help="evaluate on the first N test images")
@@ -104,7 +118,7 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
     p.add_argument("--grad-accum", type=_positive_int, default=defaults.grad_accum)
     p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    p.add_argument("--warmup-steps", type=_non_negative_int, default=defaults.warmup_steps)
     p.add_argument("--vision-rank", type=_positive_int, default=defaults.vision_rank, help="LoRA rank (paper: 4)")
     p.add_argument("--connector-rank", type=_positive_int, default=defaults.connector_rank, help="(paper: 2)")
     p.add_argument("--language-rank", type=_positive_int, default=defaults.language_rank, help="(paper: 8)")
@@ -112,7 +126,11 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-data", default=defaults.train_data, type=data_flag, help=DATA_HELP)
     p.add_argument("--train-images", type=_positive_int, default=defaults.train_images)
     p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (params and LoRA stay float32)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="save LoRA state every N steps to OUT-checkpoints")
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
+                   help="save LoRA, optimizer and data state every N steps to OUT-checkpoints; rerunning the same "
+                        "command resumes from the newest (0: only at the end)")
+    p.add_argument("--skip-nonfinite", type=_non_negative_int, default=0,
+                   help="skip up to N steps whose loss or gradient is NaN/inf (0: stop at the first)")
     p.add_argument("--remask", action="store_true", help="re-apply the mask after merging (gets sparsity back for lora)")
     p.add_argument("--mesh", type=_mesh_flag, default=None,
                    help="shard over a device mesh, e.g. 'data=2,fsdp=4' or 'fsdp=-1' (axes data, fsdp, tensor; "
@@ -120,7 +138,7 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", action="store_true",
                    help="with --mesh: print the per-device memory of params, masks, LoRA, optimizer state and the "
                         "compiled step, then exit without training")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--seed", type=_non_negative_int, default=defaults.seed)
     p.add_argument("--eval-images", type=_positive_int, default=None, help="evaluate on the first N test images")
     p.add_argument("--out", required=True, help="output model directory (report.json is written inside)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -143,6 +161,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="write into an existing non-empty directory")
 
 
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="recompute a saved model's sparsity and N:M validity from its weights alone")
+    p.add_argument("--model", required=True, help="a saved model directory (from prune or restore)")
+    p.add_argument("--json", default=None, help="write the full report (per layer) here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sparsevlm` argument parser."""
     parser = argparse.ArgumentParser(prog="sparsevlm", description=__doc__)
@@ -152,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(sub)
     _add_restore(sub)
     _add_export(sub)
+    _add_verify(sub)
     return parser
 
 
@@ -178,12 +203,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         train_images=args.train_images,
         seed=args.seed,
         eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        skip_nonfinite=args.skip_nonfinite,
     )
     out = Path(args.out) if args.out else hub.default_model_dir()
     if is_model_dir(out) and not args.force:
         print(f"model already trained at {out} (pass --force to retrain)")
         return 0
-    pretrain(config, out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a directory")
+    pretrain(config, out, checkpoint_dir=_checkpoint_dir(out) if args.checkpoint_every else None)
     return 0
 
 
@@ -270,6 +299,11 @@ def _mesh(config: Any) -> Any:
     return make_mesh(config)  # checked against the device count before anything loads
 
 
+def _checkpoint_dir(out: Path) -> Path:
+    """Where a run writing `out` keeps its resumable checkpoints: the sibling OUT-checkpoints."""
+    return out.with_name(out.name + "-checkpoints")
+
+
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"--out {out} already exists and is not empty (pass --force to replace it)")
@@ -286,7 +320,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         method=args.method, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, kl_weight=args.kl_weight,
         temperature=args.temperature, train_data=args.train_data, train_images=args.train_images,
-        bf16=args.bf16, checkpoint_every=args.checkpoint_every, seed=args.seed, vision_rank=args.vision_rank,
+        bf16=args.bf16, checkpoint_every=args.checkpoint_every, skip_nonfinite=args.skip_nonfinite, seed=args.seed,
+        vision_rank=args.vision_rank,
         connector_rank=args.connector_rank, language_rank=args.language_rank, alpha=args.alpha,
     )
     out = Path(args.out)
@@ -300,7 +335,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if not teacher_name:
         raise ValueError(f"{args.model} does not record the dense model it was pruned from; pass --teacher")
     teacher = hub.load_model(teacher_name)
-    checkpoints = str(out.with_name(out.name + "-checkpoints")) if args.checkpoint_every else None
+    checkpoints = str(_checkpoint_dir(out)) if args.checkpoint_every else None
     restored, report = restore_job(pruned, teacher, config, args.remask, args.eval_images, checkpoints,
                                    mesh=mesh, plan_only=args.plan)
     if args.plan:
@@ -333,12 +368,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify a saved model's sparsity claims from its weights; exit 1 if one fails."""
+    from sparsevlm import hub
+    from sparsevlm.pruning.verify import format_verify, verify_model
+
+    path = hub.resolve_model_path(args.model)
+    if hub.is_hf_dir(path):
+        raise ValueError(f"--model {args.model} is a Hugging Face checkpoint; verify reads saved sparsevlm models "
+                         "(prune or restore output)")
+    report = verify_model(path)
+    print(format_verify(report))
+    if args.json:
+        _write_json(args.json, report)
+    return 0 if report["ok"] else 1
+
+
 COMMANDS = {
     "pretrain": cmd_pretrain,
     "evaluate": cmd_evaluate,
     "prune": cmd_prune,
     "restore": cmd_restore,
     "export": cmd_export,
+    "verify": cmd_verify,
 }
 
 

@@ -113,6 +113,12 @@ def test_two_four_pruning_survives_export(trained_model_dir, tmp_path):
                  "--vision-sparsity", "0.5", "--language-sparsity", "0.5", "--calib-samples", "16",
                  "--eval-images", "8", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
+    # `verify` recomputes the same from the saved weights alone.
+    assert main(["verify", "--model", str(out), "--json", str(tmp_path / "verify.json")]) == 0
+    verified = json.loads((tmp_path / "verify.json").read_text())
+    assert verified["ok"] and verified["towers"]["language"]["n_of_m"]["2:4"] and verified["towers"]["vision"]["n_of_m"]["2:4"]
+    assert verified["towers"]["language"]["sparsity"] == pytest.approx(report["measured"]["language"])
+    assert all(v["mask_violations"] == 0 for v in verified["towers"].values() if v["mask_violations"] is not None)
     assert main(["export", "--model", str(out), "--out", str(tmp_path / "exported")]) == 0
     tensors = load_file(str(tmp_path / "exported" / "model.safetensors"))
     assert {p.split("/")[0] for p in report["pruned_params"]} == {"vision", "language"}
