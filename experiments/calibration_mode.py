@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from common import Study, add_arguments, load_study, machine
+from sparsevlm.integrity import write_atomic
 from sparsevlm.pruning import SparsitySpec, measure_sparsity
 from sparsevlm.pruning.calibrate import CALIBRATION_MODES
 
@@ -70,9 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"model": args.model, "calib_samples": args.calib_samples, "calib_data": args.calib_data,
                "seed": args.seed, "dense_accuracy": dense_accuracy, "rows": rows,
                "seconds": round(time.perf_counter() - started, 1), "machine": machine()}
-    (out / "calibration_mode.json").write_text(json.dumps(payload, indent=2))
+    write_atomic(out / "calibration_mode.json", json.dumps(payload, indent=2))
     markdown = to_markdown(rows, dense_accuracy)
-    (out / "calibration_mode.md").write_text(markdown)
+    write_atomic(out / "calibration_mode.md", markdown)
     print(markdown)
 
 

@@ -19,6 +19,7 @@ from sparsevlm.data import shapes
 from sparsevlm.data.calibration import CALIBRATION_SETS, DATA_HELP, calibration_set, data_flag
 from sparsevlm.data.prompts import bundle_format
 from sparsevlm.eval.evaluate import evaluate_vqa
+from sparsevlm.integrity import write_atomic
 from sparsevlm.models.stages import Carry
 from sparsevlm.pruning import METHODS, SparsitySpec, measure_sparsity, prune
 from sparsevlm.pruning.calibrate import calibration_carry
@@ -103,9 +104,9 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 def write_outputs(out: str | Path, stem: str, payload: dict[str, Any], markdown: str, figure: Any) -> None:
     """`<out>/<stem>.json`, `.md` and `.png`, and the table on stdout."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(payload | {"machine": machine()}, indent=2))
-    (out / f"{stem}.md").write_text(markdown)
-    figure.savefig(out / f"{stem}.png", dpi=120, bbox_inches="tight")
+    # Each file is written whole or not at all: a killed study never leaves half a table behind.
+    write_atomic(out / f"{stem}.json", json.dumps(payload | {"machine": machine()}, indent=2))
+    write_atomic(out / f"{stem}.md", markdown)
+    write_atomic(out / f"{stem}.png", lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     print(markdown)
     print(f"wrote {out / stem}.json, .md, .png")

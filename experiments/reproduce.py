@@ -19,6 +19,7 @@ import restoration
 import split_sweep
 from common import machine
 from sparsevlm import hub
+from sparsevlm.integrity import write_atomic
 
 STUDIES = {"split_sweep": split_sweep, "modality": modality, "restoration": restoration}
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.studies:
         lines += [f"## {name} ({seconds[name]:.0f} s)", "", (Path(args.out) / f"{name}.md").read_text(), ""]
     lines.append(f"Total {time.perf_counter() - started:.0f} s.")
-    (Path(args.out) / "reproduce.md").write_text("\n".join(lines))
+    write_atomic(Path(args.out) / "reproduce.md", "\n".join(lines))
     print(f"wrote {Path(args.out) / 'reproduce.md'}")
 
 

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from sparsevlm.config import VLMConfig
 from sparsevlm.data.tokenize import tokenizer_from_json, tokenizer_to_json
 from sparsevlm.hf.safetensors_io import SINGLE_NAME, iter_file
-from sparsevlm.integrity import (CorruptCheckpointError, listed_files, one_line_error, verify_checksums,
+from sparsevlm.integrity import (CorruptCheckpointError, listed_files, one_line_error, verify_checksums, write_atomic,
                                  write_checksums)
 from sparsevlm.pruning.masks import flat_masks, masks_from_flat
 from sparsevlm.tree import flatten, unflatten
@@ -191,9 +191,10 @@ def export_safetensors(bundle: ModelBundle, out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {name: np.ascontiguousarray(np.asarray(value)) for name, value in flatten(bundle.params).items()}
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "sparsevlm"})
-    (out_dir / "config.json").write_text(bundle.config.to_json())
-    (out_dir / "tokenizer.json").write_text(tokenizer_to_json(bundle.tokenizer))
+    write_atomic(out_dir / "model.safetensors",
+                 lambda tmp: save_file(tensors, str(tmp), metadata={"format": "sparsevlm"}))
+    write_atomic(out_dir / "config.json", bundle.config.to_json())
+    write_atomic(out_dir / "tokenizer.json", tokenizer_to_json(bundle.tokenizer))
     return out_dir
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -181,12 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
-    # Written to a temporary sibling and renamed, so a failed run never leaves half a file.
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, target)
+    from sparsevlm.integrity import write_atomic
+
+    write_atomic(path, json.dumps(payload, indent=2))
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

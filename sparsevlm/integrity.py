@@ -19,6 +19,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 MANIFEST_NAME = "checksums.json"
 _FORMAT = "sparsevlm-checksums/1"
@@ -56,19 +57,31 @@ def write_checksums(directory: str | os.PathLike) -> Path:
                 continue
             sha256, size = _digest(path)
             files[relative] = {"sha256": sha256, "size": size}
-    text = json.dumps({"format": _FORMAT, "files": files}, indent=1, sort_keys=True)
-    # Written beside the target and renamed over it, so a reader never sees half a manifest.
-    handle, temporary = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=directory)
+    return write_atomic(directory / MANIFEST_NAME, json.dumps({"format": _FORMAT, "files": files}, indent=1,
+                                                              sort_keys=True))
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[Path], None]) -> Path:
+    """Write text, bytes, or whatever `data(temporary_path)` writes, to a hidden sibling, then rename it to `path`.
+
+    A reader never sees half a file, and a failure leaves any previous file at `path` and no temporary.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, directory / MANIFEST_NAME)
+        with os.fdopen(handle, "wb") as f:
+            if not callable(data):
+                f.write(data.encode() if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+        if callable(data):
+            data(Path(temporary))
+        os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return directory / MANIFEST_NAME
+    return path
 
 
 def _read_manifest(directory: Path) -> dict[str, dict[str, object]] | None:

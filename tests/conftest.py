@@ -97,3 +97,29 @@ def trained_bundle(trained_model_dir: str) -> ModelBundle:
     from sparsevlm.checkpoint import load_model_dir
 
     return load_model_dir(trained_model_dir)
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL inside the process: nothing after the raise runs."""
+
+
+@pytest.fixture()
+def kill_after_checkpoint(monkeypatch):
+    """Make the n-th completed checkpoint save the last thing a run does."""
+
+    def arm(n: int) -> None:
+        from sparsevlm import train
+
+        original = train.TrainingCheckpoints.save
+        saves = []
+
+        def save(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            saves.append(args[0])
+            if len(saves) == n:
+                monkeypatch.setattr(train.TrainingCheckpoints, "save", original)
+                raise Killed
+
+        monkeypatch.setattr(train.TrainingCheckpoints, "save", save)
+
+    return arm

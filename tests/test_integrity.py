@@ -283,3 +283,20 @@ def test_import_of_a_damaged_export_names_the_file(tiny_bundle, tmp_path):
     (out / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(out / 'config.json'))} does not exist"):
         import_safetensors(out)
+
+
+def test_write_atomic_leaves_the_old_file_and_no_temporary_on_failure(tmp_path):
+    from sparsevlm.integrity import write_atomic
+
+    target = write_atomic(tmp_path / "sub" / "r.json", '{"old": 1}')
+    assert target.read_text() == '{"old": 1}'
+
+    def half(tmp: Path) -> None:
+        tmp.write_text('{"ne')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, half)
+    assert target.read_text() == '{"old": 1}' and sorted(p.name for p in target.parent.iterdir()) == ["r.json"]
+    write_atomic(target, b"\x00\xff")
+    assert target.read_bytes() == b"\x00\xff"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -18,13 +19,12 @@ from sparsevlm import restore as restore_module
 from sparsevlm import train
 from sparsevlm.checkpoint import load_model_dir, save_model
 from sparsevlm.cli import main
-from sparsevlm.config import PretrainConfig, RestoreConfig
-from sparsevlm.pretrain import pretrain
+from sparsevlm.config import RestoreConfig
 from sparsevlm.pruning import SparsitySpec, prune
 from sparsevlm.restore import restore
 from sparsevlm.tree import flatten
 
-from .conftest import tiny_config
+from .conftest import Killed
 
 
 @pytest.fixture(scope="module")
@@ -36,75 +36,22 @@ def _max_diff(a, b) -> float:
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-class Killed(BaseException):
-    """Stands in for SIGKILL inside the process: nothing after the raise runs."""
-
-
-@pytest.fixture()
-def kill_after_checkpoint(monkeypatch):
-    """Make the n-th completed checkpoint save the last thing a run does."""
-
-    def arm(n: int) -> None:
-        original = train.TrainingCheckpoints.save
-        saves = []
-
-        def save(self, *args, **kwargs):
-            original(self, *args, **kwargs)
-            saves.append(args[0])
-            if len(saves) == n:
-                monkeypatch.setattr(train.TrainingCheckpoints, "save", original)
-                raise Killed
-
-        monkeypatch.setattr(train.TrainingCheckpoints, "save", save)
-
-    return arm
-
-
-def test_pretrain_resumes_to_the_uninterrupted_result(tokenizer, tmp_path, kill_after_checkpoint):
-    config = PretrainConfig(steps=7, batch_size=4, warmup_steps=1, train_images=6, vision_steps=2,
-                            vision_batch_size=4, checkpoint_every=2)
-    model_config = tiny_config(len(tokenizer))
-    whole = pretrain(config, None, model_config, eval_images=2, progress=False, checkpoint_dir=tmp_path / "a")
-    kill_after_checkpoint(2)
-    with pytest.raises(Killed):
-        pretrain(config, None, model_config, eval_images=2, progress=False, checkpoint_dir=tmp_path / "b")
-    assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.name.isdigit()) == ["2", "4"]
-    resumed = pretrain(config, None, model_config, eval_images=2, progress=False, checkpoint_dir=tmp_path / "b")
-    assert _max_diff(whole.params, resumed.params) == 0.0
-    assert resumed.metadata["loss_history"] == whole.metadata["loss_history"]
-    assert resumed.metadata["test_accuracy"] == whole.metadata["test_accuracy"]
-
-
-def test_restore_resumes_with_optimizer_and_data_state(tiny_bundle, pruned, tmp_path, kill_after_checkpoint, capsys):
-    config = RestoreConfig(steps=6, warmup_steps=1, batch_size=4, train_images=8, checkpoint_every=2, grad_accum=2)
-    args = (tiny_bundle.params, pruned.masks, tiny_bundle.config, tiny_bundle.tokenizer, config)
-    whole = restore(*args, checkpoint_dir=tmp_path / "a", progress=False)
-    kill_after_checkpoint(1)
-    with pytest.raises(Killed):
-        restore(*args, checkpoint_dir=tmp_path / "b", progress=False)
-    resumed = restore(*args, checkpoint_dir=tmp_path / "b", progress=False)
-    assert "resuming from step 2 of 6" in capsys.readouterr().out
-    assert _max_diff(whole.lora, resumed.lora) == 0.0
-    assert _max_diff(whole.params, resumed.params) == 0.0
-    assert resumed.history == whole.history
-    # Only the newest two checkpoints are kept, each with its sha256 manifest.
-    kept = sorted(int(p.name) for p in (tmp_path / "b").iterdir() if p.name.isdigit())
-    assert kept == [4, 6] and all((tmp_path / "b" / str(s) / "checksums.json").is_file() for s in kept)
-
-
-def test_a_save_killed_midway_leaves_the_previous_checkpoint(tiny_bundle, pruned, tmp_path, capsys):
-    config = RestoreConfig(steps=4, warmup_steps=0, batch_size=4, train_images=8, checkpoint_every=2)
-    args = (tiny_bundle.params, pruned.masks, tiny_bundle.config, tiny_bundle.tokenizer, config)
-    whole = restore(*args, checkpoint_dir=tmp_path / "a", progress=False)
-    # A run killed while writing step 4: orbax's temporary directory, half full, and step 2 complete.
-    checkpoints = tmp_path / "a"
-    (checkpoints / "4").rename(checkpoints / "4.orbax-checkpoint-tmp-1700000000000000")
-    for item in (checkpoints / "4.orbax-checkpoint-tmp-1700000000000000" / "state").iterdir():
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
+    run = {"restore": {"steps": 4}}
+    like = {"lora": jax.numpy.zeros((3, 2)), "count": jax.numpy.zeros((), jax.numpy.int32)}
+    checkpoints = train.TrainingCheckpoints(tmp_path / "c", run)
+    for step in (2, 4):
+        checkpoints.save(step, {"lora": np.full((3, 2), step, np.float32), "count": np.int32(step)}, {"at": step})
+    checkpoints.close()
+    # A run killed while writing step 4: orbax's temporary directory, half full, beside a complete step 2.
+    (tmp_path / "c" / "4").rename(tmp_path / "c" / "4.orbax-checkpoint-tmp-1700000000000000")
+    for item in (tmp_path / "c" / "4.orbax-checkpoint-tmp-1700000000000000" / "state").rglob("*"):
         if item.is_file():
             item.write_bytes(item.read_bytes()[: item.stat().st_size // 2])
-    resumed = restore(*args, checkpoint_dir=checkpoints, progress=False)
-    assert "resuming from step 2 of 4" in capsys.readouterr().out
-    assert _max_diff(whole.lora, resumed.lora) == 0.0
+    step, state, extra = train.TrainingCheckpoints(tmp_path / "c", run).restore(like)
+    assert step == 2 and extra == {"at": 2}
+    assert np.asarray(state["lora"]).tolist() == [[2.0, 2.0]] * 3 and int(state["count"]) == 2
+    assert state["lora"].sharding == like["lora"].sharding
 
 
 def test_resuming_another_runs_checkpoints_is_an_error(tiny_bundle, pruned, tmp_path):
@@ -163,8 +110,8 @@ def test_non_finite_step_leaves_the_state_unchanged(tiny_bundle, pruned, monkeyp
 
 def _restore_argv(pruned_dir: Path, out: Path) -> list[str]:
     return ["restore", "--model", str(pruned_dir), "--method", "sparselora", "--steps", "40", "--warmup-steps", "2",
-            "--batch-size", "4", "--train-images", "8", "--checkpoint-every", "2", "--eval-images", "2",
-            "--out", str(out)]
+            "--batch-size", "4", "--grad-accum", "2", "--train-images", "8", "--checkpoint-every", "2",
+            "--eval-images", "2", "--out", str(out)]
 
 
 def test_restore_killed_after_its_second_checkpoint_resumes_to_the_same_params(tiny_bundle, tmp_path):
@@ -204,6 +151,12 @@ def test_restore_killed_after_its_second_checkpoint_resumes_to_the_same_params(t
     assert _max_diff(whole_lora, killed_lora) <= 1e-6
     whole, resumed = flatten(load_model_dir(tmp_path / "whole").params), flatten(load_model_dir(out).params)
     assert max(float(np.max(np.abs(whole[p] - resumed[p]))) for p in whole) <= 1e-6
+    # The loss history (restored from the checkpoint, then continued) matches, and the newest two
+    # checkpoints are kept, each with its sha256 manifest.
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("whole", "killed")]
+    assert reports[0]["loss_history"] == reports[1]["loss_history"] and reports[1]["skipped_steps"] == 0
+    kept = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert kept == [38, 40] and all((checkpoints / str(s) / "checksums.json").is_file() for s in kept)
 
 
 @pytest.mark.parametrize("damage,message", [("truncate", r"is truncated: \d+ of \d+ bytes"),

@@ -27,7 +27,7 @@ from sparsevlm.data.prompts import family_format
 from sparsevlm.hf import llama, vision
 from sparsevlm.hf.rules import UNUSED, Rule, linear_rules, to_hf, to_ours
 from sparsevlm.hf.safetensors_io import Checkpoint, write_file
-from sparsevlm.integrity import contained
+from sparsevlm.integrity import contained, write_atomic
 from sparsevlm.tree import flatten, unflatten
 
 PyTree = Any
@@ -239,8 +239,7 @@ def _write_relative(root: Path, name: str, text: str) -> None:
         raise ValueError(f"stored processor file name {name!r} would leave the output directory: {err}") from None
     if target.is_dir():
         raise ValueError(f"stored processor file name {name!r} names a directory, not a file")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
+    write_atomic(target, text)
 
 
 def load_hf_model(directory: str | os.PathLike, dtype: str = "float32") -> ModelBundle:
@@ -331,14 +330,12 @@ def export_hf(bundle: ModelBundle, out_dir: str | os.PathLike, dtype: str | None
             yield name, value if target is None or name.startswith(UNUSED) else value.astype(target)
 
     specs = {name: (value.dtype, value.shape) for name, value in tensors()}
-    tmp = out_dir / ".model.safetensors.tmp"
-    write_file(tmp, specs, tensors(), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / "model.safetensors")
+    write_atomic(out_dir / "model.safetensors", lambda tmp: write_file(tmp, specs, tensors(), metadata={"format": "pt"}))
     hf = bundle.metadata["hf"]
     config = dict(hf["config"])
     if dtype is not None:
         config["dtype"] = dtype
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    write_atomic(out_dir / "config.json", json.dumps(config, indent=2))
     for name, text in hf.get("processor_files", {}).items():
         _write_relative(out_dir, name, text)
     return out_dir
