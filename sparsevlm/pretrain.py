@@ -170,8 +170,7 @@ def pretrain(
     for step in bar:
         stream = streams[int(rng.choice(len(pools), p=pool_sizes / pool_sizes.sum()))]
         state, metrics = step_fn(state, batch_arrays(next(stream)))
-        last_good = checkpoints.describe_latest() if checkpoints is not None else ""
-        if guard.check(metrics, step, last_good=last_good):
+        if guard.check(metrics, step, last_good=checkpoints.describe_latest if checkpoints is not None else None):
             continue
         if step % 25 == 0 or step == config.steps - 1:
             loss = float(metrics["loss"])

@@ -102,7 +102,7 @@ def restore(
     # Each host draws its own examples (its process index offsets the seed); one host: as before.
     rng = np.random.default_rng(config.seed + (jax.process_index() if hosts > 1 else 0))
     stream = BatchStream(data, config.batch_size // hosts, round_up(data.max_length, 8), tokenizer.pad_token_id,
-                             model_config.vision, rng)
+                         model_config.vision, rng)
     optimizer = make_optimizer(config.learning_rate, config.end_learning_rate, config.warmup_steps, config.steps,
                                config.weight_decay, config.grad_clip)
     if config.grad_accum > 1:
@@ -162,7 +162,7 @@ def restore(
         state, metrics = step_fn(state, params, device_masks, place(next(stream)))
         # Checked every step (one scalar sync): a non-finite step left the state as it was, and either
         # stops the run (no checkpoint is written after it) or is skipped and counted.
-        last_good = checkpoints.describe_latest() if checkpoints is not None else ""
+        last_good = checkpoints.describe_latest if checkpoints is not None else None
         if guard.check(metrics, micro // config.grad_accum, f" (micro-batch {micro})", last_good):
             continue
         if micro % 10 == 0 or micro == micro_steps - 1:

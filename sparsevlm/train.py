@@ -105,8 +105,12 @@ class NonFiniteGuard:
             raise ValueError(f"max_skipped={max_skipped} must be >= 0")
         self.max_skipped, self.skipped = max_skipped, skipped
 
-    def check(self, metrics: Mapping[str, Array], step: int, where: str = "", last_good: str = "") -> bool:
-        """True if this step was non-finite and skipped; raises FloatingPointError past the allowance."""
+    def check(self, metrics: Mapping[str, Array], step: int, where: str = "",
+              last_good: Callable[[], str] | None = None) -> bool:
+        """True if this step was non-finite and skipped; raises FloatingPointError past the allowance.
+
+        `last_good()` (asked only when stopping) describes the checkpoint the user can go back to.
+        """
         loss, grad_norm = (float(x) for x in jax.device_get((metrics["loss"], metrics["grad_norm"])))
         if np.isfinite(loss) and np.isfinite(grad_norm):
             return False
@@ -116,7 +120,8 @@ class NonFiniteGuard:
             print(f"skipped step {step}{where}: non-finite {what} ({self.skipped} of at most {self.max_skipped})")
             return True
         allowance = f"; {self.skipped - 1} non-finite steps were already skipped" if self.max_skipped else ""
-        raise FloatingPointError(f"non-finite {what} at step {step}{where}{allowance}{last_good}")
+        kept = last_good() if last_good is not None else ""
+        raise FloatingPointError(f"non-finite {what} at step {step}{where}{allowance}{kept}")
 
 
 class TrainingCheckpoints:
