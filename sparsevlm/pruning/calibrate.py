@@ -58,7 +58,7 @@ def _input_stats(x: Array, weight: Array | None, need_hessian: bool) -> LayerSta
     else:  # e.g. cross-attention keys, whose token axis is not the carry's
         w = jnp.ones(features.shape[:1], jnp.float32)
     hessian = (features * w[:, None]).T @ features if need_hessian else None
-    return LayerStats(jnp.einsum("t,ti->i", w, features**2), hessian, w.sum())
+    return LayerStats(jnp.einsum("t,ti->i", w, features**2), hessian, w.sum(), jnp.einsum("t,ti->i", w, features))
 
 
 @functools.lru_cache(maxsize=64)

@@ -16,6 +16,19 @@ class LayerStats(NamedTuple):
     sq_norm: Array  # [in]: ‖X_j‖₂² per input feature
     hessian: Array | None  # [in, in]: XᵀX, when the method needs it
     tokens: Array  # scalar: how many tokens were seen
+    total: Array | None = None  # [in]: Σ_t X_tj per input feature (DSnoT's expected input)
+
+    @property
+    def mean(self) -> Array:
+        """E[x_j] over the calibration tokens."""
+        if self.total is None:
+            raise ValueError("these statistics carry no input sums (LayerStats.total)")
+        return self.total / jnp.maximum(self.tokens, 1)
+
+    @property
+    def variance(self) -> Array:
+        """Var[x_j] over the calibration tokens (population variance, E[x²] − E[x]²)."""
+        return jnp.maximum(self.sq_norm / jnp.maximum(self.tokens, 1) - self.mean**2, 0.0)
 
 
 def magnitude(kernel: Array, stats: LayerStats | None, key: Array | None) -> Array:

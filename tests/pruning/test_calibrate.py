@@ -58,7 +58,7 @@ def _whole_model_inputs(params, config, calib):
 def _numpy_stats(x, valid):
     features = x.reshape(-1, x.shape[-1]).astype(np.float64)
     weight = np.ones(len(features)) if valid is None else valid.reshape(-1).astype(np.float64)
-    return (weight[:, None] * features**2).sum(0), (features * weight[:, None]).T @ features
+    return (weight[:, None] * features**2).sum(0), (features * weight[:, None]).T @ features, (weight[:, None] * features).sum(0)
 
 
 def test_stage_chain_reproduces_the_whole_forward(tiny_bundle, calib):
@@ -92,8 +92,9 @@ def test_statistics_match_the_whole_model_inputs(tiny_bundle, calib, mode):
     for path in checked:
         stats, x = recorded[path], inputs[path]
         token_valid = valid if path.startswith("language") else None
-        sq_norm, hessian = _numpy_stats(x, token_valid)
+        sq_norm, hessian, total = _numpy_stats(x, token_valid)
         np.testing.assert_allclose(stats.sq_norm, sq_norm, rtol=2e-4, atol=1e-3, err_msg=path)
+        np.testing.assert_allclose(stats.total, total, rtol=2e-4, atol=1e-3, err_msg=path)
         np.testing.assert_allclose(stats.hessian, hessian, rtol=2e-4, atol=1e-3, err_msg=path)
         assert int(stats.tokens) == (int(token_valid.sum()) if token_valid is not None else x.shape[0] * x.shape[1])
 
