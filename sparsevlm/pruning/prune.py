@@ -18,6 +18,7 @@ from sparsevlm.models.vlm import calibration_stages
 from sparsevlm.pruning.allocation import SparsitySpec, check_ratios, uniform_ratios
 from sparsevlm.pruning.calibrate import CALIBRATION_MODES, prune_blockwise
 from sparsevlm.pruning.criteria import CRITERIA, LayerStats
+from sparsevlm.pruning.dsnot import DSnoTConfig, dsnot
 from sparsevlm.pruning.masks import PRUNABLE_RULES, masks_from_flat
 from sparsevlm.pruning.patterns import Pattern, select
 from sparsevlm.pruning.sparsegpt import sparsegpt
@@ -26,8 +27,13 @@ from sparsevlm.tree import flatten, unflatten
 PyTree = Any
 Array = jax.Array
 
-METHODS = ("magnitude", "random", "wanda", "sparsegpt")
-NEEDS_CALIBRATION = ("wanda", "sparsegpt")
+METHODS = ("magnitude", "random", "wanda", "sparsegpt", "dsnot")
+NEEDS_CALIBRATION = ("wanda", "sparsegpt", "dsnot")
+
+
+def needs_hessian(method: str, dsnot_config: DSnoTConfig = DSnoTConfig()) -> bool:
+    """Whether `method` needs the inputs' Hessian XᵀX (SparseGPT, or DSnoT starting from SparseGPT)."""
+    return method == "sparsegpt" or (method == "dsnot" and dsnot_config.init == "sparsegpt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +60,13 @@ def prune_layer(
     pattern: Pattern,
     sparsity: float,
     key: Array | None = None,
+    dsnot_config: DSnoTConfig = DSnoTConfig(),
 ) -> tuple[Array, Array]:
-    """Prune one `[in, out]` kernel; returns `(new kernel, keep-mask)`, laid out as the kernel was."""
+    """Prune one `[in, out]` kernel; returns `(new kernel, keep-mask)`, laid out as the kernel was.
+
+    `dsnot` refines the mask of `dsnot_config.init` on the original weights (SparseGPT's weight
+    updates are not kept: DSnoT is training-free).
+    """
     if method not in METHODS:
         raise ValueError(f"pruning method {method!r} is not one of {', '.join(METHODS)}")
     sharding = getattr(kernel, "sharding", None)
@@ -65,8 +76,14 @@ def prune_layer(
         # one-device answer); the result goes back to the kernel's layout.
         whole = NamedSharding(sharding.mesh, PartitionSpec())
         kernel, stats = jax.device_put((kernel, stats), whole)
-        new_kernel, mask = prune_layer(method, kernel, stats, pattern, sparsity, key)
+        new_kernel, mask = prune_layer(method, kernel, stats, pattern, sparsity, key, dsnot_config)
         return jax.device_put(new_kernel, sharding), jax.device_put(mask, sharding)
+    if method == "dsnot":
+        if stats is None or stats.total is None:
+            raise ValueError("dsnot needs calibration statistics with input sums")
+        _, keep = prune_layer(dsnot_config.init, kernel, stats, pattern, sparsity, key)
+        keep, _ = dsnot(kernel, keep, stats, pattern, dsnot_config)
+        return jnp.where(keep, kernel, jnp.zeros((), kernel.dtype)), keep
     if method == "sparsegpt":
         if stats is None or stats.hessian is None:
             raise ValueError("sparsegpt needs the inputs' Hessian XᵀX")
@@ -91,6 +108,7 @@ def prune(
     ratios: dict[str, float] | None = None,
     rules: Sequence[tuple[str, bool]] = PRUNABLE_RULES,
     progress: bool = False,
+    dsnot_config: DSnoTConfig = DSnoTConfig(),
 ) -> PruneResult:
     """Prune a VLM's params to `spec` with `method`; calibration-based methods need `calibration`.
 
@@ -114,12 +132,12 @@ def prune(
     started = time.perf_counter()
 
     def layer(path: str, kernel: Array, stats: LayerStats | None) -> tuple[Array, Array]:
-        return prune_layer(method, kernel, stats, pattern, ratios[path], _layer_key(key, path))
+        return prune_layer(method, kernel, stats, pattern, ratios[path], _layer_key(key, path), dsnot_config)
 
     if method in NEEDS_CALIBRATION:
         new_params, flat_masks = prune_blockwise(
             params, calibration_stages(config), calibration, ratios, layer,
-            need_hessian=method == "sparsegpt", mode=calibration_mode, batch_size=batch_size, progress=progress,
+            need_hessian=needs_hessian(method, dsnot_config), mode=calibration_mode, batch_size=batch_size, progress=progress,
         )
     else:
         flat = dict(flatten(params))

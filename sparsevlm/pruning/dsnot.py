@@ -1,0 +1,114 @@
+"""DSnoT (Zhang et al., ICLR 2024): training-free refinement of a pruning mask by prune-and-regrow swaps.
+
+For output unit i the *expected reconstruction error* of a mask is
+ε_i = Σ_{j pruned} W_ij·E[x_j] = E[y_dense − y_sparse]_i. Each cycle, every row whose |ε_i| is above
+the threshold regrows one pruned weight and prunes one kept weight, so its kept count never changes:
+
+- regrow the pruned weight whose contribution W_ij·E[x_j] has ε_i's sign and is largest relative to
+  the input's variance (`|W_ij·E[x_j]| / Var[x_j]^p`, p = `regrow_variance_power`);
+- prune the kept weight whose contribution has the *opposite* sign (so pruning it also moves ε_i
+  towards zero) and whose Wanda score `|W_ij|·‖X_j‖₂`, times `Var[x_j]^q` (q =
+  `prune_variance_power`), is lowest. Under N:M the pruned weight comes from the regrown weight's
+  group, so every group keeps exactly N.
+
+A swap is made only if ε_i keeps its initial sign (it never overshoots), so |ε_i| falls with every
+swap; a row stops at its first rejected swap, once |ε_i| ≤ `threshold`, or after `max_cycles` cycles.
+Unlike the copy in the seed paper's code, swaps are written into the mask and stay there, and the
+two candidate sets are the live mask's pruned and kept weights (a weight moved once cannot move back,
+because its contribution then has the wrong sign for the other move).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from sparsevlm.pruning.criteria import LayerStats
+from sparsevlm.pruning.patterns import Pattern
+
+Array = jax.Array
+
+INITIAL_METHODS = ("wanda", "magnitude", "sparsegpt")
+
+
+@dataclasses.dataclass(frozen=True)
+class DSnoTConfig:
+    """DSnoT's settings: the starting mask's method and the published stopping rules and exponents."""
+
+    init: str = "wanda"
+    threshold: float = 0.1
+    max_cycles: int = 100
+    regrow_variance_power: float = 1.0
+    prune_variance_power: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.init not in INITIAL_METHODS:
+            raise ValueError(f"DSnoT initial method {self.init!r} is not one of {', '.join(INITIAL_METHODS)}")
+        if not self.threshold >= 0.0:
+            raise ValueError(f"DSnoT threshold {self.threshold!r} must be a non-negative number")
+        if isinstance(self.max_cycles, bool) or not isinstance(self.max_cycles, int) or self.max_cycles < 0:
+            raise ValueError(f"DSnoT max_cycles {self.max_cycles!r} must be a non-negative integer")
+
+
+def expected_error(kernel: Array, keep: Array, mean: Array) -> Array:
+    """Σ_{j pruned} W_ji·E[x_j] per output unit i of a `[in, out]` kernel: E[y_dense − y_sparse]."""
+    contribution = kernel.astype(jnp.float32) * mean.astype(jnp.float32)[:, None]
+    return jnp.sum(jnp.where(keep, 0.0, contribution), axis=0)
+
+
+def dsnot(kernel: Array, keep: Array, stats: LayerStats, pattern: Pattern,
+          config: DSnoTConfig = DSnoTConfig()) -> tuple[Array, Array]:
+    """Refine the keep-mask of a `[in, out]` kernel; returns `(new keep-mask, cycles run)`."""
+    if keep.shape != kernel.shape or keep.dtype != jnp.bool_:
+        raise ValueError(f"keep-mask must be bool of the kernel's shape {kernel.shape}, got {keep.dtype}{keep.shape}")
+    if pattern.kind == "n_of_m":
+        pattern.check_shape(kernel.shape)
+    return _refine(kernel, keep, stats.mean, stats.variance, stats.sq_norm, pattern, float(config.threshold),
+                   int(config.max_cycles), float(config.regrow_variance_power), float(config.prune_variance_power))
+
+
+@partial(jax.jit, static_argnames=("pattern", "threshold", "max_cycles", "regrow_power", "prune_power"))
+def _refine(kernel: Array, keep: Array, mean: Array, variance: Array, sq_norm: Array, pattern: Pattern,
+            threshold: float, max_cycles: int, regrow_power: float, prune_power: float) -> tuple[Array, Array]:
+    # Rows are output units: work on the [out, in] transposes.
+    weights = kernel.T.astype(jnp.float32)
+    rows, fan_in = weights.shape
+    contribution = weights * mean.astype(jnp.float32)[None, :]
+    variance = jnp.maximum(variance.astype(jnp.float32), jnp.finfo(jnp.float32).tiny)
+    regrow_score = jnp.abs(contribution) / variance[None, :] ** regrow_power
+    prune_score = jnp.abs(weights) * jnp.sqrt(sq_norm.astype(jnp.float32))[None, :] * variance[None, :] ** prune_power
+    group_size = pattern.m if pattern.kind == "n_of_m" else fan_in
+    group_of = jnp.arange(fan_in) // group_size
+    row_index = jnp.arange(rows)
+
+    mask = keep.T
+    error = jnp.sum(jnp.where(mask, 0.0, contribution), axis=1)
+    sign = jnp.sign(error)
+    active = jnp.abs(error) > threshold
+
+    def swap(state: tuple[Array, Array, Array, Array]) -> tuple[Array, Array, Array, Array]:
+        mask, error, active, cycle = state
+        toward = sign[:, None] * contribution
+        can_regrow = ~mask & (toward > 0)
+        can_prune = mask & (toward < 0)
+        # A regrown weight needs a weight to prune in its group (the whole row unless N:M).
+        prunable_groups = can_prune.reshape(rows, -1, group_size).any(axis=2)
+        can_regrow &= jnp.repeat(prunable_groups, group_size, axis=1)
+        regrow = jnp.argmax(jnp.where(can_regrow, regrow_score, -jnp.inf), axis=1)
+        in_group = group_of[None, :] == group_of[regrow][:, None]
+        prune = jnp.argmin(jnp.where(can_prune & in_group, prune_score, jnp.inf), axis=1)
+        after = error - contribution[row_index, regrow] + contribution[row_index, prune]
+        accept = active & can_regrow.any(axis=1) & (jnp.sign(after) == sign)
+        mask = mask.at[row_index, regrow].set(mask[row_index, regrow] | accept)
+        mask = mask.at[row_index, prune].set(mask[row_index, prune] & ~accept)
+        error = jnp.where(accept, after, error)
+        return mask, error, accept & (jnp.abs(error) > threshold), cycle + 1
+
+    def running(state: tuple[Array, Array, Array, Array]) -> Array:
+        return jnp.any(state[2]) & (state[3] < max_cycles)
+
+    mask, _, _, cycles = jax.lax.while_loop(running, swap, (mask, error, active, jnp.zeros((), jnp.int32)))
+    return mask.T, cycles
