@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -228,22 +229,22 @@ def _jit_step(step: Callable, shardings: StepShardings | None) -> Callable:
     return jax.jit(step, in_shardings=(shardings.state, *shardings.inputs), out_shardings=(shardings.state, metrics))
 
 
+def task_loss(model: VLM, params: PyTree, batch: dict[str, Any]) -> tuple[Array, Array]:
+    """Mean next-token CE over a batch's target tokens, and how many there were."""
+    logits, _ = model.apply(
+        {"params": params}, batch["images"], batch["tokens"], batch["text_mask"], **model_inputs(batch)
+    )
+    total, count = token_cross_entropy(text_logits(logits, batch["tokens"].shape[1]), batch["tokens"], batch["loss_mask"])
+    return total / jnp.maximum(count, 1.0), count
+
+
 def make_train_step(
     model: VLM, optimizer: optax.GradientTransformation, shardings: StepShardings | None = None
 ) -> Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, Array]]]:
     """A jit-compiled full-parameter step minimising mean next-token CE on target tokens (sharded if asked)."""
 
-    def loss_fn(params: PyTree, batch: dict[str, Any]) -> tuple[Array, Array]:
-        logits, _ = model.apply(
-            {"params": params}, batch["images"], batch["tokens"], batch["text_mask"], **model_inputs(batch)
-        )
-        total, count = token_cross_entropy(
-            text_logits(logits, batch["tokens"].shape[1]), batch["tokens"], batch["loss_mask"]
-        )
-        return total / jnp.maximum(count, 1.0), count
-
     def step(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, Array]]:
-        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        (loss, count), grads = jax.value_and_grad(partial(task_loss, model), has_aux=True)(state.params, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads)}
