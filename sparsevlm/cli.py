@@ -81,6 +81,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     from sparsevlm.data.calibration import CALIBRATION_SETS, DATA_HELP, data_flag
     from sparsevlm.pruning import METHODS
     from sparsevlm.pruning.calibrate import CALIBRATION_MODES
+    from sparsevlm.pruning.dsnot import INITIAL_METHODS
+    from sparsevlm.pruning.importance import ALLOCATIONS
     from sparsevlm.pruning.patterns import PATTERN_HELP
 
     p = sub.add_parser("prune", help="prune a model and save it with its masks and a report")
@@ -94,6 +96,13 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-data", default=CALIBRATION_SETS[0], type=data_flag, help=DATA_HELP)
     p.add_argument("--calibration-mode", default="sequential", choices=CALIBRATION_MODES,
                    help="sequential: each block sees the pruned blocks before it; dense: statistics of the dense model")
+    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+                   help="per-layer ratios: uniform (each tower's target), or ECoFLaP's global budget over the pruned "
+                        "towers by zeroth-order (no backward pass) or first-order block importance")
+    p.add_argument("--max-layer-sparsity", type=_sparsity, default=0.8,
+                   help="ECoFLaP: no block is pruned beyond this (paper: 0.8)")
+    p.add_argument("--dsnot-init", default="wanda", choices=INITIAL_METHODS,
+                   help="dsnot: the method whose mask DSnoT refines")
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--mesh", type=_mesh_flag, default=None,
                    help="shard params and calibration examples over a device mesh, e.g. 'fsdp=-1' (see restore)")
@@ -257,6 +266,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from sparsevlm.checkpoint import save_model
     from sparsevlm.jobs import prune_job
     from sparsevlm.pruning import SparsitySpec
+    from sparsevlm.pruning.dsnot import DSnoTConfig
 
     # Everything the user passed is checked before any work, so a bad flag never leaves files behind.
     spec = SparsitySpec(
@@ -267,6 +277,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     if not any(spec.targets.values()):
         raise ValueError("nothing to prune: --vision-sparsity, --language-sparsity and --connector-sparsity are all 0")
+    if args.allocation != "uniform":
+        if spec.parsed_pattern.kind == "n_of_m":
+            raise ValueError(f"--allocation {args.allocation} needs an unstructured pattern, not {args.pattern}: "
+                             "N:M fixes every layer's sparsity")
+        highest = max(spec.targets.values())
+        if args.max_layer_sparsity < highest:
+            raise ValueError(f"--max-layer-sparsity {args.max_layer_sparsity:g} is below the target sparsity {highest:g}")
+    dsnot_config = DSnoTConfig(init=args.dsnot_init)
     out = Path(args.out)
     _check_out(out, args.force)
     mesh = _mesh(args.mesh)
@@ -274,13 +292,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     bundle = hub.load_model(str(source))
     pruned, report = prune_job(
         bundle, spec, args.method, args.calib_samples, args.calib_data, args.calibration_mode,
-        args.seed, args.eval_images, source=str(source), mesh=mesh,
+        args.seed, args.eval_images, source=str(source), mesh=mesh, allocation=args.allocation,
+        max_layer_sparsity=args.max_layer_sparsity, dsnot_config=dsnot_config,
     )
     report["model"] = args.model
     save_model(out, pruned, overwrite=True)
     _write_json(str(out / "report.json"), report)
     measured = ", ".join(f"{t} {v:.4f}" for t, v in report["measured"].items())
     print(f"{args.method} {spec.describe()}: measured sparsity {measured}; accuracy {report['accuracy']:.4f}")
+    if args.allocation != "uniform":
+        print(f"{args.allocation} allocation, per-layer sparsity:")
+        for path, ratio in report["ratios"].items():
+            print(f"  {path:<40} {ratio:.4f}")
     print(f"saved to {out}")
     return 0
 

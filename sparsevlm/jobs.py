@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -17,6 +18,8 @@ from sparsevlm.data.prompts import bundle_format
 from sparsevlm.eval.evaluate import evaluate_vqa
 from sparsevlm.pruning import SparsitySpec, apply_masks, measure_sparsity, prune
 from sparsevlm.pruning.calibrate import calibration_carry
+from sparsevlm.pruning.dsnot import DSnoTConfig
+from sparsevlm.pruning.importance import ALLOCATIONS, allocation_ratios
 from sparsevlm.pruning.prune import NEEDS_CALIBRATION
 from sparsevlm.restore import restore, teacher_base
 
@@ -33,17 +36,27 @@ def prune_job(
     progress: bool = True,
     source: str | None = None,
     mesh: Mesh | None = None,
+    allocation: str = "uniform",
+    max_layer_sparsity: float = 0.8,
+    dsnot_config: DSnoTConfig = DSnoTConfig(),
 ) -> tuple[ModelBundle, dict[str, Any]]:
     """Prune a model, measure its sparsity and test accuracy; returns the pruned bundle and the report.
 
     `source` (the dense model's directory) is recorded so restoration can find its dense teacher.
-    With `mesh`, params and calibration examples are sharded over it during pruning.
+    With `mesh`, params and calibration examples are sharded over it during pruning. `allocation`
+    picks the per-layer ratios (`uniform`, or ECoFLaP's global allocation across the pruned towers).
     """
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation {allocation!r} is not one of {', '.join(ALLOCATIONS)}")
     calibration = None
-    if method in NEEDS_CALIBRATION:
+    if method in NEEDS_CALIBRATION or allocation != "uniform":
         data = calibration_set(calib_data, bundle.tokenizer, calib_samples, seed, bundle.config.vision.image_size,
                                bundle_format(bundle.metadata), bundle.instruction_tokenizer, bundle.image_processor)
         calibration = calibration_carry(data, calib_samples, bundle.tokenizer.pad_token_id, bundle.config.vision, seed)
+    started = time.perf_counter()
+    ratios = allocation_ratios(allocation, bundle.params, bundle.config, spec, calibration, max_layer_sparsity,
+                               jax.random.key(seed))
+    allocation_seconds = time.perf_counter() - started
     params = bundle.params
     if mesh is not None:
         params = sharding.shard(params, sharding.param_shardings(params, mesh))
@@ -51,7 +64,7 @@ def prune_job(
             calibration = sharding.shard(calibration, sharding.batch_shardings(calibration, mesh))
     result = prune(
         params, bundle.config, spec, method, calibration, calibration_mode,
-        key=jax.random.key(seed), progress=progress,
+        key=jax.random.key(seed), progress=progress, ratios=ratios, dsnot_config=dsnot_config,
     )
     measured = measure_sparsity(result.params)
     pruned = dataclasses.replace(bundle, params=result.params, masks=result.masks)
@@ -66,7 +79,9 @@ def prune_job(
         "accuracy_by_type": evaluation["by_type"],
         "eval_questions": evaluation["n"],
         "base_accuracy": bundle.metadata.get("test_accuracy"),
-        "pruned_params": sorted(result.ratios),
+        "allocation": allocation,
+        "ratios": dict(sorted(result.ratios.items())),
+        "dsnot": dataclasses.asdict(dsnot_config) if method == "dsnot" else None,
         "layer_sparsity": measured["layers"],
         "row_sparsity_range": {p: list(r) for p, r in measured["rows"].items() if p in result.ratios},
         "calibration": None if calibration is None else {
@@ -74,9 +89,12 @@ def prune_job(
         },
         "seed": seed,
         "prune_seconds": round(result.seconds, 2),
+        "allocation_seconds": round(allocation_seconds, 2),
         "mesh": dict(mesh.shape) if mesh is not None else None,
     }
-    pruning = {k: report[k] for k in ("method", "pattern", "target", "measured", "calibration", "seed")}
+    pruning = {k: report[k] for k in ("method", "pattern", "target", "measured", "calibration", "seed", "allocation")}
+    if allocation != "uniform":
+        pruning["ratios"] = report["ratios"]
     metadata = dict(bundle.metadata) | {"pruning": pruning | {"source_model": source},
                                          "test_accuracy": evaluation["accuracy"]}
     return dataclasses.replace(pruned, metadata=metadata), report

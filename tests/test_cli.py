@@ -93,14 +93,14 @@ def test_prune_wanda_language_only_reports_measured_numbers(trained_model_dir, t
     assert report["method"] == "wanda" and report["pattern"] == "unstructured"
     assert report["target"] == {"vision": 0.0, "connector": 0.0, "language": 0.5}
     assert report["measured"] == {"vision": 0.0, "connector": 0.0, "language": 0.5}
-    assert report["pruned_params"] and all(p.startswith("language/blocks_") for p in report["pruned_params"])
+    assert sorted(report["ratios"]) and all(p.startswith("language/blocks_") for p in sorted(report["ratios"]))
     assert all(r == [0.5, 0.5] for r in report["row_sparsity_range"].values())
     assert report["calibration"] == {"data": "shapes-captions", "samples": 32, "mode": "sequential"}
     # The saved model has the masks, the zeros agree with them, and evaluating it reproduces the accuracy.
     bundle = load_model_dir(out)
     flat_params, flat_masks = flatten(bundle.params), flatten(bundle.masks)
-    assert sorted(p for p, m in flat_masks.items() if m is not None) == report["pruned_params"]
-    for path in report["pruned_params"]:
+    assert sorted(p for p, m in flat_masks.items() if m is not None) == sorted(report["ratios"])
+    for path in sorted(report["ratios"]):
         assert ((flat_params[path] == 0) == ~flat_masks[path]).all()
     evaluated = tmp_path / "eval.json"
     assert main(["evaluate", "--model", str(out), "--limit", "40", "--json", str(evaluated)]) == 0
@@ -121,13 +121,33 @@ def test_two_four_pruning_survives_export(trained_model_dir, tmp_path):
     assert all(v["mask_violations"] == 0 for v in verified["towers"].values() if v["mask_violations"] is not None)
     assert main(["export", "--model", str(out), "--out", str(tmp_path / "exported")]) == 0
     tensors = load_file(str(tmp_path / "exported" / "model.safetensors"))
-    assert {p.split("/")[0] for p in report["pruned_params"]} == {"vision", "language"}
-    for path in report["pruned_params"]:
+    assert {p.split("/")[0] for p in sorted(report["ratios"])} == {"vision", "language"}
+    for path in sorted(report["ratios"]):
         kernel = tensors[path]  # Flax [in, out]: groups of 4 consecutive inputs per output
         groups = kernel.reshape(kernel.shape[0] // 4, 4, kernel.shape[1])
         assert ((groups == 0).sum(axis=1) >= 2).all(), path
-    unpruned = [p for p in tensors if p.endswith("kernel") and p not in report["pruned_params"]]
+    unpruned = [p for p in tensors if p.endswith("kernel") and p not in sorted(report["ratios"])]
     assert unpruned and not any((tensors[p] == 0).mean() > 0.1 for p in unpruned)
+
+
+def test_prune_dsnot_with_ecoflap_allocation_reports_per_layer_ratios(trained_model_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", trained_model_dir, "--method", "dsnot", "--allocation", "ecoflap-first",
+                 "--vision-sparsity", "0.6", "--language-sparsity", "0.6", "--calib-samples", "16",
+                 "--eval-images", "8", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["allocation"] == "ecoflap-first" and report["dsnot"]["init"] == "wanda"
+    ratios = report["ratios"]
+    assert {p.split("/")[0] for p in ratios} == {"vision", "language"}
+    assert len(set(ratios.values())) > 1 and max(ratios.values()) <= 0.8
+    printed = capsys.readouterr().out
+    assert "ecoflap-first allocation, per-layer sparsity:" in printed
+    assert "language/blocks_0/attn/q/kernel" in printed
+    # Each layer is pruned at its own ratio (floor per output row); one budget over both towers.
+    measured = report["layer_sparsity"]
+    assert all(measured[p] <= ratios[p] + 1e-9 and measured[p] > ratios[p] - 0.05 for p in ratios)
+    assert main(["verify", "--model", str(out)]) == 0
+    assert "verify: OK" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -143,6 +163,12 @@ def test_two_four_pruning_survives_export(trained_model_dir, tmp_path):
         (["--method", "wanda", "--pattern", "2:4", "--language-sparsity", "0.3"], "language sparsity 0.3 does not match pattern 2:4"),
         (["--method", "wanda"], "nothing to prune"),
         (["--method", "wanda", "--language-sparsity", "0.5", "--calib-data", "c4"], "argument --calib-data: data 'c4' is neither a built-in set nor TASK=SOURCE"),
+        (["--method", "wanda", "--pattern", "2:4", "--language-sparsity", "0.5", "--allocation", "ecoflap-first"],
+         "--allocation ecoflap-first needs an unstructured pattern, not 2:4"),
+        (["--method", "wanda", "--language-sparsity", "0.7", "--allocation", "ecoflap-zeroth",
+          "--max-layer-sparsity", "0.6"], "--max-layer-sparsity 0.6 is below the target sparsity 0.7"),
+        (["--method", "dsnot", "--language-sparsity", "0.5", "--dsnot-init", "random"],
+         "argument --dsnot-init: invalid choice: 'random'"),
     ],
 )
 def test_prune_rejects_bad_input_and_writes_nothing(flags, message, saved_model, tmp_path, capsys):

@@ -50,24 +50,35 @@ def _achievable_sparsity(shapes: Sequence[tuple[int, int]], pattern: Pattern, sp
     return pruned / total if total else 0.0
 
 
-def _parse_claim(claimed: Mapping[str, Any]) -> tuple[Pattern, dict[str, float]]:
+def _parse_claim(claimed: Mapping[str, Any]) -> tuple[Pattern, dict[str, float], dict[str, float] | None]:
     missing = [key for key in ("pattern", "target") if key not in claimed]
     if missing:
         raise ValueError(f"pruning claim has no {missing[0]!r} (expected 'pattern' and 'target', as prune_job writes)")
-    return Pattern.parse(claimed["pattern"]), {tower: float(t) for tower, t in claimed["target"].items()}
+    ratios = claimed.get("ratios")
+    return (Pattern.parse(claimed["pattern"]), {tower: float(t) for tower, t in claimed["target"].items()},
+            None if ratios is None else {p: float(r) for p, r in ratios.items()})
 
 
 def _check_claims(
-    pattern: Pattern, targets: Mapping[str, float], flat: Mapping[str, Any], towers: Mapping[str, float],
-    layers: Mapping[str, dict],
+    pattern: Pattern, targets: Mapping[str, float], ratios: Mapping[str, float] | None, flat: Mapping[str, Any],
+    towers: Mapping[str, float], layers: Mapping[str, dict],
 ) -> list[dict[str, Any]]:
+    # With per-layer ratios (a global allocation such as ECoFLaP's) each tower claims what its layers'
+    # ratios add up to; the budget across towers is the targets', not each tower's own target.
     results = []
     for tower, target in targets.items():
         if target <= 0:
             continue
         paths = [p for p in layers if tower_of(p) == tower]
         measured = float(towers.get(tower, 0.0))
-        achievable = _achievable_sparsity([np.shape(flat[p]) for p in paths], pattern, target)
+        if ratios is None:
+            achievable = _achievable_sparsity([np.shape(flat[p]) for p in paths], pattern, target)
+        else:
+            sizes = {p: int(np.prod(np.shape(flat[p]))) for p in paths}
+            total = sum(sizes.values()) or 1
+            target = sum(ratios.get(p, 0.0) * sizes[p] for p in paths) / total
+            achievable = sum(_achievable_sparsity([np.shape(flat[p])], pattern, ratios.get(p, 0.0)) * sizes[p]
+                             for p in paths) / total
         claim: dict[str, Any] = {
             "tower": tower, "pattern": pattern.name, "claimed": target, "achievable": achievable,
             "measured": measured, "n_of_m_valid": None,
