@@ -21,8 +21,17 @@ from sparsevlm.data.prompts import bundle_format
 from sparsevlm.eval.evaluate import evaluate_vqa
 from sparsevlm.integrity import write_atomic
 from sparsevlm.models.stages import Carry
-from sparsevlm.pruning import METHODS, SparsitySpec, measure_sparsity, prune
+from sparsevlm.pruning import METHODS, SparsitySpec, measure_sparsity, prunable_paths, prune
+from sparsevlm.pruning.allocation import global_ratios
 from sparsevlm.pruning.calibrate import calibration_carry
+from sparsevlm.pruning.importance import CALIBRATION_BATCHES, importance_scores
+
+
+# The pruners the studies compare: a method and a per-layer allocation.
+PRUNERS = {
+    "dsnot": ("dsnot", "uniform"),
+    "ecoflap": ("wanda", "ecoflap-zeroth"),
+}
 
 
 @dataclasses.dataclass
@@ -34,24 +43,41 @@ class Study:
     test: Any
     method: str
     seed: int
+    importance_batches: int = CALIBRATION_BATCHES
+    _scores: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict, repr=False)
 
     def evaluate(self, params: Any) -> float:
         """Test accuracy of `params` (same architecture as the dense model)."""
         return evaluate_vqa(dataclasses.replace(self.bundle, params=params), self.test, progress=False)["accuracy"]
 
-    def prune(self, spec: SparsitySpec, method: str | None = None, mode: str = "sequential") -> Any:
+    def ratios(self, spec: SparsitySpec, allocation: str) -> dict[str, float] | None:
+        """Per-layer ratios for `allocation` (None: uniform); ECoFLaP scores are computed once per study."""
+        if allocation == "uniform":
+            return None
+        order = allocation.split("-")[1]
+        if order not in self._scores:
+            paths = prunable_paths(self.bundle.params)
+            self._scores[order] = importance_scores(self.bundle.params, self.bundle.config, self.calibration, paths,
+                                                    order, jax.random.key(self.seed), self.importance_batches)
+        return global_ratios(self.bundle.params, spec, self._scores[order])
+
+    def prune(self, spec: SparsitySpec, method: str | None = None, mode: str = "sequential",
+              allocation: str = "uniform") -> Any:
         """Prune the dense model to `spec` (with the study's method unless given)."""
         return prune(self.bundle.params, self.bundle.config, spec, method or self.method, self.calibration,
-                     mode, key=jax.random.key(self.seed))
+                     mode, key=jax.random.key(self.seed), ratios=self.ratios(spec, allocation))
 
-    def prune_row(self, spec: SparsitySpec, **labels: Any) -> dict[str, Any]:
+    def prune_row(self, spec: SparsitySpec, method: str | None = None, allocation: str = "uniform",
+                  **labels: Any) -> dict[str, Any]:
         """Prune, evaluate and describe one setting as a table row."""
-        result = self.prune(spec)
+        result = self.prune(spec, method, allocation=allocation)
         return labels | {
             "accuracy": self.evaluate(result.params),
             "target": spec.targets,
             "measured": measure_sparsity(result.params)["towers"],
             "pattern": spec.pattern,
+            "method": method or self.method,
+            "allocation": allocation,
         }
 
 
@@ -76,7 +102,8 @@ def load_study(args: argparse.Namespace) -> Study:
     calibration = calibration_carry(data, samples, bundle.tokenizer.pad_token_id, bundle.config.vision, args.seed)
     eval_images = args.eval_images if args.eval_images else (40 if args.quick else None)
     test = shapes.build_split("test", eval_images, image_size=bundle.config.vision.image_size)
-    return Study(bundle, calibration, test, args.method, args.seed)
+    # ECoFLaP sums its importance over 32 calibration batches; --quick uses 4.
+    return Study(bundle, calibration, test, args.method, args.seed, 4 if args.quick else CALIBRATION_BATCHES)
 
 
 def machine() -> dict[str, Any]:

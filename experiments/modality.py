@@ -1,6 +1,9 @@
 """Which tower to prune: both towers vs language only vs vision only, at 50%, 70%, 2:4 and 4:8.
 
-The paper found pruning only the language model keeps far more accuracy than pruning both.
+The paper found pruning only the language model keeps far more accuracy than pruning both. Each
+setting is pruned with the study's method (Wanda), with DSnoT (Wanda's mask refined), and with
+ECoFLaP (Wanda at per-block ratios from zeroth-order importance, one budget across the pruned
+towers; unstructured levels only, since N:M fixes every layer's sparsity).
 
     python experiments/modality.py [--method wanda] [--out results] [--quick]
 """
@@ -15,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import Study, add_arguments, load_study, markdown_table, write_outputs  # noqa: E402
+from common import PRUNERS, Study, add_arguments, load_study, markdown_table, write_outputs  # noqa: E402
 from sparsevlm.pruning import SparsitySpec  # noqa: E402
 
 STEM = "modality"
@@ -28,30 +31,42 @@ LEVELS = {"50%": (0.5, "unstructured"), "70%": (0.7, "unstructured"), "2:4": (0.
 
 
 def run(study: Study, levels: dict[str, tuple[float, str]]) -> list[dict]:
-    """Accuracy for every (tower setting, sparsity level)."""
+    """Accuracy for every (pruner, tower setting, sparsity level) the pruner supports."""
+    pruners = {study.method: (study.method, "uniform")} | PRUNERS
     rows = []
-    for level, (sparsity, pattern) in levels.items():
-        for setting, make in SETTINGS.items():
-            row = study.prune_row(make(sparsity, pattern), setting=setting, level=level)
-            print(f"{setting:<14} {level:<4} accuracy {row['accuracy']:.4f}", flush=True)
-            rows.append(row)
+    for pruner, (method, allocation) in pruners.items():
+        for level, (sparsity, pattern) in levels.items():
+            if allocation != "uniform" and pattern != "unstructured":
+                continue
+            for setting, make in SETTINGS.items():
+                row = study.prune_row(make(sparsity, pattern), method, allocation, setting=setting, level=level,
+                                      pruner=pruner)
+                print(f"{pruner:<8} {setting:<14} {level:<4} accuracy {row['accuracy']:.4f}", flush=True)
+                rows.append(row)
     return rows
 
 
 def report(rows: list[dict], dense: float | None, method: str) -> tuple[str, object]:
-    """Markdown table (settings × levels) and a grouped bar chart."""
+    """Markdown table (pruner × settings × levels) and a grouped bar chart per pruner."""
     levels = list(dict.fromkeys(r["level"] for r in rows))
-    by = {(r["setting"], r["level"]): r["accuracy"] for r in rows}
-    table = markdown_table(["pruned towers", *levels], [[s, *[by[(s, lv)] for lv in levels]] for s in SETTINGS])
-    header = f"Modality ({method}; dense accuracy {dense:.4f})\n\n" if dense is not None else ""
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    pruners = list(dict.fromkeys(r["pruner"] for r in rows))
+    by = {(r["pruner"], r["setting"], r["level"]): r["accuracy"] for r in rows}
+    table = markdown_table(
+        ["pruner", "pruned towers", *levels],
+        [[p, s, *[by.get((p, s, lv), "–") for lv in levels]] for p in pruners for s in SETTINGS],
+    )
+    header = f"Modality ({method} is the base pruner; dense accuracy {dense:.4f})\n\n" if dense is not None else ""
+    figure, axes = plt.subplots(1, len(pruners), figsize=(4.5 * len(pruners), 3.5), sharey=True, squeeze=False)
     width = 0.8 / len(SETTINGS)
-    for i, setting in enumerate(SETTINGS):
-        axis.bar(np.arange(len(levels)) + i * width, [by[(setting, lv)] for lv in levels], width, label=setting)
-    axis.set_xticks(np.arange(len(levels)) + width, levels)
-    axis.set_ylabel("test accuracy")
-    axis.set_title(f"Which towers to prune ({method})")
-    axis.legend()
+    for axis, pruner in zip(axes[0], pruners):
+        for i, setting in enumerate(SETTINGS):
+            values = [by.get((pruner, setting, lv), np.nan) for lv in levels]
+            axis.bar(np.arange(len(levels)) + i * width, values, width, label=setting)
+        axis.set_xticks(np.arange(len(levels)) + width, levels)
+        axis.set_title(pruner)
+    axes[0][0].set_ylabel("test accuracy")
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle("Which towers to prune")
     return header + table, figure
 
 

@@ -31,12 +31,22 @@ def test_reproduce_quick_writes_every_study(trained_model_dir, tmp_path):
     modality = json.loads((tmp_path / "modality.json").read_text())["rows"]
     only_language = [r for r in modality if r["setting"] == "language only"]
     assert only_language and all(r["measured"]["vision"] == 0.0 for r in only_language)
+    # DSnoT rows at every level; ECoFLaP rows (one budget over both towers) at unstructured levels only.
+    pruners = {(r["pruner"], r["level"]) for r in modality}
+    assert pruners == {(p, lv) for p in ("wanda", "dsnot") for lv in ("50%", "2:4")} | {("ecoflap", "50%")}
+    ecoflap = next(r for r in modality if r["pruner"] == "ecoflap" and r["setting"] == "both")
+    measured = ecoflap["measured"]
+    assert measured["vision"] != measured["language"]
+    assert "| dsnot | both |" in (tmp_path / "modality.md").read_text()
     rows = json.loads((tmp_path / "restoration.json").read_text())["rows"]
-    by = {(r["setting"], r["variant"]): r for r in rows}
+    by = {(r["setting"], r["pruner"], r["variant"]): r for r in rows}
     for setting in ("2:4", "70%"):
-        target = by[(setting, "pruned")]["measured"]
+        target = by[(setting, "wanda", "pruned")]["measured"]
         # SparseLoRA and remasked LoRA keep the pruned sparsity exactly; plain LoRA loses it.
         for variant in ("SparseLoRA", "SparseLoRA + KL", "LoRA + remask"):
-            assert by[(setting, variant)]["measured"] == target, (setting, variant)
-        assert by[(setting, "LoRA")]["measured"]["language"] < 0.01
+            assert by[(setting, "wanda", variant)]["measured"] == target, (setting, variant)
+        assert by[(setting, "wanda", "LoRA")]["measured"]["language"] < 0.01
+        assert by[(setting, "dsnot", "SparseLoRA + KL")]["measured"] == by[(setting, "dsnot", "pruned")]["measured"]
+    assert by[("70%", "ecoflap", "SparseLoRA + KL")]["measured"] == by[("70%", "ecoflap", "pruned")]["measured"]
+    assert ("2:4", "ecoflap", "pruned") not in by
     assert "## restoration" in (tmp_path / "reproduce.md").read_text()
