@@ -183,7 +183,6 @@ def calibration_stages(config: VLMConfig, dtype: Dtype = jnp.float32) -> tuple[S
     marks the tokens that count as calibration data (padding does not). Cached per config, so
     repeated pruning runs reuse the stage functions and their compilations.
     """
-    model = VLM(config, dtype)
     vit = ViT(config.vision, dtype)
     vision_block = vit_block(config.vision, dtype)
     connector = connector_module(config, dtype)
