@@ -1,9 +1,10 @@
-"""Pruning time per method (magnitude, random, Wanda, SparseGPT), on a whole model and on one large layer.
+"""Pruning time per method (magnitude, random, Wanda, SparseGPT, DSnoT), on a whole model and on one large layer.
 
 Whole model: `prune` on `--model` at 50% unstructured and 2:4 (vision and language towers), with
 `--calib-samples` calibration captions; the time includes the block-by-block calibration passes.
 One layer: a Flax `[in, out]` kernel of `--layer-size` with `--layer-tokens` correlated Gaussian
-activations; building the statistics (‖X‖², XᵀX) is timed apart from each method's pruning.
+activations; building the statistics (‖X‖², XᵀX) is timed apart from each method's pruning. DSnoT's
+layer row is its worst case (threshold 0: all 100 swap cycles on every row) and includes Wanda's mask.
 Each time is the median of `--repeats` calls after one warm-up call; prints a table, writes JSON.
 
     python benchmarks/prune.py [--model default] [--repeats 3] [--json results/bench_prune.json]
@@ -30,6 +31,7 @@ from sparsevlm.hub import load_model
 from sparsevlm.pruning import METHODS, Pattern, SparsitySpec, measure_sparsity, prune, prune_layer
 from sparsevlm.pruning.calibrate import calibration_carry
 from sparsevlm.pruning.criteria import LayerStats
+from sparsevlm.pruning.dsnot import DSnoTConfig
 from sparsevlm.pruning.prune import NEEDS_CALIBRATION
 
 SPARSITY = 0.5
@@ -127,9 +129,9 @@ def layer_inputs(tokens: int, fan_in: int, seed: int = 0, rank: int = 64) -> np.
 
 @partial(jax.jit, static_argnames="need_hessian")
 def layer_stats(x: jax.Array, need_hessian: bool) -> LayerStats:
-    """Calibration statistics of one linear's inputs: ‖X_j‖², optionally XᵀX, and the token count."""
+    """Calibration statistics of one linear's inputs: ‖X_j‖², optionally XᵀX, the token count and Σ_t x_t."""
     hessian = x.T @ x if need_hessian else None
-    return LayerStats(jnp.sum(x * x, axis=0), hessian, jnp.asarray(x.shape[0], jnp.float32))
+    return LayerStats(jnp.sum(x * x, axis=0), hessian, jnp.asarray(x.shape[0], jnp.float32), jnp.sum(x, axis=0))
 
 
 def measure_layer(fan_in: int, fan_out: int, tokens: int, methods: Sequence[str], patterns: Sequence[str],
@@ -146,13 +148,17 @@ def measure_layer(fan_in: int, fan_out: int, tokens: int, methods: Sequence[str]
         timing, stats[name] = time_calls(build, repeats, meter)
         rows.append({**shape, "method": f"stats:{name}", "pattern": "-", **timing})
     # The statistics each method gets inside `prune`: none, ‖X‖² only, or XᵀX as well.
-    method_stats = {"magnitude": None, "random": None, "wanda": stats["sq_norm"], "sparsegpt": stats["hessian"]}
+    method_stats = {"magnitude": None, "random": None, "wanda": stats["sq_norm"], "sparsegpt": stats["hessian"],
+                    "dsnot": stats["sq_norm"]}
+    # DSnoT at threshold 0 runs its full 100 swap cycles on every row: its worst case.
+    worst_case = DSnoTConfig(threshold=0.0)
     key = jax.random.key(seed)
     for pattern_name in patterns:
         pattern = Pattern.parse(pattern_name)
         for method in methods:
             def run(method: str = method) -> tuple[jax.Array, jax.Array]:
-                return jax.block_until_ready(prune_layer(method, kernel, method_stats[method], pattern, SPARSITY, key))
+                return jax.block_until_ready(
+                    prune_layer(method, kernel, method_stats[method], pattern, SPARSITY, key, worst_case))
 
             timing, (_, keep) = time_calls(run, repeats, meter)
             rows.append({**shape, "method": method, "pattern": pattern_name, **timing,

@@ -103,6 +103,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                    help="ECoFLaP: no block is pruned beyond this (paper: 0.8)")
     p.add_argument("--dsnot-init", default="wanda", choices=INITIAL_METHODS,
                    help="dsnot: the method whose mask DSnoT refines")
+    p.add_argument("--dsnot-guard", action="store_true",
+                   help="dsnot: also reject swaps that raise a row's squared reconstruction error (needs XᵀX; "
+                        "not in the published algorithm)")
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--mesh", type=_mesh_flag, default=None,
                    help="shard params and calibration examples over a device mesh, e.g. 'fsdp=-1' (see restore)")
@@ -284,7 +287,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         highest = max(spec.targets.values())
         if args.max_layer_sparsity < highest:
             raise ValueError(f"--max-layer-sparsity {args.max_layer_sparsity:g} is below the target sparsity {highest:g}")
-    dsnot_config = DSnoTConfig(init=args.dsnot_init)
+    dsnot_config = DSnoTConfig(init=args.dsnot_init, guard=args.dsnot_guard)
     out = Path(args.out)
     _check_out(out, args.force)
     mesh = _mesh(args.mesh)

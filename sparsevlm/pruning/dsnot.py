@@ -13,6 +13,11 @@ the threshold regrows one pruned weight and prunes one kept weight, so its kept 
 
 A swap is made only if ε_i keeps its initial sign (it never overshoots), so |ε_i| falls with every
 swap; a row stops at its first rejected swap, once |ε_i| ≤ `threshold`, or after `max_cycles` cycles.
+
+The expected error is the mean of the output error, not its size: a swap that lowers |ε_i| can still
+raise the squared error ‖(W_i − Ŵ_i)X‖² over the calibration tokens. `guard=True` (not in the
+published algorithm) also rejects such swaps, tracking (W_i − Ŵ_i)·XᵀX per row with the inputs'
+Hessian, so the layer's squared reconstruction error never rises either.
 Unlike the copy in the seed paper's code, swaps are written into the mask and stay there, and the
 two candidate sets are the live mask's pruned and kept weights (a weight moved once cannot move back,
 because its contribution then has the wrong sign for the other move).
@@ -43,6 +48,7 @@ class DSnoTConfig:
     max_cycles: int = 100
     regrow_variance_power: float = 1.0
     prune_variance_power: float = 0.0
+    guard: bool = False
 
     def __post_init__(self) -> None:
         if self.init not in INITIAL_METHODS:
@@ -66,13 +72,23 @@ def dsnot(kernel: Array, keep: Array, stats: LayerStats, pattern: Pattern,
         raise ValueError(f"keep-mask must be bool of the kernel's shape {kernel.shape}, got {keep.dtype}{keep.shape}")
     if pattern.kind == "n_of_m":
         pattern.check_shape(kernel.shape)
-    return _refine(kernel, keep, stats.mean, stats.variance, stats.sq_norm, pattern, float(config.threshold),
+    if config.guard and stats.hessian is None:
+        raise ValueError("DSnoT's squared-error guard needs the inputs' Hessian XᵀX")
+    hessian = stats.hessian if config.guard else None
+    return _refine(kernel, keep, stats.mean, stats.variance, stats.sq_norm, hessian, pattern, float(config.threshold),
                    int(config.max_cycles), float(config.regrow_variance_power), float(config.prune_variance_power))
 
 
+def squared_error(kernel: Array, keep: Array, hessian: Array) -> Array:
+    """‖(W − Ŵ)ᵀX‖² per output unit of a `[in, out]` kernel, from the inputs' Hessian XᵀX."""
+    removed = jnp.where(keep, 0.0, kernel.astype(jnp.float32))
+    return jnp.sum(removed * (hessian.astype(jnp.float32) @ removed), axis=0)
+
+
 @partial(jax.jit, static_argnames=("pattern", "threshold", "max_cycles", "regrow_power", "prune_power"))
-def _refine(kernel: Array, keep: Array, mean: Array, variance: Array, sq_norm: Array, pattern: Pattern,
-            threshold: float, max_cycles: int, regrow_power: float, prune_power: float) -> tuple[Array, Array]:
+def _refine(kernel: Array, keep: Array, mean: Array, variance: Array, sq_norm: Array, hessian: Array | None,
+            pattern: Pattern, threshold: float, max_cycles: int, regrow_power: float, prune_power: float
+            ) -> tuple[Array, Array]:
     # Rows are output units: work on the [out, in] transposes.
     weights = kernel.T.astype(jnp.float32)
     rows, fan_in = weights.shape
@@ -88,9 +104,16 @@ def _refine(kernel: Array, keep: Array, mean: Array, variance: Array, sq_norm: A
     error = jnp.sum(jnp.where(mask, 0.0, contribution), axis=1)
     sign = jnp.sign(error)
     active = jnp.abs(error) > threshold
+    guard = hessian is not None
+    if guard:
+        hessian = hessian.astype(jnp.float32)
+        # Row i of `pull` is H·(W_i − Ŵ_i): the squared error's gradient (halved) in Ŵ_i's pruned weights.
+        pull = jnp.where(mask, 0.0, weights) @ hessian
+    else:
+        pull = jnp.zeros((), jnp.float32)
 
-    def swap(state: tuple[Array, Array, Array, Array]) -> tuple[Array, Array, Array, Array]:
-        mask, error, active, cycle = state
+    def swap(state: tuple[Array, Array, Array, Array, Array]) -> tuple[Array, Array, Array, Array, Array]:
+        mask, error, active, cycle, pull = state
         toward = sign[:, None] * contribution
         can_regrow = ~mask & (toward > 0)
         can_prune = mask & (toward < 0)
@@ -102,13 +125,22 @@ def _refine(kernel: Array, keep: Array, mean: Array, variance: Array, sq_norm: A
         prune = jnp.argmin(jnp.where(can_prune & in_group, prune_score, jnp.inf), axis=1)
         after = error - contribution[row_index, regrow] + contribution[row_index, prune]
         accept = active & can_regrow.any(axis=1) & (jnp.sign(after) == sign)
+        if guard:
+            w_r, w_k = weights[row_index, regrow], weights[row_index, prune]
+            change = (-2 * w_r * pull[row_index, regrow] + w_r**2 * hessian[regrow, regrow]
+                      + 2 * w_k * pull[row_index, prune] + w_k**2 * hessian[prune, prune]
+                      - 2 * w_r * w_k * hessian[regrow, prune])
+            accept &= change <= 0
+            step = jnp.where(accept, 1.0, 0.0)
+            pull = pull + step[:, None] * (w_k[:, None] * hessian[prune] - w_r[:, None] * hessian[regrow])
         mask = mask.at[row_index, regrow].set(mask[row_index, regrow] | accept)
         mask = mask.at[row_index, prune].set(mask[row_index, prune] & ~accept)
         error = jnp.where(accept, after, error)
-        return mask, error, accept & (jnp.abs(error) > threshold), cycle + 1
+        return mask, error, accept & (jnp.abs(error) > threshold), cycle + 1, pull
 
-    def running(state: tuple[Array, Array, Array, Array]) -> Array:
+    def running(state: tuple[Array, Array, Array, Array, Array]) -> Array:
         return jnp.any(state[2]) & (state[3] < max_cycles)
 
-    mask, _, _, cycles = jax.lax.while_loop(running, swap, (mask, error, active, jnp.zeros((), jnp.int32)))
+    start = (mask, error, active, jnp.zeros((), jnp.int32), pull)
+    mask, _, _, cycles, _ = jax.lax.while_loop(running, swap, start)
     return mask.T, cycles

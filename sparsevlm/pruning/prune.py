@@ -33,7 +33,7 @@ NEEDS_CALIBRATION = ("wanda", "sparsegpt", "dsnot")
 
 def needs_hessian(method: str, dsnot_config: DSnoTConfig = DSnoTConfig()) -> bool:
     """Whether `method` needs the inputs' Hessian XᵀX (SparseGPT, or DSnoT starting from SparseGPT)."""
-    return method == "sparsegpt" or (method == "dsnot" and dsnot_config.init == "sparsegpt")
+    return method == "sparsegpt" or (method == "dsnot" and (dsnot_config.init == "sparsegpt" or dsnot_config.guard))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,13 +15,13 @@ from tests.hf.test_families import FAMILIES, _inputs, _mask, _ours, _theirs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llava-llama", "instructblip-flant5"])
-def test_prune_restore_export_through_the_cli(family, hf_dirs, tmp_path, capsys):
-    """Wanda 2:4 → SparseLoRA (2 steps) → export: PyTorch loads the same logits and the same zeros."""
+@pytest.mark.parametrize("family, method", [("llava-llama", "wanda"), ("instructblip-flant5", "dsnot")])
+def test_prune_restore_export_through_the_cli(family, method, hf_dirs, tmp_path, capsys):
+    """Wanda or DSnoT 2:4 → SparseLoRA (2 steps) → export: PyTorch loads the same logits and the same zeros."""
     source = str(hf_dirs(family))
     pruned, restored, exported = (str(tmp_path / name) for name in ("pruned", "restored", "exported"))
     common = ["--eval-images", "4", "--seed", "0"]
-    assert main(["prune", "--model", source, "--method", "wanda", "--pattern", "2:4", "--vision-sparsity", "0.5",
+    assert main(["prune", "--model", source, "--method", method, "--pattern", "2:4", "--vision-sparsity", "0.5",
                  "--connector-sparsity", "0.5", "--language-sparsity", "0.5", "--calib-samples", "8",
                  "--out", pruned, *common]) == 0
     report = json.loads((tmp_path / "pruned" / "report.json").read_text())

@@ -11,7 +11,7 @@ from sparsevlm.models.vlm import calibration_stages
 from sparsevlm.pruning import Pattern, SparsitySpec, prune, uniform_ratios
 from sparsevlm.pruning.calibrate import calibration_carry, prune_blockwise
 from sparsevlm.pruning.criteria import LayerStats
-from sparsevlm.pruning.dsnot import DSnoTConfig, dsnot, expected_error
+from sparsevlm.pruning.dsnot import DSnoTConfig, dsnot, expected_error, squared_error
 from sparsevlm.pruning.prune import prune_layer
 from sparsevlm.tree import flatten
 
@@ -76,8 +76,25 @@ def _random_layer(seed, fan_in=64, fan_out=24):
     rng = np.random.default_rng(seed)
     x = rng.normal(0.4, 1.0, (200, fan_in)).astype(np.float32) * rng.uniform(0.2, 2.0, fan_in).astype(np.float32)
     kernel = jnp.asarray(rng.normal(0, 1, (fan_in, fan_out)).astype(np.float32))
-    stats = LayerStats(jnp.asarray((x**2).sum(0)), None, jnp.float32(len(x)), jnp.asarray(x.sum(0)))
+    stats = LayerStats(jnp.asarray((x**2).sum(0)), jnp.asarray(x.T @ x), jnp.float32(len(x)), jnp.asarray(x.sum(0)))
     return kernel, stats
+
+
+@pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.6), ("2:4", 0.5)])
+def test_guard_keeps_every_rows_squared_error_from_rising(pattern, sparsity):
+    kernel, stats = _random_layer(0)
+    pattern = Pattern.parse(pattern)
+    _, keep = prune_layer("wanda", kernel, stats, pattern, sparsity)
+    start = np.asarray(squared_error(kernel, keep, stats.hessian))
+    plain, _ = dsnot(kernel, keep, stats, pattern)
+    guarded, _ = dsnot(kernel, keep, stats, pattern, DSnoTConfig(guard=True))
+    # The published rule lowers |E[error]| but raises some rows' squared error; the guard never does.
+    assert (np.asarray(squared_error(kernel, plain, stats.hessian)) > start * (1 + 1e-5)).any()
+    after = np.asarray(squared_error(kernel, guarded, stats.hessian))
+    assert (after <= start * (1 + 1e-5)).all() and after.sum() < start.sum()
+    np.testing.assert_array_equal(np.sum(guarded, axis=0), np.sum(keep, axis=0))
+    with pytest.raises(ValueError, match="Hessian"):
+        dsnot(kernel, keep, stats._replace(hessian=None), pattern, DSnoTConfig(guard=True))
 
 
 @pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.6), ("unstructured-layer", 0.5), ("2:4", 0.5),
@@ -101,7 +118,8 @@ def test_swaps_keep_counts_and_never_raise_the_expected_error(pattern, sparsity,
 
 
 def test_dsnot_refines_real_default_model_layers(trained_bundle):
-    """On the trained default architecture, every layer keeps its counts and no row's error grows."""
+    """On the trained default architecture every layer keeps its counts and no row's expected error grows;
+    with the guard, no row's squared reconstruction error grows either."""
     bundle = trained_bundle
     data = calibration_set("shapes-captions", bundle.tokenizer, 32, seed=0)
     carry = calibration_carry(data, 32, bundle.tokenizer.pad_token_id, bundle.config.vision)
@@ -112,21 +130,25 @@ def test_dsnot_refines_real_default_model_layers(trained_bundle):
 
         def layer(path, kernel, stats):
             _, start = prune_layer("wanda", kernel, stats, pattern, ratios[path])
-            keep, _ = dsnot(kernel, start, stats, pattern)
-            start, new = np.asarray(start), np.asarray(keep)
-            np.testing.assert_array_equal(new.sum(axis=0), start.sum(axis=0), err_msg=path)
-            if pattern.kind == "n_of_m":
-                assert (new.reshape(-1, pattern.m, new.shape[1]).sum(axis=1) == pattern.n).all(), path
             before = np.abs(np.asarray(expected_error(kernel, start, stats.mean)))
-            after = np.abs(np.asarray(expected_error(kernel, keep, stats.mean)))
-            assert (after <= before + 1e-5).all(), path
+            squared = np.asarray(squared_error(kernel, start, stats.hessian))
+            for guard in (False, True):
+                keep, _ = dsnot(kernel, start, stats, pattern, DSnoTConfig(guard=guard))
+                new = np.asarray(keep)
+                np.testing.assert_array_equal(new.sum(axis=0), np.asarray(start).sum(axis=0), err_msg=path)
+                if pattern.kind == "n_of_m":
+                    assert (new.reshape(-1, pattern.m, new.shape[1]).sum(axis=1) == pattern.n).all(), path
+                after = np.abs(np.asarray(expected_error(kernel, keep, stats.mean)))
+                assert (after <= before + 1e-5).all(), path
+                if guard:
+                    assert (np.asarray(squared_error(kernel, keep, stats.hessian)) <= squared * (1 + 1e-5)).all(), path
+                elif (np.asarray(start) != new).any():
+                    changed.append(path)
+                    assert after.sum() < before.sum(), path
             checked.append(path)
-            if (start != new).any():
-                changed.append(path)
-                assert after.sum() < before.sum(), path
-            return jnp.where(keep, kernel, 0), keep
+            return jnp.where(start, kernel, 0), start
 
-        prune_blockwise(bundle.params, calibration_stages(bundle.config), carry, ratios, layer, need_hessian=False)
+        prune_blockwise(bundle.params, calibration_stages(bundle.config), carry, ratios, layer, need_hessian=True)
     assert len(checked) == 2 * len(ratios)
     assert changed, "no layer of the trained model had a swap to make"
 
