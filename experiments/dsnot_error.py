@@ -96,7 +96,7 @@ def report(rows: list[dict[str, Any]]) -> tuple[str, object]:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, run the study, write the outputs."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
+    add_arguments(parser)  # --method is ignored: DSnoT always starts from Wanda's masks here
     args = parser.parse_args(argv)
     study = load_study(args)
     rows = run(study)

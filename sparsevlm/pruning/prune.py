@@ -112,8 +112,9 @@ def prune(
 ) -> PruneResult:
     """Prune a VLM's params to `spec` with `method`; calibration-based methods need `calibration`.
 
-    `ratios` overrides the uniform per-layer allocation the spec implies (`{path: sparsity}`);
-    `config` is needed only to run calibration. Params and calibration data may be sharded over a
+    `ratios` overrides the uniform per-layer allocation the spec implies (`{path: sparsity}`, e.g.
+    from `allocation.global_ratios`); `dsnot_config` sets DSnoT's starting method, stopping rules and
+    guard; `config` is needed only to run calibration. Params and calibration data may be sharded over a
     mesh (`sparsevlm.sharding`): the calibration passes then run sharded, and the masks are the same.
     """
     if method not in METHODS:
