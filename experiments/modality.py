@@ -30,8 +30,12 @@ SETTINGS = {
 LEVELS = {"50%": (0.5, "unstructured"), "70%": (0.7, "unstructured"), "2:4": (0.5, "2:4"), "4:8": (0.5, "4:8")}
 
 
-def run(study: Study, levels: dict[str, tuple[float, str]]) -> list[dict]:
-    """Accuracy for every (pruner, tower setting, sparsity level) the pruner supports."""
+def run(study: Study, levels: dict[str, tuple[float, str]], extra_settings: tuple[str, ...] = tuple(SETTINGS)
+        ) -> list[dict]:
+    """Accuracy for every (pruner, tower setting, sparsity level) the pruner supports.
+
+    The study's method runs every setting; the other pruners only `extra_settings`.
+    """
     pruners = {study.method: (study.method, "uniform")} | PRUNERS
     rows = []
     for pruner, (method, allocation) in pruners.items():
@@ -39,6 +43,8 @@ def run(study: Study, levels: dict[str, tuple[float, str]]) -> list[dict]:
             if allocation != "uniform" and pattern != "unstructured":
                 continue
             for setting, make in SETTINGS.items():
+                if pruner != study.method and setting not in extra_settings:
+                    continue
                 row = study.prune_row(make(sparsity, pattern), method, allocation, setting=setting, level=level,
                                       pruner=pruner)
                 print(f"{pruner:<8} {setting:<14} {level:<4} accuracy {row['accuracy']:.4f}", flush=True)
@@ -77,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     study = load_study(args)
     levels = {k: LEVELS[k] for k in ("50%", "2:4")} if args.quick else LEVELS
-    rows = run(study, levels)
+    # --quick: the other pruners on both towers only.
+    rows = run(study, levels, ("both",) if args.quick else tuple(SETTINGS))
     dense = study.bundle.metadata.get("test_accuracy")
     markdown, figure = report(rows, dense, args.method)
     write_outputs(args.out, STEM, {"method": args.method, "dense_accuracy": dense, "rows": rows}, markdown, figure)

@@ -32,12 +32,17 @@ STEM = "restoration"
 SETTINGS = {"2:4": SparsitySpec.same(0.5, "2:4"), "70%": SparsitySpec.same(0.7)}
 
 
-def run(study: Study, config: RestoreConfig) -> list[dict]:
-    """Accuracy and measured sparsity of every (pruner, variant) at every setting."""
+def run(study: Study, config: RestoreConfig, extra_settings: tuple[str, ...] = tuple(SETTINGS)) -> list[dict]:
+    """Accuracy and measured sparsity of every (pruner, variant) at every setting.
+
+    The study's method runs every setting; the other pruners only `extra_settings`.
+    """
     rows = []
     pruners = {study.method: (study.method, "uniform")} | PRUNERS
     for setting, spec in SETTINGS.items():
         for pruner, (method, allocation) in pruners.items():
+            if pruner != study.method and setting not in extra_settings:
+                continue
             if allocation != "uniform" and spec.parsed_pattern.kind == "n_of_m":
                 continue
             pruned = study.prune(spec, method, allocation=allocation)
@@ -120,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         learning_rate=args.learning_rate, kl_weight=args.kl_weight, temperature=args.temperature,
         train_data=args.train_data, seed=args.seed,
     )
-    rows = run(study, config)
+    # --quick: the other pruners at 70% only.
+    rows = run(study, config, ("70%",) if args.quick else tuple(SETTINGS))
     dense = study.bundle.metadata.get("test_accuracy")
     markdown, figure = report(rows, dense, args.method, config)
     payload = {"method": args.method, "dense_accuracy": dense, "restore": dataclasses.asdict(config), "rows": rows}

@@ -36,6 +36,11 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     monkeypatch.setenv("SPARSEVLM_HOME", str(tmp_path_factory.mktemp("home")))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the slow end-to-end tests first, so parallel workers do not end on one long test."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def tiny_config(vocab_size: int, **language: object) -> VLMConfig:
     """A VLM small enough to run in milliseconds, with every feature of the default switched on."""
     return VLMConfig(

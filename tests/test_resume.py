@@ -114,6 +114,7 @@ def _restore_argv(pruned_dir: Path, out: Path) -> list[str]:
             "--eval-images", "2", "--out", str(out)]
 
 
+@pytest.mark.slow
 def test_restore_killed_after_its_second_checkpoint_resumes_to_the_same_params(tiny_bundle, tmp_path):
     dense = save_model(tmp_path / "dense", tiny_bundle)
     pruned_dir = tmp_path / "pruned"
@@ -176,6 +177,7 @@ def test_a_damaged_training_checkpoint_is_a_clear_error(tiny_bundle, pruned, tmp
         restore(*args, checkpoint_dir=tmp_path / "c", progress=False)
 
 
+@pytest.mark.slow
 def test_sharded_restore_resumes_onto_its_mesh(tiny_bundle, pruned, tmp_path, kill_after_checkpoint):
     from sparsevlm.sharding import MeshConfig, make_mesh
 

@@ -185,6 +185,7 @@ def test_fsdp8_holds_an_eighth_of_the_params_per_device(setup):
     assert mask_bytes <= sh.tree_bytes(masks) / 8 * 1.05
 
 
+@pytest.mark.slow
 def test_memory_report_adds_up_and_shrinks_with_fsdp(setup):
     model, _, params, masks, lora, arrays, _ = setup
     optimizer = optax.adamw(1e-3)
@@ -291,6 +292,7 @@ def test_global_batch_on_one_host_is_the_batch_split_over_devices(setup):
         assert batch[name].addressable_shards[0].data.shape[0] == value.shape[0] // 8
 
 
+@pytest.mark.slow
 def test_restore_on_a_mesh_trains_the_same_factors_as_on_one_device(tiny_bundle):
     from sparsevlm.config import RestoreConfig
     from sparsevlm.restore import restore

@@ -74,26 +74,32 @@ def first_order_scores(params: PyTree, config: VLMConfig, batches: Sequence[dict
     return total
 
 
-def perturbed_loss(config: VLMConfig, params: PyTree, paths: Sequence[str]
-                   ) -> Callable[[dict[str, Array], Array, Array], Array]:
-    """A jitted `f(batch, key, scales)`: the loss with matrix `paths[i]` moved by `scales[i]·z_i`.
+def _projection(config: VLMConfig, paths: Sequence[str]) -> Callable[..., Array]:
+    """A jitted `g(flat, batch, key, index, eps)`: (L(W + εz) − L(W − εz)) / 2ε for matrix `paths[index]`.
 
-    `z_i ~ N(0, I)` is drawn from `fold_in(key, i)`, so the same key gives the same directions;
-    one compilation serves every matrix and sign.
+    z ~ N(0, I) is drawn from `fold_in(key, index)` for that matrix alone (`lax.switch`), so one
+    compilation serves every matrix and only one matrix's noise is generated per call.
     """
     loss = _loss(config)
-    flat = dict(flatten(params))
     paths = list(paths)
 
-    @jax.jit
-    def f(flat: dict[str, Array], batch: dict[str, Array], key: Array, scales: Array) -> Array:
-        moved = dict(flat)
-        for i, p in enumerate(paths):
-            z = jax.random.normal(jax.random.fold_in(key, i), flat[p].shape, jnp.float32)
-            moved[p] = (flat[p].astype(jnp.float32) + scales[i] * z).astype(flat[p].dtype)
-        return loss(unflatten(moved), batch)
+    def noise(i: int) -> Callable[[dict[str, Array], Array], dict[str, Array]]:
+        def draw(flat: dict[str, Array], key: Array) -> dict[str, Array]:
+            return {p: jax.random.normal(jax.random.fold_in(key, i), flat[p].shape, jnp.float32) if j == i
+                    else jnp.zeros(flat[p].shape, jnp.float32) for j, p in enumerate(paths)}
+        return draw
 
-    return lambda batch, key, scales: f(flat, batch, key, scales)
+    @jax.jit
+    def g(flat: dict[str, Array], batch: dict[str, Array], key: Array, index: Array, eps: Array) -> Array:
+        z = jax.lax.switch(index, [noise(i) for i in range(len(paths))], flat, key)
+
+        def moved(scale: Array) -> PyTree:
+            return unflatten(flat | {p: (flat[p].astype(jnp.float32) + scale * z[p]).astype(flat[p].dtype)
+                                     for p in paths})
+
+        return (loss(moved(eps), batch) - loss(moved(-eps), batch)) / (2 * eps)
+
+    return g
 
 
 def zeroth_order_projections(params: PyTree, config: VLMConfig, batches: Sequence[dict[str, Array]],
@@ -104,13 +110,12 @@ def zeroth_order_projections(params: PyTree, config: VLMConfig, batches: Sequenc
     """
     if not eps > 0:
         raise ValueError(f"perturbation size {eps!r} must be positive")
-    f = perturbed_loss(config, params, paths)
-    pair = jax.jit(lambda batch, key, scales: (f(batch, key, scales) - f(batch, key, -scales)) / (2 * eps))
+    g = _projection(config, paths)
+    flat = dict(flatten(params))
     rows = []
     for b, batch in enumerate(batches):
         batch_key = jax.random.fold_in(key, b)
-        rows.append([pair(batch, batch_key, jnp.zeros(len(paths), jnp.float32).at[i].set(eps))
-                     for i in range(len(paths))])
+        rows.append([g(flat, batch, batch_key, jnp.int32(i), jnp.float32(eps)) for i in range(len(paths))])
     return np.asarray(jax.device_get(rows), np.float64).reshape(len(batches), len(paths))
 
 

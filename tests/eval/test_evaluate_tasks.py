@@ -97,6 +97,7 @@ def test_limit_zero_is_refused(capsys):
     assert exit_info.value.code == 2 and "--limit" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_calibrate_prune_restore_evaluate_on_local_real_format_data(saved_model, tmp_path):
     """CC3M-style prefix captions (JSON lines) calibrate, COCO-style captions (imagefolder) restore,
     VQAv2-style data (parquet) evaluates: every on-disk format through the whole pipeline."""

@@ -111,15 +111,17 @@ def test_loss_batches_split_the_calibration_examples(carry):
 def test_zeroth_order_agrees_with_the_first_order_directional_derivative(tiny_bundle, carry):
     """(L(W+εz) − L(W−εz)) / 2ε against ⟨∇W L, z⟩ from autodiff, for the same Gaussian z."""
     params, config = tiny_bundle.params, tiny_bundle.config
-    paths = sorted(uniform_ratios(params, SparsitySpec(vision=0.5, connector=0.5, language=0.5)))
+    # Every third matrix of all three towers, on two batches.
+    paths = sorted(uniform_ratios(params, SparsitySpec(vision=0.5, connector=0.5, language=0.5)))[::3]
     batches = loss_batches(carry, 2)
     key = jax.random.key(7)
     g = zeroth_order_projections(params, config, batches, paths, key)
     model = VLM(config)
+    gradient = jax.jit(jax.grad(lambda p, batch: task_loss(model, p, batch)[0]))
     flat = dict(flatten(params))
     significant = 0
     for b, batch in enumerate(batches):
-        grads = flatten(jax.grad(lambda p: task_loss(model, p, batch)[0])(params))
+        grads = flatten(gradient(params, batch))
         batch_key = jax.random.fold_in(key, b)
         for i, path in enumerate(paths):
             z = jax.random.normal(jax.random.fold_in(batch_key, i), np.shape(flat[path]), jnp.float32)
