@@ -24,7 +24,7 @@ from sparsevlm.models.stages import Carry
 from sparsevlm.pruning import METHODS, SparsitySpec, measure_sparsity, prunable_paths, prune
 from sparsevlm.pruning.allocation import global_ratios
 from sparsevlm.pruning.calibrate import calibration_carry
-from sparsevlm.pruning.importance import CALIBRATION_BATCHES, importance_scores
+from sparsevlm.pruning.importance import CALIBRATION_BATCHES, ECOFLAP_ORDERS, importance_scores
 
 
 # The pruners the studies compare: a method and a per-layer allocation.
@@ -54,12 +54,16 @@ class Study:
         """Per-layer ratios for `allocation` (None: uniform); ECoFLaP scores are computed once per study."""
         if allocation == "uniform":
             return None
-        order = allocation.split("-")[1]
+        order = ECOFLAP_ORDERS[allocation]
         if order not in self._scores:
             paths = prunable_paths(self.bundle.params)
             self._scores[order] = importance_scores(self.bundle.params, self.bundle.config, self.calibration, paths,
                                                     order, jax.random.key(self.seed), self.importance_batches)
         return global_ratios(self.bundle.params, spec, self._scores[order])
+
+    def pruners(self) -> dict[str, tuple[str, str]]:
+        """`{name: (method, allocation)}`: the study's method first, then the other pruners compared."""
+        return {self.method: (self.method, "uniform")} | PRUNERS
 
     def prune(self, spec: SparsitySpec, method: str | None = None, mode: str = "sequential",
               allocation: str = "uniform") -> Any:

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import PRUNERS, Study, add_arguments, load_study, markdown_table, write_outputs  # noqa: E402
+from common import Study, add_arguments, load_study, markdown_table, write_outputs  # noqa: E402
 from sparsevlm.pruning import SparsitySpec  # noqa: E402
 
 STEM = "modality"
@@ -36,7 +36,7 @@ def run(study: Study, levels: dict[str, tuple[float, str]], extra_settings: tupl
 
     The study's method runs every setting; the other pruners only `extra_settings`.
     """
-    pruners = {study.method: (study.method, "uniform")} | PRUNERS
+    pruners = study.pruners()
     rows = []
     for pruner, (method, allocation) in pruners.items():
         for level, (sparsity, pattern) in levels.items():

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import PRUNERS, Study, add_arguments, load_study, markdown_table, write_outputs  # noqa: E402
+from common import Study, add_arguments, load_study, markdown_table, write_outputs  # noqa: E402
 from sparsevlm.config import RestoreConfig  # noqa: E402
 from sparsevlm.data.calibration import DATA_HELP, data_flag  # noqa: E402
 from sparsevlm.data.prompts import bundle_format  # noqa: E402
@@ -38,7 +38,7 @@ def run(study: Study, config: RestoreConfig, extra_settings: tuple[str, ...] = t
     The study's method runs every setting; the other pruners only `extra_settings`.
     """
     rows = []
-    pruners = {study.method: (study.method, "uniform")} | PRUNERS
+    pruners = study.pruners()
     for setting, spec in SETTINGS.items():
         for pruner, (method, allocation) in pruners.items():
             if pruner != study.method and setting not in extra_settings:

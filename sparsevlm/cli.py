@@ -269,6 +269,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from sparsevlm.checkpoint import save_model
     from sparsevlm.jobs import prune_job
     from sparsevlm.pruning import SparsitySpec
+    from sparsevlm.pruning.allocation import check_global_allocation
     from sparsevlm.pruning.dsnot import DSnoTConfig
 
     # Everything the user passed is checked before any work, so a bad flag never leaves files behind.
@@ -281,12 +282,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not any(spec.targets.values()):
         raise ValueError("nothing to prune: --vision-sparsity, --language-sparsity and --connector-sparsity are all 0")
     if args.allocation != "uniform":
-        if spec.parsed_pattern.kind == "n_of_m":
-            raise ValueError(f"--allocation {args.allocation} needs an unstructured pattern, not {args.pattern}: "
-                             "N:M fixes every layer's sparsity")
-        highest = max(spec.targets.values())
-        if args.max_layer_sparsity < highest:
-            raise ValueError(f"--max-layer-sparsity {args.max_layer_sparsity:g} is below the target sparsity {highest:g}")
+        check_global_allocation(spec, args.max_layer_sparsity, f"--allocation {args.allocation}", "--max-layer-sparsity")
     dsnot_config = DSnoTConfig(init=args.dsnot_init, guard=args.dsnot_guard)
     out = Path(args.out)
     _check_out(out, args.force)

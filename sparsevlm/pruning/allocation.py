@@ -120,6 +120,19 @@ def block_of(path: str) -> str:
     return parts[0]
 
 
+def check_global_allocation(spec: SparsitySpec, max_layer_sparsity: float,
+                            what: str = "a global sparsity allocation", cap: str = "max layer sparsity") -> None:
+    """A clear error if `spec` cannot be allocated globally: N:M patterns, or a cap below a target."""
+    pattern = spec.parsed_pattern
+    if pattern.kind == "n_of_m":
+        raise ValueError(f"{what} needs an unstructured pattern, not {pattern.name}: N:M fixes every layer's sparsity")
+    if not 0.0 < max_layer_sparsity < 1.0:
+        raise ValueError(f"{cap} {max_layer_sparsity!r} is outside (0, 1)")
+    highest = max(spec.targets.values())
+    if max_layer_sparsity < highest:
+        raise ValueError(f"{cap} {max_layer_sparsity:g} is below the target sparsity {highest:g}")
+
+
 def global_ratios(
     params: PyTree,
     spec: SparsitySpec,
@@ -136,18 +149,11 @@ def global_ratios(
     round-off. Scores proportional to block size give the spec's uniform ratios. This is ECoFLaP's
     allocation; the ratios work with any pruning criterion (`prune(..., ratios=...)`).
     """
+    check_global_allocation(spec, max_layer_sparsity)
     pattern = spec.parsed_pattern
-    if pattern.kind == "n_of_m":
-        raise ValueError(f"a global sparsity allocation needs an unstructured pattern, not {pattern.name}: "
-                         "N:M fixes every layer's sparsity")
-    if not 0.0 < max_layer_sparsity < 1.0:
-        raise ValueError(f"max layer sparsity {max_layer_sparsity!r} is outside (0, 1)")
     targets = uniform_ratios(params, spec, rules)
     flat = dict(flatten(params))
     sizes = {path: int(np.prod(np.shape(flat[path]))) for path in targets}
-    highest = max(targets.values())
-    if max_layer_sparsity < highest:
-        raise ValueError(f"max layer sparsity {max_layer_sparsity:g} is below the target sparsity {highest:g}")
     missing = sorted(set(targets) - set(scores))
     if missing:
         raise ValueError(f"no importance score for {len(missing)} layers to prune, e.g. {missing[0]}")

@@ -29,6 +29,7 @@ PyTree = Any
 Array = jax.Array
 
 ALLOCATIONS = ("uniform", "ecoflap-zeroth", "ecoflap-first")
+ECOFLAP_ORDERS = {"ecoflap-zeroth": "zeroth", "ecoflap-first": "first"}  # allocation → importance order
 CALIBRATION_BATCHES = 32  # ECoFLaP sums its scores over 32 calibration batches
 NOISE_EPS = 1e-3  # ECoFLaP's perturbation size
 
@@ -177,4 +178,4 @@ def allocation_ratios(
         return uniform_ratios(params, spec)
     if calibration is None:
         raise ValueError(f"{allocation} allocation needs calibration data")
-    return ecoflap_ratios(params, config, spec, calibration, allocation.split("-")[1], max_layer_sparsity, key)
+    return ecoflap_ratios(params, config, spec, calibration, ECOFLAP_ORDERS[allocation], max_layer_sparsity, key)
