@@ -12,7 +12,7 @@ from sparsevlm.pruning import Pattern, SparsitySpec, prune, uniform_ratios
 from sparsevlm.pruning.calibrate import calibration_carry, prune_blockwise
 from sparsevlm.pruning.criteria import LayerStats
 from sparsevlm.pruning.dsnot import DSnoTConfig, dsnot, expected_error, squared_error
-from sparsevlm.pruning.prune import prune_layer
+from sparsevlm.pruning.prune import needs_hessian, prune_layer
 from sparsevlm.tree import flatten
 
 
@@ -181,3 +181,17 @@ def test_dsnot_config_rejects_bad_values():
         DSnoTConfig(max_cycles=-1)
     with pytest.raises(ValueError, match="nan"):
         DSnoTConfig(threshold=float("nan"))
+
+
+def test_only_sparsegpt_starts_and_the_guard_need_the_hessian(tiny_bundle):
+    assert not needs_hessian("dsnot") and not needs_hessian("wanda") and needs_hessian("sparsegpt")
+    assert needs_hessian("dsnot", DSnoTConfig(init="sparsegpt")) and needs_hessian("dsnot", DSnoTConfig(guard=True))
+    # Through `prune`, the guard gets its Hessian and every output unit keeps Wanda's count.
+    data = calibration_set("shapes-captions", tiny_bundle.tokenizer, 12, seed=1)
+    carry = calibration_carry(data, 12, tiny_bundle.tokenizer.pad_token_id, tiny_bundle.config.vision)
+    args = (tiny_bundle.params, tiny_bundle.config, SparsitySpec.same(0.5))
+    wanda = flatten(prune(*args, "wanda", carry).masks)
+    guarded = flatten(prune(*args, "dsnot", carry, dsnot_config=DSnoTConfig(threshold=0.0, guard=True)).masks)
+    for path, keep in guarded.items():
+        if keep is not None:
+            np.testing.assert_array_equal(np.sum(keep, axis=0), np.sum(wanda[path], axis=0), err_msg=path)
