@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import tempfile
@@ -44,7 +45,7 @@ def measure(loader: str, directory: str) -> dict[str, Any]:
 
     import jax
     import jax.numpy as jnp
-    import torch  # noqa: F401  (transformers' loader needs it; imported before the baseline for both loaders)
+    importlib.import_module("torch")  # transformers' loader needs it: imported before the baseline for both
     from transformers import LlavaForConditionalGeneration
 
     from sparsevlm.hf.load import load_hf_model

@@ -5,7 +5,7 @@ SparseGPT's `SparseGPT.fasterprune`): forward hooks on every `nn.Linear` of a de
 accumulate the inputs' statistics, each linear is pruned in place, and the layer is run again so
 the next layer sees the pruned layer's outputs. Both sides prune the language tower of the same
 HF LLaVA checkpoint (random weights, `--config` a `benchmarks/llava.py` preset or JSON) on the same
-calibration token ids and images; ours is `load_hf_model` + `sparsevlm.pruning.prune` (calibration
+calibration token ids and images; ours is `load_hf_model` + `sparsevlm.pruning.pruner` (calibration
 mode `sequential`). The one-layer case prunes one `--layer-size` kernel from `--layer-tokens`
 inputs; each side builds its own statistics inside the timed call.
 
@@ -37,15 +37,18 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 import torch
-
-from common import positive_int, write_results
-from llava import build_checkpoint, sizes as llava_sizes
 from prune import CompileMeter, layer_inputs, layer_stats, parse_layer_size
+
+from sparsevlm.config import Pattern, SparsitySpec
 from sparsevlm.data.batch import preprocess_images
 from sparsevlm.hf.load import Naming, conversion_rules, load_hf_model
-from sparsevlm.pruning import Pattern, SparsitySpec, prune, prune_layer
-from sparsevlm.pruning.masks import flat_masks
+from sparsevlm.masks import flat_masks
+from sparsevlm.pruning import prune, prune_layer
 from sparsevlm.tree import flatten
+
+from common import positive_int, write_results
+from llava import build_checkpoint
+from llava import sizes as llava_sizes
 
 SPARSITY = 0.5
 METHODS = ("wanda", "sparsegpt")

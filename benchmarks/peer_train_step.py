@@ -1,12 +1,12 @@
 """SparseLoRA restoration step: ours (JAX) against a PyTorch peer doing the same job, on the same model and batch.
 
 Both sides train the same random-weight HF LLaVA (`benchmarks/llava.py`, `--config`), built once and
-loaded by each: ours with `load_hf_model` and `make_restore_step` (mode sparselora); the peer is
+loaded by each: ours with `load_hf_model` and the restoration step (mode sparselora); the peer is
 transformers' own `LlavaForConditionalGeneration` with PEFT LoRA. The job is identical:
 
 - masks: one magnitude prune of the vision and language towers (`prune`, 50%, `--pattern`), handed to
   the peer under its parameter names by the loader's own conversion rules (`to_hf`);
-- LoRA: the paper's targets and ranks (`LoraConfig.with_ranks()`: vision 4, connector 2, language 8,
+- LoRA: the paper's targets and ranks (`LoraConfig()`: vision 4, connector 2, language 8,
   alpha 16), given to PEFT as the exact HF modules behind our target paths, ranks by `rank_pattern`;
   A random, B zero on both sides;
 - forward: each adapted Linear computes F.linear(x, (W + s·B@A) ⊙ M, b), a masked Linear without LoRA
@@ -17,7 +17,12 @@ transformers' own `LlavaForConditionalGeneration` with PEFT LoRA. The job is ide
   clipped to global norm 1.
 
 Since B = 0 the first step's loss is the pruned model's on both sides: `loss_ours` and `loss_peer` must
-agree (in float32 the run stops before timing if they differ by more than 1e-3 relative).
+agree (in float32 the run stops before timing if they differ by more than 1e-3 relative). A zero B
+leaves A's gradient zero, so after the timed steps both sides also load one shared LoRA state with B
+≠ 0 (as after training starts; `lora_state_*.safetensors`, the same arrays under each side's names) and
+report the gradient of the same loss with respect to every factor: `grad_rel_diff` is the largest
+relative difference ‖g_ours − g_peer‖ / ‖g_peer‖ over the factors (in float32 it must stay within
+`GRAD_TOLERANCE`, or the run fails).
 
 Each side runs in its own fresh process (so neither shares the other's peak memory), both alive at once:
 they import their libraries while the parent builds the checkpoint, masks and batch, then load, set up
@@ -54,6 +59,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
+import importlib
 import json
 import os
 import re
@@ -75,13 +81,14 @@ if TYPE_CHECKING:
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 SIDES = ("ours", "peer")
-IMPLEMENTATIONS = {"ours": "sparsevlm make_restore_step (JAX)", "peer": "transformers + PEFT LoRA (PyTorch)"}
+IMPLEMENTATIONS = {"ours": "sparsevlm restoration step (JAX)", "peer": "transformers + PEFT LoRA (PyTorch)"}
 SPARSITY = 0.5
 # LoRA ranks and alpha, KL weight λ and temperature: `RestoreConfig`'s defaults (the paper's), passed to
 # both sides in the spec.
 GRAD_CLIP = 1.0
 BETAS = (0.9, 0.98)  # make_optimizer's
 LOSS_TOLERANCE = 1e-3  # relative, first-step loss in float32
+GRAD_TOLERANCE = 1e-3  # relative (Frobenius), each LoRA factor's gradient in float32
 FULL = {"config": "small", "batch_size": 4, "text_tokens": 48, "repeats": 10, "warmup": 2}
 QUICK = {"config": "quick", "batch_size": 2, "text_tokens": 16, "repeats": 3, "warmup": 2}
 # Dense bf16 tensor-core peak in FLOP/s, by device-name fragment (first match wins).
@@ -145,6 +152,13 @@ class Side:
         """One step, waited for; returns its loss."""
         raise NotImplementedError
 
+    def gradients(self, work: Path) -> tuple[float, dict[str, np.ndarray]]:
+        """The loss and its gradient with respect to each LoRA factor at the shared state in `work`.
+
+        Keys are our factor paths (`<kernel path>/a`, `/b`); the state replaces the side's own.
+        """
+        raise NotImplementedError
+
     def memory(self) -> dict[str, Any]:
         """Device memory figures (GPU only)."""
         return {}
@@ -155,7 +169,7 @@ class Side:
 
 
 class Ours(Side):
-    """`make_restore_step` in mode sparselora on the HF checkpoint loaded by `load_hf_model`."""
+    """`make_train_step(restoration_loss(...))` in mode sparselora on the HF checkpoint loaded by `load_hf_model`."""
 
     def setup(self, work: Path, spec: dict[str, Any]) -> dict[str, Any]:
         import jax
@@ -165,10 +179,10 @@ class Ours(Side):
         from sparsevlm.config import RestoreConfig
         from sparsevlm.hf.load import load_hf_model
         from sparsevlm.lora import init_lora, lora_param_count
-        from sparsevlm.models import VLM
-        from sparsevlm.pruning.masks import masks_from_flat
-        from sparsevlm.restore import lora_config as restore_lora_config
-        from sparsevlm.train import LoraState, make_optimizer, make_restore_step
+        from sparsevlm.masks import masks_from_flat
+        from sparsevlm.models.vlm import VLM
+        from sparsevlm.train import TrainState, make_optimizer, make_train_step, restoration_loss
+
         from train_step import xla_memory
 
         bundle = load_hf_model(spec["dir"], spec["dtype"])
@@ -183,17 +197,18 @@ class Ours(Side):
             "text_mask": batch["attention_mask"].astype(bool),
             "loss_mask": batch["loss_mask"].astype(bool),
         })
-        lora_config = restore_lora_config(RestoreConfig(), config)  # the paper's targets, ranks and alpha
+        lora_config = RestoreConfig().lora  # the paper's targets, ranks and alpha
         lora = init_lora(params, lora_config, jax.random.key(spec["seed"]))
         # Constant learning rate (no warm-up, end = peak), weight decay 0, clipping at GRAD_CLIP.
         optimizer = make_optimizer(spec["lr"], spec["lr"], 0, 1000, 0.0, GRAD_CLIP)
         model = VLM(config, jnp.bfloat16 if spec["dtype"] == "bfloat16" else jnp.float32)
-        step = make_restore_step(model, optimizer, lora_config.alpha, "sparselora", spec["kl_weight"],
-                                 spec["temperature"])
-        self.state = LoraState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32))
+        self.loss_fn = restoration_loss(model, lora_config.alpha, "sparselora", spec["kl_weight"],
+                                        spec["temperature"])
+        step = make_train_step(self.loss_fn, optimizer)
+        self.state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32))
         self.params, self.masks = params, masks
         started = time.perf_counter()
-        self.compiled = step.lower(self.state, params, masks, self.batch).compile()
+        self.compiled = step.lower(self.state, self.batch, params, masks).compile()
         self.device = jax.devices()[0]
         return {"device": str(self.device.device_kind), "compile_s": round(time.perf_counter() - started, 3),
                 "trainable_params": lora_param_count(lora), "xla_memory": xla_memory(self.compiled)}
@@ -201,9 +216,20 @@ class Ours(Side):
     def step(self) -> float:
         import jax
 
-        self.state, metrics = self.compiled(self.state, self.params, self.masks, self.batch)
+        self.state, metrics = self.compiled(self.state, self.batch, self.params, self.masks)
         jax.block_until_ready((self.state, metrics))
         return float(metrics["loss"])
+
+    def gradients(self, work: Path) -> tuple[float, dict[str, np.ndarray]]:
+        import jax
+        from safetensors.numpy import load_file
+
+        from sparsevlm.tree import flatten, unflatten
+
+        lora = unflatten(load_file(work / "lora_state_ours.safetensors"))
+        grad = jax.jit(jax.value_and_grad(lambda lora: self.loss_fn(lora, self.batch, self.params, self.masks)[0]))
+        loss, grads = grad(lora)
+        return float(loss), {path: np.asarray(g) for path, g in flatten(jax.device_get(grads)).items()}
 
     def memory(self) -> dict[str, Any]:
         stats = self.device.memory_stats() if self.device.platform == "gpu" else None
@@ -264,6 +290,7 @@ class Peer(Side):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
         model = LlavaForConditionalGeneration.from_pretrained(spec["dir"], dtype=dtype).to(self.device)
         targets: dict[str, int] = spec["lora_modules"]
+        self.lora_paths: dict[str, str] = spec["lora_paths"]  # HF module → our kernel path
         torch.manual_seed(spec["seed"])
         lora_config = peft.LoraConfig(
             r=max(targets.values()), lora_alpha=spec["alpha"], lora_dropout=0.0, bias="none",
@@ -332,15 +359,35 @@ class Peer(Side):
     def step(self) -> float:
         import torch
 
+        loss = self.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, GRAD_CLIP)
+        self.optimizer.step()
+        return float(loss.item())  # waits for the device
+
+    def backward(self) -> "torch.Tensor":
+        """The loss, with the LoRA factors' gradients left in their `.grad`."""
         with self.dense_teacher():
             teacher = self.model(**self.inputs).logits
         student = self.model(**self.inputs).logits
         loss = self.loss(student, teacher)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, GRAD_CLIP)
-        self.optimizer.step()
-        return float(loss.item())  # waits for the device
+        return loss
+
+    def gradients(self, work: Path) -> tuple[float, dict[str, np.ndarray]]:
+        import torch
+        from safetensors.torch import load_file
+
+        state = load_file(str(work / "lora_state_peer.safetensors"), device=str(self.device))
+        factors = {}
+        with torch.no_grad():
+            for module, path in self.lora_paths.items():
+                layer = self.model.get_submodule(module)
+                for ours, theirs in (("a", layer.lora_A["default"]), ("b", layer.lora_B["default"])):
+                    theirs.weight.copy_(state[f"{module}.{ours}"])
+                    factors[f"{path}/{ours}"] = theirs.weight
+        loss = self.backward()
+        return float(loss.item()), {path: weight.grad.float().cpu().numpy() for path, weight in factors.items()}
 
     def memory(self) -> dict[str, Any]:
         import torch
@@ -360,13 +407,14 @@ def import_libraries(side: str) -> None:
     if side == "ours":
         import jax.numpy as jnp
 
-        import sparsevlm.hf.load  # noqa: F401
-        import sparsevlm.restore  # noqa: F401  (lora, train)
-
+        for module in ("sparsevlm.hf.load", "sparsevlm.train"):
+            importlib.import_module(module)
         jnp.ones(8).sum().block_until_ready()
     else:
-        import peft  # noqa: F401
-        from transformers import LlavaForConditionalGeneration  # noqa: F401  (a lazy import: do it now)
+        import transformers
+
+        importlib.import_module("peft")
+        transformers.LlavaForConditionalGeneration  # a lazy import: do it now
 
         torch.ones(8).sum().item()
         if torch.cuda.is_available():
@@ -382,7 +430,7 @@ def child(side: str, work: Path) -> None:
     if side == "ours":
         # `load_hf_model` reads the processor too: reading it first keeps the library code it imports
         # (tokenizers, image processing) out of the memory figures, like the imports.
-        from sparsevlm.hf.load import load_processor
+        from sparsevlm.hf.processor import load_processor
 
         load_processor(spec["dir"])
     release_freed_memory()
@@ -402,6 +450,13 @@ def child(side: str, work: Path) -> None:
             start = time.perf_counter()
             loss = trainer.step()
             emit("step", {"seconds": time.perf_counter() - start, "loss": loss})
+        elif request == "gradients":
+            loss, grads = trainer.gradients(work)
+            from safetensors.numpy import save_file
+
+            save_file({path: np.ascontiguousarray(g, np.float32) for path, g in grads.items()},
+                      str(work / f"grads_{side}.safetensors"))
+            emit("gradients", {"loss": loss, "factors": len(grads)})
         elif request == "finish":
             peak_mib = status_mib("VmHWM")
             emit("done", {"rss": {"imports_mib": round(imports_mib, 1), "held_mib": round(held_mib - imports_mib, 1),
@@ -517,13 +572,12 @@ def prepare(directory: Path, work: Path, args: argparse.Namespace) -> dict[str, 
     from safetensors.numpy import save_file
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
-    from sparsevlm.config import RestoreConfig
+    from sparsevlm.config import RestoreConfig, SparsitySpec
     from sparsevlm.hf.load import PAPER_LORA_MODULES, conversion_rules, hf_modules, load_hf_model, naming
     from sparsevlm.hf.rules import to_hf
     from sparsevlm.lora import lora_targets
-    from sparsevlm.pruning import SparsitySpec, prune
-    from sparsevlm.pruning.masks import flat_masks
-    from sparsevlm.restore import lora_config as restore_lora_config
+    from sparsevlm.masks import flat_masks
+    from sparsevlm.pruning import prune
     from sparsevlm.tree import count_params, flatten
 
     bundle = load_hf_model(directory, "float32")
@@ -539,7 +593,7 @@ def prepare(directory: Path, work: Path, args: argparse.Namespace) -> dict[str, 
         masks = flat_masks(prune(bundle.params, config, SparsitySpec.same(SPARSITY, args.pattern),
                                  "magnitude").masks)
     restore = RestoreConfig()
-    lora_config = restore_lora_config(restore, config)
+    lora_config = restore.lora
     targets = lora_targets(bundle.params, lora_config)
     wanted = PAPER_LORA_MODULES["clip"] | PAPER_LORA_MODULES["mlp"] | PAPER_LORA_MODULES["llama"]
     if hf_modules(bundle, targets) != wanted:
@@ -566,11 +620,26 @@ def prepare(directory: Path, work: Path, args: argparse.Namespace) -> dict[str, 
     spec = {"dir": str(directory), "dtype": args.dtype, "lr": args.lr, "seed": args.seed, "warmup": args.warmup,
             "alpha": lora_config.alpha, "kl_weight": restore.kl_weight, "temperature": restore.temperature,
             "lora_modules": lora_modules}
+    # One LoRA state with B ≠ 0 for the gradient check, the same arrays under both sides' names: A as
+    # initialised (uniform ±1/√in), B small and random (zero would leave A's gradient zero).
+    rng = np.random.default_rng(args.seed + 1)
+    lora_state = {}
+    for path, rank in sorted(targets.items()):
+        fan_in, fan_out = np.shape(flatten(bundle.params)[path])
+        bound = 1.0 / np.sqrt(fan_in)
+        lora_state[path] = (rng.uniform(-bound, bound, (rank, fan_in)).astype(np.float32),
+                            (0.02 * rng.standard_normal((fan_out, rank))).astype(np.float32))
+    save_file({f"{path}/{name}": f for path, (a, b) in lora_state.items() for name, f in (("a", a), ("b", b))},
+              str(work / "lora_state_ours.safetensors"))
+    module_of = {path: weight_of[path].removesuffix(".weight") for path in targets}
+    save_file({f"{module_of[path]}.{name}": f for path, (a, b) in lora_state.items() for name, f in (("a", a), ("b", b))},
+              str(work / "lora_state_peer.safetensors"))
+    spec["lora_paths"] = {module: path for path, module in module_of.items()}
     (work / "spec.json").write_text(json.dumps(spec))
     shapes = {path: tuple(np.shape(v)) for path, v in flatten(bundle.params).items()}
     return {
         "params": count_params({k: v for k, v in bundle.params.items() if k != "unused"}),
-        "ranks": {tower: getattr(restore, f"{tower}_rank") for tower in ("vision", "connector", "language")},
+        "ranks": {tower: getattr(restore.lora, f"{tower}_rank") for tower in ("vision", "connector", "language")},
         "alpha": lora_config.alpha,
         "kl_weight": restore.kl_weight,
         "temperature": restore.temperature,
@@ -582,6 +651,24 @@ def prepare(directory: Path, work: Path, args: argparse.Namespace) -> dict[str, 
         "kept_fraction": round(float(sum(m.sum() for m in masks.values()) / sum(m.size for m in masks.values())), 4),
         "flops": step_flops(config, shapes, set(targets), args.batch_size, seq_len),
     }
+
+
+def compare_gradients(work: Path, at_state: dict[str, dict], dtype: str) -> dict[str, Any]:
+    """Both sides' gradients at the shared LoRA state: the largest relative difference over the factors."""
+    from safetensors.numpy import load_file
+
+    ours, peer = (load_file(work / f"grads_{side}.safetensors") for side in SIDES)
+    if set(ours) != set(peer):
+        raise RuntimeError(f"the sides report gradients of different factors: {sorted(set(ours) ^ set(peer))[:4]}")
+    diffs = {path: float(np.linalg.norm(ours[path] - peer[path]) / max(np.linalg.norm(peer[path]), 1e-30))
+             for path in sorted(ours)}
+    worst = max(diffs, key=diffs.get)
+    if dtype == "float32" and diffs[worst] > GRAD_TOLERANCE:
+        raise SystemExit(f"gradients disagree at the shared LoRA state: {worst} differs by {diffs[worst]:.2e} "
+                         f"relative > {GRAD_TOLERANCE}")
+    return {"grad_factors": len(diffs), "grad_rel_diff": diffs[worst], "grad_worst_factor": worst,
+            "grad_zero_factors": sum(float(np.abs(peer[p]).max()) == 0.0 for p in peer),
+            "loss_at_state_ours": at_state["ours"]["loss"], "loss_at_state_peer": at_state["peer"]["loss"]}
 
 
 def time_round_robin(children: dict[str, Child], repeats: int) -> dict[str, list[float]]:
@@ -653,6 +740,8 @@ def print_table(rows: Sequence[dict[str, Any]], report: dict[str, Any]) -> None:
               f"{mem:>12}{r['first_loss']:>12.6f}")
     print(f"first-step loss: ours {report['loss_ours']:.7f}, peer {report['loss_peer']:.7f}, "
           f"|diff| {report['loss_abs_diff']:.2e} ({report['loss_rel_diff']:.2e} relative)")
+    print(f"gradients at a shared LoRA state (B ≠ 0), {report['grad_factors']} factors: largest relative difference "
+          f"{report['grad_rel_diff']:.2e} ({report['grad_worst_factor']})")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -690,9 +779,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     import jax
     import torch
 
+    from sparsevlm.config import SparsitySpec
+
     from common import write_results
     from llava import build_checkpoint, sizes
-    from sparsevlm.pruning import SparsitySpec
 
     load_before = os.getloadavg()
     defaults = QUICK if args.quick else FULL
@@ -732,6 +822,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise SystemExit(f"first-step losses disagree: ours {loss_ours}, peer {loss_peer} ({rel_diff:.2e} "
                                  f"relative > {LOSS_TOLERANCE}): the two sides are not doing the same job")
             times = time_round_robin(children, args.repeats)
+            at_state = {side: proc.request("gradients", "gradients") for side, proc in children.items()}
+            gradients = compare_gradients(work, at_state, args.dtype)
             done = {side: proc.request("finish", "done") for side, proc in children.items()}
         finally:
             for proc in children.values():
@@ -767,6 +859,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "loss_peer": loss_peer,
         "loss_abs_diff": abs(loss_ours - loss_peer),
         "loss_rel_diff": rel_diff,
+        **gradients,
         "results": rows,
         # Ours over the peer's, from the figures in `results` (unrounded, so they can be checked against them).
         "ratios": {"step_time": ours["step_ms_median"] / peer["step_ms_median"],

@@ -24,15 +24,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import positive_int, write_results
-from sparsevlm.checkpoint import ModelBundle
-from sparsevlm.data.calibration import calibration_set
+from sparsevlm.bundle import ModelBundle
+from sparsevlm.config import DSnoTConfig, Pattern, SparsitySpec
+from sparsevlm.data.examples import load_examples
 from sparsevlm.hub import load_model
-from sparsevlm.pruning import METHODS, Pattern, SparsitySpec, measure_sparsity, prune, prune_layer
+from sparsevlm.masks import measure_sparsity
+from sparsevlm.pruning import prune, prune_layer
 from sparsevlm.pruning.calibrate import calibration_carry
 from sparsevlm.pruning.criteria import LayerStats
-from sparsevlm.pruning.dsnot import DSnoTConfig
-from sparsevlm.pruning.prune import NEEDS_CALIBRATION
+from sparsevlm.pruning.registry import METHODS
+
+from common import positive_int, write_results
 
 SPARSITY = 0.5
 PATTERNS = ("unstructured", "2:4")
@@ -92,14 +94,14 @@ def measure_model(bundle: ModelBundle, methods: Sequence[str], patterns: Sequenc
                   repeats: int, meter: CompileMeter, seed: int = 0) -> list[dict[str, Any]]:
     """Time `prune` on the whole model for each method and pattern (both towers at 50%)."""
     start = time.perf_counter()
-    data = calibration_set("shapes-captions", bundle.tokenizer, calib_samples, seed, bundle.config.vision.image_size)
+    data = load_examples("shapes-captions", bundle.tokenizer, calib_samples, seed, bundle.config.vision.image_size)
     carry = calibration_carry(data, calib_samples, bundle.tokenizer.pad_token_id, bundle.config.vision, seed)
     calib_data_seconds = time.perf_counter() - start
     rows = []
     for pattern in patterns:
         spec = SparsitySpec.same(SPARSITY, pattern)
         for method in methods:
-            calibration = carry if method in NEEDS_CALIBRATION else None
+            calibration = carry if METHODS[method].needs_calibration else None
 
             def run(method: str = method, calibration: Any = calibration) -> Any:
                 # `prune` returns host (NumPy) arrays, so the result is materialised when it returns.

@@ -35,9 +35,10 @@ def measure(devices: int, batch_size: int, kinds: Sequence[str] = MESHES) -> lis
     import numpy as np
 
     from sparsevlm import sharding as sh
-    from sparsevlm.config import RestoreConfig
-    from sparsevlm.lora import LoraConfig, init_lora
-    from sparsevlm.train import LoraState, make_optimizer, make_restore_step
+    from sparsevlm.config import LoraConfig, RestoreConfig
+    from sparsevlm.lora import init_lora
+    from sparsevlm.train import TrainState, make_optimizer, make_train_step, restoration_loss
+
     from train_step import KL_WEIGHT, build
 
     assert jax.device_count() == devices, (jax.device_count(), devices)
@@ -51,22 +52,22 @@ def measure(devices: int, batch_size: int, kinds: Sequence[str] = MESHES) -> lis
         np.asarray(x + 0.02 * jax.random.normal(k, x.shape)) for x, k in zip(jax.tree.leaves(lora), keys)])
     optimizer = make_optimizer(restore.learning_rate, restore.end_learning_rate, 0, restore.steps,
                                restore.weight_decay, restore.grad_clip)
-    state = LoraState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32))
+    state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32))
 
     def run(mesh: Any) -> tuple[Any, dict[str, float], dict[str, int], float]:
         shardings = sh.restore_shardings(mesh, optimizer, state, params, masks, arrays)
-        step = make_restore_step(setup.model, optimizer, lora_config.alpha, "sparselora", KL_WEIGHT,
-                                 restore.temperature, shardings)
-        compiled = sh.compile_step(step, (state, params, masks, arrays), (shardings.state, *shardings.inputs))
+        step = make_train_step(restoration_loss(setup.model, lora_config.alpha, "sparselora", KL_WEIGHT,
+                                                restore.temperature), optimizer, shardings)
+        compiled = sh.compile_step(step, (state, arrays, params, masks), (shardings.state, *shardings.inputs))
         memory = sh.restore_memory(compiled, shardings, state, params, masks, arrays)
-        inputs = (sh.shard(state, shardings.state), sh.shard(params, shardings.inputs[0]),
-                  sh.shard(masks, shardings.inputs[1]), sh.shard(arrays, shardings.inputs[2]))
+        inputs = (sh.shard(state, shardings.state), sh.shard(arrays, shardings.inputs[0]),
+                  sh.shard(params, shardings.inputs[1]), sh.shard(masks, shardings.inputs[2]))
         step = compiled
         new, metrics = jax.block_until_ready(step(*inputs))
         start = time.perf_counter()
         jax.block_until_ready(step(*inputs))
         seconds = time.perf_counter() - start
-        return jax.device_get(new.lora), {k: float(v) for k, v in metrics.items()}, memory, seconds
+        return jax.device_get(new.params), {k: float(v) for k, v in metrics.items()}, memory, seconds
 
     reference_lora, reference, one_memory, one_seconds = run(sh.make_mesh("data=1", jax.devices()[:1]))
     rows = []

@@ -3,7 +3,7 @@
 Step kinds, all on the same model, batch and data in one run:
 
 - `full`: the full-parameter step (`make_train_step`), AdamW over every param;
-- `lora`: the restoration step (`make_restore_step`, mode lora) on 50%-magnitude masks, KL weight 0.1;
+- `lora`: the restoration step (`make_train_step(restoration_loss(...))`, mode lora) on 50%-magnitude masks, KL weight 0.1;
 - `sparselora`: the same step in mode sparselora;
 - `sparselora-nokl`: sparselora with KL weight 0 (no dense-teacher forward pass).
 
@@ -33,18 +33,18 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from common import positive_int, write_results
-from sparsevlm.config import RestoreConfig, default_vlm_config
+from sparsevlm.config import LoraConfig, RestoreConfig, SparsitySpec, default_vlm_config
 from sparsevlm.data import shapes
-from sparsevlm.data.batch import encode_vqa, iterate_batches
+from sparsevlm.data.batch import encode_vqa, iterate_batches, round_up
 from sparsevlm.data.tokenize import build_word_tokenizer
-from sparsevlm.eval.evaluate import round_up
-from sparsevlm.lora import LoraConfig, init_lora, lora_param_count
-from sparsevlm.models import VLM
-from sparsevlm.pruning import SparsitySpec, prune
+from sparsevlm.lora import init_lora, lora_param_count
+from sparsevlm.models.vlm import VLM
+from sparsevlm.pruning import prune
 from sparsevlm.sharding import compiled_memory
-from sparsevlm.train import LoraState, TrainState, batch_arrays, make_optimizer, make_restore_step, make_train_step
+from sparsevlm.train import TrainState, batch_arrays, lm_loss, make_optimizer, make_train_step, restoration_loss
 from sparsevlm.tree import count_params
+
+from common import positive_int, write_results
 
 BATCHES = ("vqa", "caption")
 STEPS = ("full", "lora", "sparselora", "sparselora-nokl")
@@ -82,7 +82,7 @@ def build(kind: str, batch_size: int) -> Setup:
     model = VLM(config)
     params = model.init(jax.random.key(0), batch.images[:1], batch.tokens[:1], batch.text_mask[:1])["params"]
     # Magnitude pruning writes zeros into its params; the restoration base is the dense model
-    # (what `restore.teacher_base` gives for magnitude masks), so the teacher pass is the dense model.
+    # (what `restore.dense_where_pruned` gives for magnitude masks), so the teacher pass is the dense model.
     masks = prune(params, config, SparsitySpec.same(SPARSITY), "magnitude").masks
     arrays = jax.device_put(batch_arrays(batch))
     return Setup(model, jax.device_put(params), jax.device_put(masks), arrays, config.vision.num_features + length)
@@ -93,7 +93,7 @@ def step_and_inputs(name: str, setup: Setup) -> tuple[Callable[..., Any], Any, t
     if name == "full":
         optimizer = make_optimizer(1e-3, 1e-5, 10, 1000, 0.05, 1.0)
         state = TrainState(setup.params, optimizer.init(setup.params), np.zeros((), np.int32))
-        return make_train_step(setup.model, optimizer), state, (setup.arrays,), {
+        return make_train_step(lm_loss(setup.model), optimizer), state, (setup.arrays,), {
             "trainable_params": count_params(setup.params)}
     restore = RestoreConfig()
     mode, kl_weight = {"lora": ("lora", KL_WEIGHT), "sparselora": ("sparselora", KL_WEIGHT),
@@ -102,9 +102,10 @@ def step_and_inputs(name: str, setup: Setup) -> tuple[Callable[..., Any], Any, t
     lora = init_lora(setup.params, lora_config, jax.random.key(0))
     optimizer = make_optimizer(restore.learning_rate, restore.end_learning_rate, restore.warmup_steps, restore.steps,
                                restore.weight_decay, restore.grad_clip)
-    state = LoraState(lora, optimizer.init(lora), np.zeros((), np.int32))
-    step = make_restore_step(setup.model, optimizer, lora_config.alpha, mode, kl_weight, restore.temperature)
-    return step, state, (setup.params, setup.masks, setup.arrays), {
+    state = TrainState(lora, optimizer.init(lora), np.zeros((), np.int32))
+    step = make_train_step(restoration_loss(setup.model, lora_config.alpha, mode, kl_weight, restore.temperature),
+                           optimizer)
+    return step, state, (setup.arrays, setup.params, setup.masks), {
         "mode": mode, "kl_weight": kl_weight, "sparsity": SPARSITY, "trainable_params": lora_param_count(lora)}
 
 

@@ -14,10 +14,11 @@ import json
 import time
 from pathlib import Path
 
-from common import Study, add_arguments, load_study, machine
+from sparsevlm.config import CALIBRATION_MODES, SparsitySpec
 from sparsevlm.integrity import write_atomic
-from sparsevlm.pruning import SparsitySpec, measure_sparsity
-from sparsevlm.pruning.calibrate import CALIBRATION_MODES
+from sparsevlm.masks import measure_sparsity
+
+from common import Study, add_arguments, load_study, machine
 
 SPECS = {
     "both 50%": SparsitySpec.same(0.5),

@@ -14,18 +14,11 @@ from typing import Any, Sequence
 import jax
 
 from sparsevlm import hub
-from sparsevlm.checkpoint import ModelBundle
-from sparsevlm.data import shapes
-from sparsevlm.data.calibration import CALIBRATION_SETS, DATA_HELP, calibration_set, data_flag
-from sparsevlm.data.prompts import bundle_format
-from sparsevlm.eval.evaluate import evaluate_vqa
+from sparsevlm.config import ECOFLAP_BATCHES, PruneConfig, SparsitySpec
+from sparsevlm.data.tasks import BUILTIN_SETS, DATA_HELP, parse_data_spec
 from sparsevlm.integrity import write_atomic
-from sparsevlm.models.stages import Carry
-from sparsevlm.pruning import METHODS, SparsitySpec, measure_sparsity, prunable_paths, prune
-from sparsevlm.pruning.allocation import global_ratios
-from sparsevlm.pruning.calibrate import calibration_carry
-from sparsevlm.pruning.importance import CALIBRATION_BATCHES, ECOFLAP_ORDERS, importance_scores
-
+from sparsevlm.pipeline import Pipeline, Pruned
+from sparsevlm.pruning.registry import METHODS
 
 # The pruners the studies compare: a method and a per-layer allocation.
 PRUNERS = {
@@ -36,61 +29,58 @@ PRUNERS = {
 
 @dataclasses.dataclass
 class Study:
-    """What every study needs: the dense model, its calibration carry and the evaluation split."""
+    """What every study needs: the pipeline on the dense model, and the prune settings every run shares."""
 
-    bundle: ModelBundle
-    calibration: Carry
-    test: Any
+    pipeline: Pipeline
     method: str
-    seed: int
-    importance_batches: int = CALIBRATION_BATCHES
-    _scores: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict, repr=False)
+    settings: dict[str, Any]  # PruneConfig fields shared by every run: calibration data and samples, seed, ...
+
+    @property
+    def bundle(self) -> Any:
+        """The dense model."""
+        return self.pipeline.bundle
 
     def evaluate(self, params: Any) -> float:
         """Test accuracy of `params` (same architecture as the dense model)."""
-        return evaluate_vqa(dataclasses.replace(self.bundle, params=params), self.test, progress=False)["accuracy"]
+        return self.pipeline.evaluate(params)["accuracy"]
 
-    def ratios(self, spec: SparsitySpec, allocation: str) -> dict[str, float] | None:
-        """Per-layer ratios for `allocation` (None: uniform); ECoFLaP scores are computed once per study."""
-        if allocation == "uniform":
-            return None
-        order = ECOFLAP_ORDERS[allocation]
-        if order not in self._scores:
-            paths = prunable_paths(self.bundle.params)
-            self._scores[order] = importance_scores(self.bundle.params, self.bundle.config, self.calibration, paths,
-                                                    order, jax.random.key(self.seed), self.importance_batches)
-        return global_ratios(self.bundle.params, spec, self._scores[order])
+    def config(self, spec: SparsitySpec, method: str | None = None, mode: str = "sequential",
+               allocation: str = "uniform") -> PruneConfig:
+        """The prune settings of one run: the study's method unless given."""
+        return PruneConfig(method=method or self.method, sparsity=spec, calibration_mode=mode, allocation=allocation,
+                           **self.settings)
 
     def pruners(self) -> dict[str, tuple[str, str]]:
         """`{name: (method, allocation)}`: the study's method first, then the other pruners compared."""
         return {self.method: (self.method, "uniform")} | PRUNERS
 
     def prune(self, spec: SparsitySpec, method: str | None = None, mode: str = "sequential",
-              allocation: str = "uniform") -> Any:
-        """Prune the dense model to `spec` (with the study's method unless given)."""
-        return prune(self.bundle.params, self.bundle.config, spec, method or self.method, self.calibration,
-                     mode, key=jax.random.key(self.seed), ratios=self.ratios(spec, allocation))
+              allocation: str = "uniform") -> Pruned:
+        """Prune the dense model to `spec` (with the study's method unless given) and evaluate it."""
+        return self.pipeline.prune(self.config(spec, method, mode, allocation))
 
     def prune_row(self, spec: SparsitySpec, method: str | None = None, allocation: str = "uniform",
                   **labels: Any) -> dict[str, Any]:
         """Prune, evaluate and describe one setting as a table row."""
-        result = self.prune(spec, method, allocation=allocation)
-        return labels | {
-            "accuracy": self.evaluate(result.params),
-            "target": spec.targets,
-            "measured": measure_sparsity(result.params)["towers"],
-            "pattern": spec.pattern,
-            "method": method or self.method,
-            "allocation": allocation,
-        }
+        report = self.prune(spec, method, allocation=allocation).report
+        return labels | {k: report[k] for k in ("accuracy", "target", "measured", "pattern", "method", "allocation")}
+
+
+def data_flag(text: str) -> str:
+    """argparse `type=` for a data flag: the value, or a usage error saying what is allowed."""
+    try:
+        parse_data_spec(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every study."""
     parser.add_argument("--model", default="default", help="'default' or a saved model directory")
-    parser.add_argument("--method", default="wanda", choices=METHODS)
+    parser.add_argument("--method", default="wanda", choices=tuple(METHODS))
     parser.add_argument("--calib-samples", type=int, default=128)
-    parser.add_argument("--calib-data", default=CALIBRATION_SETS[0], type=data_flag, help=DATA_HELP)
+    parser.add_argument("--calib-data", default=BUILTIN_SETS[0], type=data_flag, help=DATA_HELP)
     parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N test images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results")
@@ -98,16 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_study(args: argparse.Namespace) -> Study:
-    """The dense model (trained on first use if it is the default), calibration data and test split."""
+    """The dense model (trained on first use if it is the default), its pipeline and the shared prune settings."""
     bundle = hub.load_model(args.model)
-    samples = min(args.calib_samples, 16) if args.quick else args.calib_samples
-    data = calibration_set(args.calib_data, bundle.tokenizer, samples, args.seed, bundle.config.vision.image_size,
-                           bundle_format(bundle.metadata), bundle.instruction_tokenizer, bundle.image_processor)
-    calibration = calibration_carry(data, samples, bundle.tokenizer.pad_token_id, bundle.config.vision, args.seed)
     eval_images = args.eval_images if args.eval_images else (40 if args.quick else None)
-    test = shapes.build_split("test", eval_images, image_size=bundle.config.vision.image_size)
-    # ECoFLaP sums its importance over 32 calibration batches; --quick uses 4.
-    return Study(bundle, calibration, test, args.method, args.seed, 4 if args.quick else CALIBRATION_BATCHES)
+    # --quick: 16 calibration samples, and ECoFLaP sums its importance over 4 batches instead of 32.
+    settings = {"calib_data": args.calib_data, "calib_samples": min(args.calib_samples, 16) if args.quick
+                else args.calib_samples, "seed": args.seed, "importance_batches": 4 if args.quick else ECOFLAP_BATCHES}
+    return Study(Pipeline(bundle, eval_images, progress=False), args.method, settings)
 
 
 def machine() -> dict[str, Any]:

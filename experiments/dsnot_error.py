@@ -20,12 +20,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import Study, add_arguments, load_study, markdown_table, write_outputs  # noqa: E402
-from sparsevlm.models.vlm import calibration_stages  # noqa: E402
-from sparsevlm.pruning import SparsitySpec, uniform_ratios  # noqa: E402
+from sparsevlm.config import (
+    DSnoTConfig,  # noqa: E402
+    SparsitySpec,  # noqa: E402
+)
+from sparsevlm.models.vlm import forward_stages  # noqa: E402
+from sparsevlm.pruning import uniform_ratios  # noqa: E402
 from sparsevlm.pruning.calibrate import prune_blockwise  # noqa: E402
-from sparsevlm.pruning.dsnot import DSnoTConfig, dsnot, expected_error, squared_error  # noqa: E402
-from sparsevlm.pruning.prune import prune_layer  # noqa: E402
+from sparsevlm.pruning.dsnot import dsnot, expected_error, squared_error  # noqa: E402
+from sparsevlm.pruning.pruner import prune_layer  # noqa: E402
+
+from common import Study, add_arguments, load_study, markdown_table, write_outputs  # noqa: E402
 
 STEM = "dsnot_error"
 SETTINGS = {"50%": SparsitySpec.same(0.5), "70%": SparsitySpec.same(0.7), "2:4": SparsitySpec.same(0.5, "2:4")}
@@ -53,7 +58,7 @@ def run(study: Study) -> list[dict[str, Any]]:
                 })
             return jnp.where(start, kernel, 0), start
 
-        prune_blockwise(study.bundle.params, calibration_stages(study.bundle.config), study.calibration, ratios, layer,
+        prune_blockwise(study.bundle.params, forward_stages(study.bundle.config), study.calibration, ratios, layer,
                         need_hessian=True)
         for name, found in layers.items():
             squared = np.array([r["squared"] for r in found])

@@ -14,8 +14,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sparsevlm.config import SparsitySpec  # noqa: E402
+
 from common import Study, add_arguments, load_study, markdown_table, write_outputs  # noqa: E402
-from sparsevlm.pruning import SparsitySpec  # noqa: E402
 
 STEM = "split_sweep"
 

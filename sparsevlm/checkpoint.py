@@ -1,63 +1,41 @@
-"""Model directories: config + params + tokenizer saved with orbax, and safetensors export."""
+"""Checkpoints: model directories (config + params + tokenizer + masks, saved with orbax), resumable
+training state, and plain safetensors export.
+
+Both kinds of directory are written so that a crash leaves the previous one intact, and both carry
+a sha256 manifest (`sparsevlm.integrity`) checked before anything is read back.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
-from transformers import PreTrainedTokenizerBase
 
+from sparsevlm.bundle import ModelBundle
 from sparsevlm.config import VLMConfig
 from sparsevlm.data.tokenize import tokenizer_from_json, tokenizer_to_json
 from sparsevlm.hf.safetensors_io import SINGLE_NAME, iter_file
-from sparsevlm.integrity import (CorruptCheckpointError, listed_files, one_line_error, verify_checksums, write_atomic,
-                                 write_checksums)
-from sparsevlm.pruning.masks import flat_masks, masks_from_flat
+from sparsevlm.integrity import (
+    CorruptCheckpointError,
+    listed_files,
+    one_line_error,
+    verify_checksums,
+    write_atomic,
+    write_checksums,
+)
+from sparsevlm.masks import flat_masks, masks_from_flat
 from sparsevlm.tree import flatten, unflatten
 
 PyTree = Any
 _ITEMS = ("params", "config", "tokenizer", "metadata", "masks")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelBundle:
-    """Everything needed to run a model: config, param tree, tokenizer, metadata and, once pruned, masks.
-
-    `masks` is a tree like `params` with a boolean keep-mask for every pruned kernel and None elsewhere.
-    `processor` is the HF processor of a model loaded from a Hugging Face checkpoint (its files are
-    kept in `metadata["hf"]`, so it survives a save and load).
-    """
-
-    config: VLMConfig
-    params: PyTree
-    tokenizer: PreTrainedTokenizerBase
-    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
-    masks: PyTree | None = None
-    processor: Any = None
-
-    @property
-    def image_processor(self) -> Any:
-        """The HF image processor (resize / crop as the checkpoint expects); None for built-in models."""
-        return getattr(self.processor, "image_processor", None)
-
-    @property
-    def instruction_tokenizer(self) -> PreTrainedTokenizerBase | None:
-        """InstructBLIP's Q-Former tokenizer (its prompt goes to the Q-Former too); None for other models."""
-        if not self.config.connector.reads_text:
-            return None
-        tokenizer = getattr(self.processor, "qformer_tokenizer", None)
-        if tokenizer is None:
-            raise ValueError("this model's Q-Former reads the instruction but its processor has no qformer_tokenizer")
-        return tokenizer
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
@@ -65,14 +43,16 @@ def is_model_dir(path: str | os.PathLike) -> bool:
     path = Path(path)
     if not path.is_dir():
         return False
-    manager = ocp.CheckpointManager(path.resolve(), item_names=_ITEMS, options=_options(read_only=True))
+    manager = ocp.CheckpointManager(path.resolve(), item_names=_ITEMS, options=_options(reading=True))
     return manager.latest_step() is not None
 
 
-def _options(read_only: bool = False) -> ocp.CheckpointManagerOptions:
-    return ocp.CheckpointManagerOptions(
-        max_to_keep=1, enable_async_checkpointing=False, read_only=read_only, create=not read_only
-    )
+def _options(reading: bool = False) -> ocp.CheckpointManagerOptions:
+    if reading:
+        # Not orbax's read_only mode, which logs a warning on every read: a manager that is never asked
+        # to save and does not create the directory writes nothing.
+        return ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=False)
+    return ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True)
 
 
 def save_model(path: str | os.PathLike, bundle: ModelBundle, overwrite: bool = False) -> Path:
@@ -128,7 +108,7 @@ def load_model_dir(path: str | os.PathLike) -> ModelBundle:
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     verified = verify_checksums(path)
-    manager = ocp.CheckpointManager(path, item_names=_ITEMS, options=_options(read_only=True))
+    manager = ocp.CheckpointManager(path, item_names=_ITEMS, options=_options(reading=True))
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"{path} holds no saved model (no complete orbax checkpoint)")
@@ -172,7 +152,7 @@ def _bundle(restored: Any, has_masks: bool) -> ModelBundle:
     processor = None
     tokenizer = None
     if "hf" in metadata:
-        from sparsevlm.hf.load import processor_from_files
+        from sparsevlm.hf.processor import processor_from_files  # transformers' processors: only for HF models
 
         processor = processor_from_files(metadata["hf"]["processor_files"])
         tokenizer = processor.tokenizer
@@ -216,3 +196,82 @@ def import_safetensors(directory: str | os.PathLike) -> ModelBundle:
     except Exception as err:  # the tokenizers library raises a bare Exception for malformed JSON
         raise ValueError(f"{tokenizer_path} is not a valid tokenizer: {one_line_error(err)}") from err
     return ModelBundle(config, params, tokenizer)
+
+
+class TrainingCheckpoints:
+    """Resumable training checkpoints in one directory: the train state, and JSON for the data position etc.
+
+    Each save is an orbax step directory, written under a temporary name and renamed when complete,
+    so a kill mid-save leaves the previous checkpoint as the latest; a sha256 manifest is added to
+    each, and checked before a resume. `run` identifies the run (config, model): resuming a
+    directory written by a different run is an error naming what differs.
+    """
+
+    def __init__(self, directory: str | os.PathLike, run: Mapping[str, Any], keep: int = 2) -> None:
+        self.directory = Path(directory).resolve()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise FileExistsError(f"checkpoint directory {self.directory} exists and is not a directory")
+        self.run = json.loads(json.dumps(dict(run)))  # what a JSON round trip gives back, for comparison
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_names=("state", "meta"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False),
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def describe_latest(self) -> str:
+        """"; the last good checkpoint is step N in DIR" (empty when there is none), for error messages."""
+        step = self.latest_step()
+        return "" if step is None else f"; the last good checkpoint is step {step} in {self.directory}"
+
+    def load_latest(self, like: PyTree) -> tuple[int, PyTree, dict[str, Any]] | None:
+        """(step, state laid out like `like`, extras) from the newest checkpoint, or None if there is none."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        where = self.directory / str(step)
+        verify_checksums(where)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as err:  # noqa: BLE001 — whatever orbax raises, the user needs the path
+            raise CorruptCheckpointError(f"checkpoint {where} is unreadable: {one_line_error(err)}") from err
+        if not isinstance(meta, dict) or "run" not in meta:
+            raise CorruptCheckpointError(f"checkpoint {where} has no run description: not a sparsevlm checkpoint")
+        now, then = _dotted(self.run), _dotted(meta["run"])
+        differs = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+        if differs:
+            shown = ", ".join(f"{k} {then.get(k)!r} there, {now.get(k)!r} now" for k in differs[:4])
+            more = f" and {len(differs) - 4} more" if len(differs) > 4 else ""
+            raise ValueError(
+                f"{self.directory} holds checkpoints of a different run ({shown}{more}); delete it to start "
+                "afresh, or choose another output"
+            )
+        try:
+            state = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        except Exception as err:  # noqa: BLE001
+            raise CorruptCheckpointError(f"checkpoint {where} is unreadable: {one_line_error(err)}") from err
+        return step, jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(state)), meta.get("extra", {})
+
+    def save(self, step: int, state: PyTree, extra: Mapping[str, Any]) -> None:
+        """Write step `step` (state arrays + JSON extras) and its manifest; older ones beyond `keep` go."""
+        meta = {"run": self.run, "step": step, "extra": dict(extra)}
+        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         meta=ocp.args.JsonSave(meta)), force=True)
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            write_checksums(self.directory / str(step))
+
+    def close(self) -> None:
+        """Finish pending writes."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` → `{"a.b": 1}`: leaf settings, for naming what differs."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _dotted(value, f"{prefix}.{key}" if prefix else key).items()}

@@ -1,11 +1,26 @@
-"""Frozen configuration dataclasses for models and training, with JSON round-trip and presets."""
+"""Frozen configuration dataclasses: the model, pretraining, pruning and restoration, with presets.
+
+Every setting a command takes is a field here, and the command-line flags are made from these fields
+(`cli.add_config_flags`): a field's `metadata["cli"]` holds its help text and how the flag reads a
+value, and a nested config's fields become flags of their own. Checks on a value live in
+`__post_init__`, so a config built in Python is checked exactly as one built from flags.
+
+Nothing here imports JAX: the command line builds its parser (and answers `--help`) from these alone.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, TypeVar
+import math
+import numbers
+import re
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
+from sparsevlm.data.tasks import DATA_HELP, parse_data_spec
+from sparsevlm.pruning.registry import METHODS
+
+TOWERS = ("vision", "connector", "language")
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu", "relu")
 NORMS = ("layernorm", "rmsnorm")
 
@@ -21,8 +36,21 @@ def _check_non_negative(name: str, value: float) -> None:
 
 
 def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def cli(help: str, kind: str | None = None, name: str | None = None,
+        choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None, required: bool = False,
+        prefix: str | None = None) -> dict[str, Any]:
+    """Field metadata making the field a command-line flag (see `sparsevlm.cli.add_config_flags`).
+
+    `kind` says how the flag reads its value: `positive_int`, `non_negative_int`, `fraction` (in
+    [0, 1)), `data` (a data flag) or None (the field's own type; a bool is a switch). `name` overrides
+    the flag (default `--field-name`); `prefix` is for a nested config, whose flags it prefixes.
+    """
+    return {"cli": {"help": help, "kind": kind, "name": name, "choices": choices, "required": required,
+                    "prefix": prefix}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,67 +269,135 @@ class VLMConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
-    """Pretraining of the default model on built-in shapes VQA."""
+    """Pretraining of the default model on built-in shapes VQA: a vision stage, then the whole VLM."""
 
-    steps: int = 3000
-    batch_size: int = 64
+    steps: int = dataclasses.field(default=3000, metadata=cli("optimizer steps of the whole-model stage",
+                                                               "positive_int"))
+    batch_size: int = dataclasses.field(default=64, metadata=cli("examples per step", "positive_int"))
     # 1e-3 and above stall on a language-prior plateau (constant answer per question type)
-    learning_rate: float = 3e-4
-    end_learning_rate: float = 1e-5
-    warmup_steps: int = 150
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    seed: int = 0
-    train_images: int = 12000
-    vision_steps: int = 300  # stage 1: per-cell attribute pretraining of the vision tower (0: off)
-    vision_batch_size: int = 128
-    eval_every: int = 0  # 0: evaluate only at the end
-    checkpoint_every: int = 0  # save the train state every N steps to OUT-checkpoints, to resume (0: off)
-    skip_nonfinite: int = 0  # skip up to N steps with a non-finite loss or gradient (0: stop at the first)
+    learning_rate: float = dataclasses.field(default=3e-4, metadata=cli("peak learning rate"))
+    end_learning_rate: float = dataclasses.field(default=1e-5, metadata=cli("learning rate at the last step"))
+    warmup_steps: int = dataclasses.field(default=150, metadata=cli("linear warmup steps", "non_negative_int"))
+    weight_decay: float = dataclasses.field(default=0.05, metadata=cli("AdamW weight decay (matrices only)"))
+    grad_clip: float = dataclasses.field(default=1.0, metadata=cli("global gradient-norm clip"))
+    seed: int = dataclasses.field(default=0, metadata=cli("seed of the data and the initial weights",
+                                                          "non_negative_int"))
+    train_images: int = dataclasses.field(default=12000, metadata=cli("training images generated",
+                                                                      "positive_int"))
+    vision_steps: int = dataclasses.field(default=300, metadata=cli(
+        "stage 1: steps of per-cell attribute pretraining of the vision tower (0: off)", "non_negative_int"))
+    vision_batch_size: int = dataclasses.field(default=128, metadata=cli("stage 1: images per step", "positive_int"))
+    eval_every: int = dataclasses.field(default=0, metadata=cli("validation accuracy every N steps (0: off)",
+                                                                "non_negative_int"))
+    checkpoint_every: int = dataclasses.field(default=0, metadata=cli(
+        "save the train state every N steps to OUT-checkpoints; rerunning resumes from it (0: off)",
+        "non_negative_int"))
+    skip_nonfinite: int = dataclasses.field(default=0, metadata=cli(
+        "skip up to N steps whose loss or gradient is NaN/inf (0: stop at the first)", "non_negative_int"))
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "train_images"):
+        for name in ("steps", "batch_size", "train_images", "vision_batch_size"):
             _check_positive(name, getattr(self, name))
-        for name in ("vision_steps", "eval_every", "checkpoint_every", "skip_nonfinite", "seed"):
+        for name in ("vision_steps", "eval_every", "checkpoint_every", "skip_nonfinite", "seed", "weight_decay",
+                     "end_learning_rate"):
             _check_non_negative(name, getattr(self, name))
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be > 0")
+
+
+# Per tower, the kernels the paper adapts with LoRA, as regexes over our paths. In HF names: ViT qkv,
+# proj, fc1, fc2 (CLIP: q/k/v/out_proj, fc1, fc2); the LLaVA projector's two linears or the Q-Former's
+# query, key, value, dense; Llama/Vicuna q/k/v/o/gate/up/down_proj; OPT q/k/v/out_proj, fc1, fc2; T5 q,
+# k, v, o, wi_0, wi_1, wo.
+LORA_TARGETS = {
+    "vision": r"vision/blocks_\d+/(attn/(q|k|v|o)|mlp/(up|down))/kernel",
+    "connector": r"connector/((up|down)|blocks_\d+/((attn|cross)/(q|k|v|o)|(mlp|text_mlp)/(up|down)))/kernel",
+    "language": r"language/((encoder|decoder)/)?blocks_\d+/((attn|cross)/(q|k|v|o)|mlp/(gate|up|down))/kernel",
+}
+LORA_MODES = ("lora", "sparselora")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which kernels get LoRA factors, at what rank, and the scale numerator alpha (scale = alpha / r).
+
+    By default the paper's targets (attention q, k, v, o and the MLP kernels of each tower, `LORA_TARGETS`)
+    at its ranks: vision 4, connector 2, language 8, alpha 16. `targets` replaces them with explicit
+    `(regex over param paths, rank)` rules, the first matching rule giving a kernel's rank.
+    """
+
+    vision_rank: int = dataclasses.field(default=4, metadata=cli("LoRA rank of the vision tower (paper: 4)",
+                                                                 "positive_int"))
+    connector_rank: int = dataclasses.field(default=2, metadata=cli("LoRA rank of the connector (paper: 2)",
+                                                                    "positive_int"))
+    language_rank: int = dataclasses.field(default=8, metadata=cli("LoRA rank of the language model (paper: 8)",
+                                                                   "positive_int"))
+    alpha: float = dataclasses.field(default=16.0, metadata=cli("LoRA scale numerator (scale = alpha / r)"))
+    targets: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        for tower in TOWERS:
+            rank = getattr(self, f"{tower}_rank")
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"LoRA rank {rank!r} for {tower} kernels ({tower}_rank={rank!r}) must be a positive "
+                                 "integer")
+        for pattern, rank in self.targets:
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"LoRA rank {rank!r} for targets {pattern!r} must be a positive integer")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha={self.alpha} must be > 0")
+
+    @property
+    def rules(self) -> tuple[tuple[str, int], ...]:
+        """`(regex, rank)` rules: `targets` if given, else the paper's targets at the per-tower ranks."""
+        if self.targets:
+            return tuple(self.targets)
+        return tuple((LORA_TARGETS[tower], getattr(self, f"{tower}_rank")) for tower in TOWERS)
 
 
 @dataclasses.dataclass(frozen=True)
 class RestoreConfig:
-    """Restoring a pruned model with LoRA / SparseLoRA and dense-teacher distillation."""
+    """Restoring a pruned model with LoRA / SparseLoRA and distillation from the dense teacher."""
 
-    method: str = "sparselora"  # lora: W⊙M + s·BA (dense once merged); sparselora: (W + s·BA)⊙M
-    steps: int = 300
-    batch_size: int = 32
-    grad_accum: int = 1  # optimizer step every N micro-batches (effective batch = batch_size · N)
-    learning_rate: float = 1e-3
-    end_learning_rate: float = 1e-5
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    kl_weight: float = 0.1  # λ: loss = (1 − λ)·CE + λ·KL(teacher ‖ student); paper: 0.1
-    temperature: float = 1.0  # T of the KL softmaxes; paper: 1
-    vision_rank: int = 4
-    connector_rank: int = 2
-    language_rank: int = 8
-    alpha: float = 16.0
-    train_data: str = "shapes-mix"
-    train_images: int = 2000
-    bf16: bool = False
-    checkpoint_every: int = 0  # save LoRA + optimizer + data state every N steps to resume from (0: only at the end)
-    skip_nonfinite: int = 0  # skip up to N steps with a non-finite loss or gradient (0: stop at the first)
-    seed: int = 0
+    method: str = dataclasses.field(default="sparselora", metadata=cli(
+        "lora: W⊙M + s·BA (dense once merged); sparselora: (W + s·BA)⊙M (keeps the mask)",
+        choices=LORA_MODES, required=True))
+    steps: int = dataclasses.field(default=300, metadata=cli("optimizer steps", "positive_int"))
+    batch_size: int = dataclasses.field(default=32, metadata=cli("examples per micro-batch", "positive_int"))
+    grad_accum: int = dataclasses.field(default=1, metadata=cli(
+        "optimizer step every N micro-batches (effective batch = batch size · N)", "positive_int"))
+    learning_rate: float = dataclasses.field(default=1e-3, metadata=cli("peak learning rate"))
+    end_learning_rate: float = dataclasses.field(default=1e-5, metadata=cli("learning rate at the last step"))
+    warmup_steps: int = dataclasses.field(default=20, metadata=cli("linear warmup steps", "non_negative_int"))
+    weight_decay: float = dataclasses.field(default=0.0, metadata=cli("AdamW weight decay of the LoRA factors"))
+    grad_clip: float = dataclasses.field(default=1.0, metadata=cli("global gradient-norm clip"))
+    kl_weight: float = dataclasses.field(default=0.1, metadata=cli("λ of (1 − λ)·CE + λ·KL (paper: 0.1)"))
+    temperature: float = dataclasses.field(default=1.0, metadata=cli("KL temperature (paper: 1)"))
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig, metadata=cli("LoRA targets", prefix=""))
+    train_data: str = dataclasses.field(default="shapes-mix", metadata=cli(DATA_HELP, "data"))
+    train_images: int = dataclasses.field(default=2000, metadata=cli("training images (rows, for TASK=SOURCE)",
+                                                                     "positive_int"))
+    bf16: bool = dataclasses.field(default=False, metadata=cli("compute in bfloat16 (params and LoRA stay float32)"))
+    remask: bool = dataclasses.field(default=False, metadata=cli(
+        "re-apply the mask after merging (gets sparsity back for lora)"))
+    checkpoint_every: int = dataclasses.field(default=0, metadata=cli(
+        "save LoRA, optimizer and data state every N steps to OUT-checkpoints; rerunning the same command "
+        "resumes from the newest (0: only at the end)", "non_negative_int"))
+    skip_nonfinite: int = dataclasses.field(default=0, metadata=cli(
+        "skip up to N steps whose loss or gradient is NaN/inf (0: stop at the first)", "non_negative_int"))
+    seed: int = dataclasses.field(default=0, metadata=cli("seed of the data and the LoRA factors",
+                                                          "non_negative_int"))
 
     def __post_init__(self) -> None:
-        _check_choice("method", self.method, ("lora", "sparselora"))
-        for name in ("steps", "batch_size", "grad_accum", "train_images", "vision_rank", "connector_rank",
-                     "language_rank"):
+        _check_choice("method", self.method, LORA_MODES)
+        for name in ("steps", "batch_size", "grad_accum", "train_images"):
             _check_positive(name, getattr(self, name))
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
@@ -311,12 +407,248 @@ class RestoreConfig:
             raise ValueError(f"kl_weight={self.kl_weight} must be in [0, 1]")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
-        for name in ("checkpoint_every", "skip_nonfinite", "seed", "weight_decay"):
+        for name in ("checkpoint_every", "skip_nonfinite", "seed", "weight_decay", "end_learning_rate"):
             _check_non_negative(name, getattr(self, name))
         if not self.grad_clip > 0:
             raise ValueError(f"grad_clip={self.grad_clip} must be > 0")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha={self.alpha} must be > 0")
+        parse_data_spec(self.train_data)
+
+
+UNSTRUCTURED = "unstructured"
+UNSTRUCTURED_LAYER = "unstructured-layer"
+N_OF_M = "n:m"
+PATTERN_HELP = f"{UNSTRUCTURED} (per output row), {UNSTRUCTURED_LAYER} (whole matrix), or N:M (N of every M kept)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    """How pruned weights are grouped: `unstructured` (per output row), `unstructured-layer`, or `n:m`.
+
+    An N:M pattern keeps `n` of every `m` consecutive input weights of each output unit. Kernels are
+    Flax `[in, out]`: an output unit ("row" in the PyTorch `[out, in]` sense the papers use) is a
+    column here, and N:M groups run along the input axis (axis 0), as Wanda and SparseGPT group them.
+    """
+
+    kind: str
+    n: int = 0
+    m: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in (UNSTRUCTURED, UNSTRUCTURED_LAYER, N_OF_M):
+            raise ValueError(f"pattern kind {self.kind!r} is not one of {UNSTRUCTURED}, {UNSTRUCTURED_LAYER}, {N_OF_M}")
+        if self.kind == N_OF_M and not 0 < self.n < self.m:
+            raise ValueError(f"N:M pattern {self.n}:{self.m} needs 0 < N < M (N of every M weights are kept)")
+
+    @classmethod
+    def parse(cls, text: str) -> "Pattern":
+        """`unstructured`, `unstructured-layer`, or `N:M` meaning N of every M consecutive inputs are kept."""
+        if text in (UNSTRUCTURED, UNSTRUCTURED_LAYER):
+            return cls(text)
+        match = re.fullmatch(r"(\d+):(\d+)", text)
+        if not match:
+            raise ValueError(f"pattern {text!r} is not understood; allowed: {PATTERN_HELP}")
+        return cls.n_of_m(int(match.group(1)), int(match.group(2)))
+
+    @classmethod
+    def n_of_m(cls, n_kept: int, m: int) -> "Pattern":
+        """Keep `n_kept` of every `m` consecutive input weights of each output unit."""
+        return cls(N_OF_M, n_kept, m)
+
+    @property
+    def name(self) -> str:
+        """The string `parse` accepts."""
+        return f"{self.n}:{self.m}" if self.kind == N_OF_M else self.kind
+
+    @property
+    def fixed_sparsity(self) -> float | None:
+        """The sparsity an N:M pattern implies (`1 - N/M`); None for unstructured patterns."""
+        return 1.0 - self.n / self.m if self.kind == N_OF_M else None
+
+    def check_shape(self, shape: tuple[int, ...], what: str = "kernel") -> None:
+        """A clear error if an N:M pattern cannot tile the input axis of a kernel of `shape`."""
+        if self.kind == N_OF_M and shape[0] % self.m:
+            raise ValueError(
+                f"{what} has input dimension {shape[0]}, which is not divisible by M={self.m} "
+                f"of pattern {self.name}"
+            )
+
+
+def num_pruned(count: int, sparsity: float) -> int:
+    """Weights to prune out of `count` at `sparsity`: floor(count · sparsity), as Wanda.
+
+    Robust to float round-off: 100 × 0.57 prunes 57 (Python's `int(100 * 0.57)` gives 56).
+    """
+    return int(math.floor(count * sparsity * (1 + 1e-9)))
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsitySpec:
+    """Target sparsity per tower (fraction of prunable weights set to zero) and one pattern for all.
+
+    With an N:M pattern (N of every M weights kept) a pruned tower's sparsity is `1 - N/M`.
+    """
+
+    vision: float = dataclasses.field(default=0.0, metadata=cli("fraction of vision weights pruned", "fraction",
+                                                                name="--vision-sparsity"))
+    connector: float = dataclasses.field(default=0.0, metadata=cli("fraction of connector weights pruned",
+                                                                   "fraction", name="--connector-sparsity"))
+    language: float = dataclasses.field(default=0.0, metadata=cli("fraction of language weights pruned",
+                                                                  "fraction", name="--language-sparsity"))
+    pattern: str = dataclasses.field(default=UNSTRUCTURED, metadata=cli(PATTERN_HELP))
+
+    def __post_init__(self) -> None:
+        pattern = Pattern.parse(self.pattern)
+        for tower in TOWERS:
+            value = getattr(self, tower)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{tower} sparsity {value!r} is not a number")
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{tower} sparsity {value!r} is outside [0, 1)")
+            fixed = pattern.fixed_sparsity
+            if fixed is not None and value not in (0.0,) and abs(value - fixed) > 1e-9:
+                raise ValueError(
+                    f"{tower} sparsity {value} does not match pattern {self.pattern}, which keeps "
+                    f"{pattern.n} of every {pattern.m} weights (sparsity {fixed:g}); use 0 or {fixed:g}"
+                )
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        """The pattern as a `Pattern`."""
+        return Pattern.parse(self.pattern)
+
+    @property
+    def targets(self) -> dict[str, float]:
+        """`{tower: sparsity}`."""
+        return {tower: float(getattr(self, tower)) for tower in TOWERS}
+
+    @classmethod
+    def same(cls, sparsity: float, pattern: str = UNSTRUCTURED) -> "SparsitySpec":
+        """The same ratio for the vision tower and the language model (connector dense)."""
+        return cls(vision=sparsity, language=sparsity, pattern=pattern)
+
+    @classmethod
+    def language_only(cls, sparsity: float, pattern: str = UNSTRUCTURED) -> "SparsitySpec":
+        """Prune only the language model."""
+        return cls(language=sparsity, pattern=pattern)
+
+    @classmethod
+    def vision_only(cls, sparsity: float, pattern: str = UNSTRUCTURED) -> "SparsitySpec":
+        """Prune only the vision tower."""
+        return cls(vision=sparsity, pattern=pattern)
+
+    @classmethod
+    def constant_sum(cls, total: float, vision: Sequence[float], pattern: str = UNSTRUCTURED) -> list["SparsitySpec"]:
+        """Splits with `vision + language = total`, one per vision sparsity."""
+        return [cls(vision=v, language=round(total - v, 10), pattern=pattern) for v in vision]
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. `vision 0.5 / language 0.5 (unstructured)`."""
+        parts = [f"{t} {v:g}" for t, v in self.targets.items() if v > 0] or ["dense"]
+        return " / ".join(parts) + f" ({self.pattern})"
+
+
+def check_global_allocation(spec: SparsitySpec, max_layer_sparsity: float,
+                            what: str = "a global sparsity allocation", cap: str = "max layer sparsity") -> None:
+    """A clear error if `spec` cannot be allocated globally: N:M patterns, or a cap below a target."""
+    pattern = spec.parsed_pattern
+    if pattern.kind == N_OF_M:
+        raise ValueError(f"{what} needs an unstructured pattern, not {pattern.name}: N:M fixes every layer's sparsity")
+    if not 0.0 < max_layer_sparsity < 1.0:
+        raise ValueError(f"{cap} {max_layer_sparsity!r} is outside (0, 1)")
+    highest = max(spec.targets.values())
+    if max_layer_sparsity < highest:
+        raise ValueError(f"{cap} {max_layer_sparsity:g} is below the target sparsity {highest:g}")
+
+
+DSNOT_INITIAL_METHODS = ("wanda", "magnitude", "sparsegpt")
+
+
+@dataclasses.dataclass(frozen=True)
+class DSnoTConfig:
+    """DSnoT's settings: the starting mask's method, the published stopping rules and exponents, and the guard."""
+
+    init: str = dataclasses.field(default="wanda", metadata=cli("the method whose mask DSnoT refines",
+                                                                choices=DSNOT_INITIAL_METHODS))
+    threshold: float = dataclasses.field(default=0.1, metadata=cli(
+        "a row stops once its expected reconstruction error |ε| is at most this"))
+    max_cycles: int = dataclasses.field(default=100, metadata=cli("most prune-and-regrow cycles per row",
+                                                                  "non_negative_int"))
+    regrow_variance_power: float = dataclasses.field(default=1.0, metadata=cli(
+        "regrowth score |W·E[x]| / Var[x]^p: the exponent p"))
+    prune_variance_power: float = dataclasses.field(default=0.0, metadata=cli(
+        "pruning score (Wanda score)·Var[x]^q: the exponent q (the published code never uses it: 0)"))
+    guard: bool = dataclasses.field(default=False, metadata=cli(
+        "also reject swaps that raise a row's squared reconstruction error (needs XᵀX; not in the published "
+        "algorithm)"))
+
+    def __post_init__(self) -> None:
+        if self.init not in DSNOT_INITIAL_METHODS:
+            raise ValueError(f"DSnoT initial method {self.init!r} is not one of {', '.join(DSNOT_INITIAL_METHODS)}")
+        if not self.threshold >= 0.0:
+            raise ValueError(f"DSnoT threshold {self.threshold!r} must be a non-negative number")
+        if isinstance(self.max_cycles, bool) or not isinstance(self.max_cycles, int) or self.max_cycles < 0:
+            raise ValueError(f"DSnoT max_cycles {self.max_cycles!r} must be a non-negative integer")
+
+
+CALIBRATION_MODES = ("sequential", "dense")
+ALLOCATIONS = ("uniform", "ecoflap-zeroth", "ecoflap-first")
+ECOFLAP_BATCHES = 32  # ECoFLaP sums its block importance over 32 calibration batches
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """Pruning a model: the method, how sparse each tower is, calibration data and per-layer allocation.
+
+    Its fields are the `sparsevlm prune` flags, one for one (nested configs' fields included).
+    """
+
+    method: str = dataclasses.field(default="wanda", metadata=cli("pruning method", choices=lambda: tuple(METHODS),
+                                                                  required=True))
+    sparsity: SparsitySpec = dataclasses.field(default_factory=SparsitySpec, metadata=cli("targets", prefix=""))
+    calib_samples: int = dataclasses.field(default=128, metadata=cli("calibration examples (paper: 128)",
+                                                                     "positive_int"))
+    calib_data: str = dataclasses.field(default="shapes-captions", metadata=cli(DATA_HELP, "data"))
+    calibration_mode: str = dataclasses.field(default="sequential", metadata=cli(
+        "sequential: each block sees the pruned blocks before it; dense: statistics of the dense model",
+        choices=CALIBRATION_MODES))
+    allocation: str = dataclasses.field(default="uniform", metadata=cli(
+        "per-layer ratios: uniform (each tower's target), or ECoFLaP's global budget over the pruned towers by "
+        "zeroth-order (no backward pass) or first-order block importance", choices=ALLOCATIONS))
+    max_layer_sparsity: float = dataclasses.field(default=0.8, metadata=cli(
+        "ECoFLaP: no block is pruned beyond this (paper: 0.8)", "fraction"))
+    importance_batches: int = dataclasses.field(default=ECOFLAP_BATCHES, metadata=cli(
+        "ECoFLaP: calibration batches the block importance is summed over (paper: 32)", "positive_int"))
+    dsnot: DSnoTConfig = dataclasses.field(default_factory=DSnoTConfig, metadata=cli("DSnoT", prefix="dsnot-"))
+    seed: int = dataclasses.field(default=0, metadata=cli("seed of the calibration draw, random masks and noise",
+                                                          "non_negative_int"))
+
+    def __post_init__(self) -> None:
+        # Messages name the flags: these fields are the `sparsevlm prune` flags one for one.
+        if self.method not in METHODS:
+            raise ValueError(f"pruning method {self.method!r} is not one of {', '.join(METHODS)}")
+        if not any(self.sparsity.targets.values()):
+            raise ValueError("nothing to prune: --vision-sparsity, --language-sparsity and --connector-sparsity "
+                             "are all 0")
+        _check_positive("calib_samples", self.calib_samples)
+        _check_positive("importance_batches", self.importance_batches)
+        _check_choice("calibration_mode", self.calibration_mode, CALIBRATION_MODES)
+        _check_choice("allocation", self.allocation, ALLOCATIONS)
+        _check_non_negative("seed", self.seed)
+        parse_data_spec(self.calib_data)
+        if self.allocation != "uniform":
+            check_global_allocation(self.sparsity, self.max_layer_sparsity, f"--allocation {self.allocation}",
+                                    "--max-layer-sparsity")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether pruning reads calibration data (the method's statistics, or ECoFLaP's importance)."""
+        return METHODS[self.method].needs_calibration or self.allocation != "uniform"
+
+    @property
+    def method_options(self) -> Any:
+        """The method's own settings (its `options` field, e.g. `dsnot`), or None."""
+        field = METHODS[self.method].options
+        return None if field is None else getattr(self, field)
 
 
 T = TypeVar("T")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sparsevlm.checkpoint import ModelBundle, is_model_dir, load_model_dir
+from sparsevlm.bundle import ModelBundle
+from sparsevlm.checkpoint import is_model_dir, load_model_dir
 from sparsevlm.config import PretrainConfig
 
 DEFAULT_MODEL = "default"

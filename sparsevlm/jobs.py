@@ -1,156 +1,175 @@
-"""End-to-end jobs behind the CLI: load → work → evaluate → save with a JSON report."""
+"""The jobs behind the command line: load → pipeline → save, with a JSON report and a short summary printed.
+
+Every argument has been checked before a job starts (configs check themselves), and a job checks
+where it will write before any work, so a bad input never leaves files behind.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import time
+import json
+from pathlib import Path
 from typing import Any
 
-import jax
 from jax.sharding import Mesh
 
-from sparsevlm import sharding
-from sparsevlm.checkpoint import ModelBundle
-from sparsevlm.config import RestoreConfig
-from sparsevlm.data import shapes
-from sparsevlm.data.calibration import calibration_set
-from sparsevlm.data.prompts import bundle_format
-from sparsevlm.eval.evaluate import evaluate_vqa
-from sparsevlm.pruning import SparsitySpec, apply_masks, measure_sparsity, prune
-from sparsevlm.pruning.calibrate import calibration_carry
-from sparsevlm.pruning.dsnot import DSnoTConfig
-from sparsevlm.pruning.importance import allocation_ratios
-from sparsevlm.pruning.prune import NEEDS_CALIBRATION
-from sparsevlm.restore import restore, teacher_base
+from sparsevlm import hub
+from sparsevlm.checkpoint import export_safetensors, is_model_dir, load_model_dir, save_model
+from sparsevlm.config import PretrainConfig, PruneConfig, RestoreConfig
+from sparsevlm.integrity import write_atomic
+from sparsevlm.pipeline import Pipeline
+from sparsevlm.pruning.verify import claimed_pruning, format_verify, verify_params
 
 
-def prune_job(
-    bundle: ModelBundle,
-    spec: SparsitySpec,
-    method: str,
-    calib_samples: int = 128,
-    calib_data: str = "shapes-captions",
-    calibration_mode: str = "sequential",
-    seed: int = 0,
-    eval_images: int | None = None,
-    progress: bool = True,
-    source: str | None = None,
-    mesh: Mesh | None = None,
-    allocation: str = "uniform",
-    max_layer_sparsity: float = 0.8,
-    dsnot_config: DSnoTConfig = DSnoTConfig(),
-) -> tuple[ModelBundle, dict[str, Any]]:
-    """Prune a model, measure its sparsity and test accuracy; returns the pruned bundle and the report.
+def checkpoint_dir(out: Path) -> Path:
+    """Where a run writing `out` keeps its resumable checkpoints: the sibling OUT-checkpoints."""
+    return out.with_name(out.name + "-checkpoints")
 
-    `source` (the dense model's directory) is recorded so restoration can find its dense teacher.
-    With `mesh`, params and calibration examples are sharded over it during pruning. `allocation`
-    picks the per-layer ratios (`uniform`, or ECoFLaP's global allocation across the pruned towers).
+
+def check_out(out: Path, force: bool) -> None:
+    """A clear error, before any work, if `out` holds something and `force` is not given."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"--out {out} already exists and is not empty (pass --force to replace it)")
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write `payload` as indented JSON, atomically."""
+    write_atomic(path, json.dumps(payload, indent=2))
+
+
+def pretrain_job(config: PretrainConfig, out: Path | None, force: bool = False) -> int:
+    """Train (or keep) the default model at `out` (default: `$SPARSEVLM_HOME/default`)."""
+    from sparsevlm.pretrain import pretrain  # the training recipe, only when training
+
+    out = out if out is not None else hub.default_model_dir()
+    if is_model_dir(out) and not force:
+        print(f"model already trained at {out} (pass --force to retrain)")
+        return 0
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a directory")
+    pretrain(config, out, checkpoint_dir=checkpoint_dir(out) if config.checkpoint_every else None)
+    return 0
+
+
+def evaluate_job(model: str, task: str, data: str | None, split: str | None, limit: int | None, batch_size: int,
+                 num_beams: int, max_new_tokens: int | None, json_path: str | None) -> int:
+    """Evaluate a model on shapes VQA or a benchmark task; print the score and optionally write the result JSON."""
+    from sparsevlm.data import shapes
+    from sparsevlm.eval.evaluate import evaluate_task
+
+    if task == "shapes":
+        if data is not None:
+            raise ValueError("--data is for benchmark tasks; --task shapes uses the built-in dataset")
+        split = split or "test"
+        if split not in shapes.SPLITS:
+            raise ValueError(f"--split {split!r} is not a split; allowed: {', '.join(shapes.SPLITS)}")
+    elif data is None:
+        raise ValueError(f"--task {task} needs --data (an HF dataset name or a local path)")
+    bundle = hub.load_model(model)
+    if task == "shapes":
+        dataset = shapes.build_split(split, limit, image_size=bundle.config.vision.image_size)
+    else:
+        from sparsevlm.data.hf import load_task
+
+        dataset = load_task(task, data, split, limit)
+    result = evaluate_task(bundle, task, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           num_beams=num_beams)
+    if task == "shapes":
+        print(f"accuracy {result['accuracy']:.4f} on {result['n']} questions ({split})")
+        for qtype, score in result["by_type"].items():
+            print(f"  {qtype:<6} {score:.4f}")
+    else:
+        print(f"{task}: {result['metric']} {result['score']:.4f} on {result['n']} rows ({result['split']})")
+    if json_path:
+        if task == "shapes":
+            kept = ("accuracy", "n", "split", "by_type", "num_beams", "length_penalty")
+            payload = {k: result[k] for k in kept} | {"max_new_tokens": max_new_tokens or 4}
+        else:
+            payload = dict(result)
+        write_json(json_path, payload | {"model": model})
+    return 0
+
+
+def prune_job(model: str, config: PruneConfig, out: Path, eval_images: int | None = None, mesh: Mesh | None = None,
+              force: bool = False) -> int:
+    """Prune a model; save it with its masks and `report.json`."""
+    check_out(out, force)
+    source = hub.resolve_model_path(model)
+    pipeline = Pipeline(hub.load_model(str(source)), eval_images, source=str(source), mesh=mesh)
+    pruned = pipeline.prune(config)
+    report = pruned.report | {"model": model}
+    save_model(out, pruned.bundle, overwrite=True)
+    write_json(out / "report.json", report)
+    measured = ", ".join(f"{t} {v:.4f}" for t, v in report["measured"].items())
+    print(f"{config.method} {config.sparsity.describe()}: measured sparsity {measured}; "
+          f"accuracy {report['accuracy']:.4f}")
+    if config.allocation != "uniform":
+        print(f"{config.allocation} allocation, per-layer sparsity:")
+        for path, ratio in report["ratios"].items():
+            print(f"  {path:<40} {ratio:.4f}")
+    print(f"saved to {out}")
+    return 0
+
+
+def restore_job(model: str, config: RestoreConfig, out: Path, teacher: str | None = None,
+                eval_images: int | None = None, mesh: Mesh | None = None, plan_only: bool = False,
+                force: bool = False) -> int:
+    """Restore a pruned model from its dense teacher; save the merged model and `report.json`.
+
+    With `plan_only` (needs a mesh) print the per-device memory of the sharded run and stop.
     """
-    calibration = None
-    if method in NEEDS_CALIBRATION or allocation != "uniform":
-        data = calibration_set(calib_data, bundle.tokenizer, calib_samples, seed, bundle.config.vision.image_size,
-                               bundle_format(bundle.metadata), bundle.instruction_tokenizer, bundle.image_processor)
-        calibration = calibration_carry(data, calib_samples, bundle.tokenizer.pad_token_id, bundle.config.vision, seed)
-    started = time.perf_counter()
-    ratios = allocation_ratios(allocation, bundle.params, bundle.config, spec, calibration, max_layer_sparsity,
-                               jax.random.key(seed))
-    allocation_seconds = time.perf_counter() - started
-    params = bundle.params
-    if mesh is not None:
-        params = sharding.shard(params, sharding.param_shardings(params, mesh))
-        if calibration is not None:
-            calibration = sharding.shard(calibration, sharding.batch_shardings(calibration, mesh))
-    result = prune(
-        params, bundle.config, spec, method, calibration, calibration_mode,
-        key=jax.random.key(seed), progress=progress, ratios=ratios, dsnot_config=dsnot_config,
-    )
-    measured = measure_sparsity(result.params)
-    pruned = dataclasses.replace(bundle, params=result.params, masks=result.masks)
-    test = shapes.build_split("test", eval_images, image_size=bundle.config.vision.image_size)
-    evaluation = evaluate_vqa(pruned, test, progress=progress)
-    report: dict[str, Any] = {
-        "method": method,
-        "pattern": spec.pattern,
-        "target": spec.targets,
-        "measured": measured["towers"],
-        "accuracy": evaluation["accuracy"],
-        "accuracy_by_type": evaluation["by_type"],
-        "eval_questions": evaluation["n"],
-        "base_accuracy": bundle.metadata.get("test_accuracy"),
-        "allocation": allocation,
-        "ratios": dict(sorted(result.ratios.items())),
-        "dsnot": dataclasses.asdict(dsnot_config) if method == "dsnot" else None,
-        "layer_sparsity": measured["layers"],
-        "row_sparsity_range": {p: list(r) for p, r in measured["rows"].items() if p in result.ratios},
-        "calibration": None if calibration is None else {
-            "data": calib_data, "samples": calib_samples, "mode": calibration_mode,
-        },
-        "seed": seed,
-        "prune_seconds": round(result.seconds, 2),
-        "allocation_seconds": round(allocation_seconds, 2),
-        "mesh": dict(mesh.shape) if mesh is not None else None,
-    }
-    pruning = {k: report[k] for k in ("method", "pattern", "target", "measured", "calibration", "seed", "allocation")}
-    if allocation != "uniform":
-        pruning["ratios"] = report["ratios"]
-    metadata = dict(bundle.metadata) | {"pruning": pruning | {"source_model": source},
-                                         "test_accuracy": evaluation["accuracy"]}
-    return dataclasses.replace(pruned, metadata=metadata), report
-
-
-def restore_job(
-    pruned: ModelBundle,
-    teacher: ModelBundle,
-    config: RestoreConfig,
-    remask: bool = False,
-    eval_images: int | None = None,
-    checkpoint_dir: str | None = None,
-    progress: bool = True,
-    mesh: Mesh | None = None,
-    plan_only: bool = False,
-) -> tuple[ModelBundle | None, dict[str, Any]]:
-    """Restore a pruned model with LoRA/SparseLoRA from its dense teacher; returns the merged bundle and report.
-
-    With `mesh` training is sharded; `plan_only` returns `(None, {"memory": ...})` without training.
-    """
-    if pruned.masks is None:
-        raise ValueError("the model to restore has no masks: prune it first with `sparsevlm prune`")
-    if teacher.config != pruned.config:
-        raise ValueError("the teacher's architecture differs from the pruned model's")
-    base = teacher_base(pruned.params, pruned.masks, teacher.params)
-    result = restore(base, pruned.masks, pruned.config, pruned.tokenizer, config, checkpoint_dir, progress,
-                     bundle_format(pruned.metadata), pruned.instruction_tokenizer, pruned.image_processor,
-                     mesh, plan_only)
+    if plan_only and mesh is None:
+        raise ValueError("--plan reports the memory of a sharded run: give --mesh too (e.g. --mesh data=-1)")
+    if not plan_only:
+        check_out(out, force)
+    pruned = hub.load_model(model)
+    teacher = teacher or pruned.metadata.get("pruning", {}).get("source_model")
+    if not teacher:
+        raise ValueError(f"{model} does not record the dense model it was pruned from; pass --teacher")
+    pipeline = Pipeline(hub.load_model(teacher), eval_images, mesh=mesh)
+    checkpoints = str(checkpoint_dir(out)) if config.checkpoint_every else None
+    restored = pipeline.restore(pruned, config, checkpoints, plan_only)
     if plan_only:
-        return None, {"memory": result.memory}
-    params = apply_masks(result.params, pruned.masks) if remask else result.params
-    params = jax.device_get(params)
-    keeps_masks = config.method == "sparselora" or remask
-    restored = dataclasses.replace(pruned, params=params, masks=pruned.masks if keeps_masks else None)
-    test = shapes.build_split("test", eval_images, image_size=pruned.config.vision.image_size)
-    evaluation = evaluate_vqa(restored, test, progress=progress)
-    report: dict[str, Any] = {
-        "method": config.method,
-        "accuracy": evaluation["accuracy"],
-        "measured": measure_sparsity(params)["towers"],
-        "steps": config.steps,
-        "kl_weight": config.kl_weight,
-        "temperature": config.temperature,
-        "remask": remask,
-        "accuracy_by_type": evaluation["by_type"],
-        "eval_questions": evaluation["n"],
-        "target": pruned.metadata.get("pruning", {}).get("target"),
-        "pruned_accuracy": pruned.metadata.get("test_accuracy"),
-        "dense_accuracy": teacher.metadata.get("test_accuracy"),
-        "config": dataclasses.asdict(config),
-        "restore_seconds": round(result.seconds, 1),
-        "loss_history": result.history,
-        "skipped_steps": result.skipped,
-        "mesh": dict(mesh.shape) if mesh is not None else None,
-        "memory_per_device": result.memory,
-    }
-    metadata = dict(pruned.metadata) | {
-        "restoration": {k: report[k] for k in ("method", "steps", "kl_weight", "temperature", "remask")},
-        "test_accuracy": evaluation["accuracy"],
-    }
-    return dataclasses.replace(restored, metadata=metadata), report
+        return 0
+    report = restored.report | {"model": model, "teacher": teacher}
+    save_model(out, restored.bundle, overwrite=True)
+    write_json(out / "report.json", report)
+    measured = ", ".join(f"{t} {v:.4f}" for t, v in report["measured"].items())
+    print(f"{config.method}{' + remask' if config.remask else ''}: accuracy {report['accuracy']:.4f} "
+          f"(pruned {report['pruned_accuracy']}); measured sparsity {measured}")
+    print(f"saved to {out}")
+    return 0
+
+
+def export_job(model: str, out: Path, dtype: str | None = None, force: bool = False) -> int:
+    """Export a model as safetensors (in Hugging Face's layout for a model loaded from an HF checkpoint)."""
+    check_out(out, force)
+    bundle = hub.load_model(model)
+    if "hf" in bundle.metadata:
+        from sparsevlm.hf.load import export_hf
+
+        written = export_hf(bundle, out, dtype)
+        print(f"exported in Hugging Face format ({bundle.metadata['hf']['config']['model_type']}) to {written}")
+    else:
+        written = export_safetensors(bundle, out)
+        print(f"exported to {written}")
+    return 0
+
+
+def verify_model(path: str | Path) -> dict[str, Any]:
+    """Verify a saved model directory against its own masks and recorded pruning claim."""
+    bundle = load_model_dir(path)
+    claimed, note = claimed_pruning(bundle.metadata)
+    return verify_params(bundle.params, bundle.masks, claimed) | {"model": str(path), "note": note}
+
+
+def verify_job(model: str, json_path: str | None = None) -> int:
+    """Verify a saved model's sparsity claims from its weights; 1 if one fails."""
+    path = hub.resolve_model_path(model)
+    if hub.is_hf_dir(path):
+        raise ValueError(f"--model {model} is a Hugging Face checkpoint; verify reads saved sparsevlm models "
+                         "(prune or restore output)")
+    report = verify_model(path)
+    print(format_verify(report))
+    if json_path:
+        write_json(json_path, report)
+    return 0 if report["ok"] else 1

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -27,9 +27,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sparsevlm.tree import SEP, flatten, match_rules, unflatten
-
-if TYPE_CHECKING:
-    from sparsevlm.train import StepShardings
 
 PyTree = Any
 AXES = ("data", "fsdp", "tensor")
@@ -71,6 +68,13 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 class ShardingError(ValueError):
     """A mesh or a sharding that cannot work for these devices or these shapes."""
+
+
+class StepShardings(NamedTuple):
+    """Shardings of a train step's arguments: the train state, then the batch and the other inputs in order."""
+
+    state: PyTree
+    inputs: tuple[PyTree, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,28 +308,28 @@ def with_sharding(tree: PyTree, shardings: PyTree) -> PyTree:
         tree, shardings, is_leaf=lambda x: x is None,
     )
 
+def _state_shardings(optimizer: optax.GradientTransformation, state: PyTree, trained: PyTree, mesh: Mesh) -> PyTree:
+    """A train state's shardings: the trained tree as given, optimizer state like it, the step counter replicated."""
+    return state._replace(params=trained, opt_state=opt_state_shardings(optimizer, state.opt_state, trained, mesh),
+                          step=replicated(mesh))
+
+
 def restore_shardings(
     mesh: Mesh, optimizer: optax.GradientTransformation, state: PyTree, params: PyTree, masks: PyTree,
     batch: Mapping[str, Any], rules: Sequence[tuple[str, tuple[str, ...]]] = LOGICAL_RULES,
-) -> "StepShardings":
-    """Shardings of a restoration step's `(LoraState, params, masks, batch)` on `mesh`."""
-    from sparsevlm.train import LoraState, StepShardings
-
+) -> StepShardings:
+    """Shardings of a restoration step's `(TrainState of LoRA factors, batch, params, masks)` on `mesh`."""
     params_sh = param_shardings(params, mesh, rules)
-    lora_sh = lora_shardings(state.lora, params_sh)
-    state_sh = LoraState(lora_sh, opt_state_shardings(optimizer, state.opt_state, lora_sh, mesh), replicated(mesh))
-    return StepShardings(state_sh, (params_sh, mask_shardings(masks, params_sh), batch_shardings(batch, mesh)))
+    state_sh = _state_shardings(optimizer, state, lora_shardings(state.params, params_sh), mesh)
+    return StepShardings(state_sh, (batch_shardings(batch, mesh), params_sh, mask_shardings(masks, params_sh)))
 
 
 def train_shardings(
     mesh: Mesh, optimizer: optax.GradientTransformation, state: PyTree, batch: Mapping[str, Any],
     rules: Sequence[tuple[str, tuple[str, ...]]] = LOGICAL_RULES,
-) -> "StepShardings":
+) -> StepShardings:
     """Shardings of a full-parameter step's `(TrainState, batch)` on `mesh`."""
-    from sparsevlm.train import StepShardings, TrainState
-
-    params_sh = param_shardings(state.params, mesh, rules)
-    state_sh = TrainState(params_sh, opt_state_shardings(optimizer, state.opt_state, params_sh, mesh), replicated(mesh))
+    state_sh = _state_shardings(optimizer, state, param_shardings(state.params, mesh, rules), mesh)
     return StepShardings(state_sh, (batch_shardings(batch, mesh),))
 
 
@@ -348,14 +352,14 @@ def compiled_memory(compiled: jax.stages.Compiled) -> dict[str, int]:
     return out
 
 
-def restore_memory(compiled: jax.stages.Compiled, shardings: "StepShardings", state: PyTree, params: PyTree,
+def restore_memory(compiled: jax.stages.Compiled, shardings: StepShardings, state: PyTree, params: PyTree,
                    masks: PyTree, batch: Mapping[str, Any]) -> dict[str, int]:
     """Per-device bytes of a restoration step on its mesh: each input tree, and XLA's compiled-step figures."""
-    params_sh, masks_sh, batch_sh = shardings.inputs
+    batch_sh, params_sh, masks_sh = shardings.inputs
     parts = {
         "params": bytes_per_device(params, params_sh),
         "masks": bytes_per_device(masks, masks_sh),
-        "lora": bytes_per_device(state.lora, shardings.state.lora),
+        "lora": bytes_per_device(state.params, shardings.state.params),
         "optimizer": bytes_per_device(state.opt_state, shardings.state.opt_state),
         "batch": bytes_per_device(batch, batch_sh),
     }

@@ -1,32 +1,31 @@
-"""Benchmark scripts run end to end at small sizes and write the JSON they promise (timings are not asserted)."""
+"""Benchmark scripts run end to end at small sizes and write the JSON they promise (timings are not asserted).
+
+They run in this process, from their own `main` (no second interpreter, JAX start-up or recompilation of
+what other tests compiled), on the default device: the simulated eight change nothing they report but
+per-device figures, which these smoke tests do not read. The peer benchmarks, whose sides need processes
+of their own, have their own tests.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sparsevlm.checkpoint import save_model
-from sparsevlm.pruning import METHODS, prunable_paths
+from sparsevlm.masks import prunable_paths
+from sparsevlm.pruning.registry import METHODS
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.slow
-def test_prune_benchmark_quick_on_a_saved_model(tiny_bundle, tmp_path):
+def test_prune_benchmark_quick_on_a_saved_model(tiny_bundle, tmp_path, script, capsys):
     model = save_model(tmp_path / "model", tiny_bundle)
     out = tmp_path / "bench.json"
-    # The benchmark runs as users run it: one real device, not the tests' simulated eight.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "prune.py"), "--quick", "--model", str(model), "--json", str(out)],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    script(BENCHMARKS, "prune").main(["--quick", "--model", str(model), "--json", str(out)])
+    stdout = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["benchmark"] == "prune" and report["quick"] is True
     assert report["layer"] == {"shape": [512, 512], "tokens": 256}
@@ -46,20 +45,16 @@ def test_prune_benchmark_quick_on_a_saved_model(tiny_bundle, tmp_path):
             assert r["measured_sparsity"] == {"vision": 0.5, "language": 0.5}
         elif r["pattern"] != "-":
             assert r["shape"] == [512, 512] and r["kept_fraction"] == 0.5
-    assert "median s" in proc.stdout and "sparsegpt" in proc.stdout
+    assert "median s" in stdout and "sparsegpt" in stdout
 
 
 @pytest.mark.slow
-def test_train_step_benchmark_quick_compares_full_lora_and_sparselora(tmp_path):
+def test_train_step_benchmark_quick_compares_full_lora_and_sparselora(tmp_path, script, capsys):
     out = tmp_path / "train_step.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(
-        # Three step kinds on question batches keep the smoke test short; the full run has all of them.
-        [sys.executable, str(BENCHMARKS / "train_step.py"), "--quick", "--batches", "vqa",
-         "--steps", "full", "lora", "sparselora", "--json", str(out)],
-        capture_output=True, text=True, timeout=900, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Three step kinds on question batches keep the smoke test short; the full run has all of them.
+    script(BENCHMARKS, "train_step").main(["--quick", "--batches", "vqa", "--steps", "full", "lora", "sparselora",
+                                           "--json", str(out)])
+    stdout = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["benchmark"] == "train_step" and report["quick"] is True
     assert {"platform", "device", "cpu_count", "jax", "jaxlib", "flax", "numpy"} <= set(report)
@@ -89,15 +84,18 @@ def test_train_step_benchmark_quick_compares_full_lora_and_sparselora(tmp_path):
         # The full step carries and returns AdamW moments for every param; restoration only for LoRA factors.
         assert r["xla_memory"]["argument_mib"] < full["xla_memory"]["argument_mib"]
         assert r["xla_memory"]["output_mib"] < full["xla_memory"]["output_mib"]
-    assert "x lora" in proc.stdout and "sparselora" in proc.stdout
+    assert "x lora" in stdout and "sparselora" in stdout
 
 
 @pytest.mark.slow
-def test_scaling_benchmark_quick_matches_one_device_and_splits_memory(tmp_path):
+def test_scaling_benchmark_quick_matches_one_device_and_splits_memory(tmp_path, script, capsys, monkeypatch):
     out = tmp_path / "scaling.json"
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "scaling.py"), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    scaling = script(BENCHMARKS, "scaling")
+    # Each device count's child process runs `measure` with that many simulated devices; this process
+    # already has the quick run's eight, so the child's work runs here (hf_load's test covers the child runner).
+    monkeypatch.setattr(scaling, "run_child", scaling.measure)
+    scaling.main(["--quick", "--json", str(out)])
+    stdout = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["benchmark"] == "scaling" and report["quick"] is True
     (row,) = report["results"]
@@ -106,4 +104,4 @@ def test_scaling_benchmark_quick_matches_one_device_and_splits_memory(tmp_path):
     assert row["lora_max_update"] > 1e-4  # the step moved the factors, so the comparison means something
     ratios = row["memory_vs_one_device"]
     assert ratios["batch"] == 0.125 and ratios["params"] <= 0.125 * 1.05 and ratios["masks"] <= 0.125 * 1.05
-    assert "loss diff" in proc.stdout
+    assert "loss diff" in stdout

@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from sparsevlm.checkpoint import (
-    export_safetensors,
-    import_safetensors,
-    is_model_dir,
-    load_model_dir,
-    save_model,
-)
+from sparsevlm.checkpoint import export_safetensors, import_safetensors, is_model_dir, load_model_dir, save_model
 from sparsevlm.config import VLMConfig
-from sparsevlm.models import VLM
+from sparsevlm.models.vlm import VLM
 from sparsevlm.tree import flatten
 
 

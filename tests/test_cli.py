@@ -12,6 +12,8 @@ from safetensors.numpy import load_file
 
 from sparsevlm.checkpoint import load_model_dir, save_model
 from sparsevlm.cli import main
+from sparsevlm.data import shapes
+from sparsevlm.eval.evaluate import evaluate_vqa
 from sparsevlm.tree import flatten
 
 
@@ -26,7 +28,9 @@ def test_evaluate_writes_the_result_json(saved_model, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert set(result) == {"accuracy", "n", "split", "by_type", "num_beams", "length_penalty", "max_new_tokens", "model"}
     assert result["split"] == "validation" and result["n"] >= 6
-    assert 0.0 <= result["accuracy"] <= 1.0
+    # The library's own evaluation of the same model on the same questions.
+    direct = evaluate_vqa(load_model_dir(saved_model), shapes.build_split("validation", 6), progress=False)
+    assert result["accuracy"] == direct["accuracy"] and result["n"] == direct["n"]
     assert set(result["by_type"]) <= {"color", "count", "shape", "exist"}
     assert f"accuracy {result['accuracy']:.4f}" in capsys.readouterr().out
 
@@ -206,14 +210,15 @@ def pruned_dir(trained_model_dir, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "remask", "keeps_sparsity"),
                          [("sparselora", False, True), ("lora", False, False), ("lora", True, True)])
-def test_restore_reports_accuracy_and_measured_sparsity(pruned_dir, tmp_path, method, remask, keeps_sparsity):
+def test_restore_reports_accuracy_and_measured_sparsity(pruned_dir, trained_model_dir, tmp_path, method, remask,
+                                                        keeps_sparsity):
     out = tmp_path / "restored"
     argv = ["restore", "--model", pruned_dir, "--method", method, "--steps", "8", "--warmup-steps", "2",
             "--batch-size", "8", "--train-images", "40", "--eval-images", "20", "--out", str(out)]
     assert main(argv + (["--remask"] if remask else [])) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == method and report["steps"] == 8 and report["kl_weight"] == 0.1
-    assert report["teacher"] is not None  # found from the pruned model's metadata
+    assert report["teacher"] == trained_model_dir  # found in the pruned model's metadata
     if keeps_sparsity:
         assert report["measured"] == {"vision": 0.5, "connector": 0.0, "language": 0.5}
     else:

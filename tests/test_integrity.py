@@ -15,7 +15,7 @@ import pytest
 import sparsevlm
 from sparsevlm.checkpoint import export_safetensors, import_safetensors, load_model_dir, save_model
 from sparsevlm.cli import main
-from sparsevlm.hf.load import processor_from_files
+from sparsevlm.hf.processor import processor_from_files
 from sparsevlm.integrity import (
     MANIFEST_NAME,
     CorruptCheckpointError,

@@ -10,14 +10,15 @@ import numpy as np
 import optax
 import pytest
 
-from sparsevlm.config import RestoreConfig
+from sparsevlm.config import LoraConfig, RestoreConfig, SparsitySpec
 from sparsevlm.data.batch import iterate_batches
-from sparsevlm.data.calibration import calibration_set
-from sparsevlm.lora import LoraConfig, effective_kernel, init_lora, lora_scope, lora_targets, merge
-from sparsevlm.models import VLM
-from sparsevlm.pruning import SparsitySpec, prune
-from sparsevlm.restore import restore
-from sparsevlm.train import LoraState, batch_arrays, distillation_kl, make_restore_step
+from sparsevlm.data.examples import load_examples
+from sparsevlm.lora import effective_kernel, init_lora, lora_scope, lora_targets, merge
+from sparsevlm.losses import distillation_kl
+from sparsevlm.models.vlm import VLM
+from sparsevlm.pruning import prune
+from sparsevlm.restoration import restore
+from sparsevlm.train import TrainState, batch_arrays, make_train_step, restoration_loss
 from sparsevlm.tree import flatten, unflatten
 
 
@@ -36,7 +37,7 @@ def trained_lora(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def batch(tiny_bundle):
-    data = calibration_set("shapes-mix", tiny_bundle.tokenizer, 6)
+    data = load_examples("shapes-mix", tiny_bundle.tokenizer, 6)
     out, _ = next(iterate_batches(data, 4, 24, tiny_bundle.tokenizer.pad_token_id, tiny_bundle.config.vision))
     return batch_arrays(out)
 
@@ -83,33 +84,33 @@ def test_training_moves_only_the_factors(tiny_bundle, pruned, batch):
     model = VLM(tiny_bundle.config)
     optimizer = optax.adamw(1e-2)
     lora = init_lora(tiny_bundle.params, LoraConfig(), jax.random.key(0))
-    step = make_restore_step(model, optimizer, 16.0, "sparselora", kl_weight=0.1, temperature=1.0)
+    step = make_train_step(restoration_loss(model, 16.0, "sparselora", kl_weight=0.1, temperature=1.0), optimizer)
     params = jax.tree.map(np.array, tiny_bundle.params)
     masks = jax.tree.map(np.array, pruned.masks)
     before_params, before_masks = jax.tree.map(np.copy, params), jax.tree.map(np.copy, masks)
-    state = LoraState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32))
+    state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32))
     losses = []
     for _ in range(5):
-        state, metrics = step(state, params, masks, batch)
+        state, metrics = step(state, batch, params, masks)
         losses.append(float(metrics["loss"]))
     jax.tree.map(np.testing.assert_array_equal, params, before_params)
     jax.tree.map(np.testing.assert_array_equal, masks, before_masks)
-    moved = [float(np.abs(v).max()) for p, v in flatten(state.lora).items() if p.endswith("/b")]
+    moved = [float(np.abs(v).max()) for p, v in flatten(state.params).items() if p.endswith("/b")]
     assert min(moved) > 0 and losses[-1] < losses[0]
     # The optimizer state holds moments for the LoRA factors only.
     leaves = jax.tree.leaves(state.opt_state)
-    assert sum(x.size for x in leaves) == 1 + 2 * sum(x.size for x in jax.tree.leaves(state.lora))
+    assert sum(x.size for x in leaves) == 1 + 2 * sum(x.size for x in jax.tree.leaves(state.params))
 
 
 def test_zero_kl_weight_is_plain_cross_entropy(tiny_bundle, pruned, batch):
     model = VLM(tiny_bundle.config)
     optimizer = optax.sgd(0.0)
     lora = init_lora(tiny_bundle.params, LoraConfig(), jax.random.key(0))
-    state = LoraState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32))
-    _, without = make_restore_step(model, optimizer, 16.0, "sparselora", 0.0, 1.0)(
-        state, tiny_bundle.params, pruned.masks, batch)
-    _, with_kl = make_restore_step(model, optimizer, 16.0, "sparselora", 0.5, 2.0)(
-        state, tiny_bundle.params, pruned.masks, batch)
+    state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32))
+    _, without = make_train_step(restoration_loss(model, 16.0, "sparselora", 0.0, 1.0), optimizer)(
+        state, batch, tiny_bundle.params, pruned.masks)
+    _, with_kl = make_train_step(restoration_loss(model, 16.0, "sparselora", 0.5, 2.0), optimizer)(
+        state, batch, tiny_bundle.params, pruned.masks)
     assert float(without["loss"]) == float(without["ce"]) and float(without["kl"]) == 0.0
     assert float(with_kl["ce"]) == pytest.approx(float(without["ce"]), rel=1e-6)
     # The pruned student differs from the dense teacher, so the KL term is positive.
@@ -139,7 +140,7 @@ def test_kl_matches_numpy():
 
 def test_bad_lora_input_is_a_clear_error(tiny_bundle, pruned):
     with pytest.raises(ValueError, match="LoRA rank 0 .* must be a positive integer"):
-        LoraConfig.with_ranks(language=0)
+        LoraConfig(language_rank=0)
     with pytest.raises(ValueError, match=r"LoRA target pattern .*attn/qkv/kernel' matches no kernel"):
         init_lora(tiny_bundle.params, LoraConfig(targets=((r"language/blocks_\d+/attn/qkv/kernel", 8),)), jax.random.key(0))
     with pytest.raises(ValueError, match="mode 'dora'"):
@@ -164,10 +165,11 @@ def test_restore_config_rejects_bad_values():
         ({"method": "dora"}, "method='dora'"),
         ({"kl_weight": 1.5}, "kl_weight=1.5"),
         ({"temperature": 0.0}, "temperature=0.0"),
-        ({"language_rank": -1}, "language_rank=-1"),
     ]:
         with pytest.raises(ValueError, match=message):
             dataclasses.replace(RestoreConfig(), **kwargs)
+    with pytest.raises(ValueError, match="language_rank=-1"):
+        dataclasses.replace(RestoreConfig(), lora=LoraConfig(language_rank=-1))
 
 
 def test_bf16_and_gradient_accumulation_train_and_keep_the_pattern(tiny_bundle, pruned, tmp_path):

@@ -14,7 +14,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.slow
-def test_peer_train_step_benchmark_quick_agrees_on_the_first_loss(tmp_path):
+def test_peer_train_step_benchmark_quick_agrees_on_the_first_loss_and_the_gradients(tmp_path):
     out = tmp_path / "peer_train_step.json"
     # The benchmark runs as users run it: one real device, not the tests' simulated eight.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -35,6 +35,11 @@ def test_peer_train_step_benchmark_quick_agrees_on_the_first_loss(tmp_path):
     # Same weights, masks and batch, B = 0: the first step's loss is the pruned model's on both sides.
     assert report["loss_abs_diff"] == pytest.approx(abs(report["loss_ours"] - report["loss_peer"]))
     assert report["loss_abs_diff"] <= 1e-4 * abs(report["loss_peer"])
+    # With B ≠ 0 (a shared LoRA state), every factor's gradient (A's too) agrees with PEFT's: measured ~1e-6.
+    assert report["grad_factors"] == 2 * report["lora_modules"] and report["grad_zero_factors"] == 0
+    assert report["grad_rel_diff"] <= 1e-4
+    assert report["loss_at_state_ours"] == pytest.approx(report["loss_at_state_peer"], rel=1e-5)
+    assert abs(report["loss_at_state_ours"] - report["loss_ours"]) > 1e-4  # the LoRA term did change the loss
 
     rows = {r["side"]: r for r in report["results"]}
     assert set(rows) == {"ours", "peer"}
@@ -55,4 +60,4 @@ def test_peer_train_step_benchmark_quick_agrees_on_the_first_loss(tmp_path):
     assert ratios["step_time"] == pytest.approx(rows["ours"]["step_ms_median"] / rows["peer"]["step_ms_median"])
     assert ratios["peak_memory"] == pytest.approx(rows["ours"]["peak_mib"] / rows["peer"]["peak_mib"])
     assert rows["peer"]["vs_peer"] == 1.0 and rows["ours"]["vs_peer"] == pytest.approx(ratios["step_time"], abs=1e-3)
-    assert "x peer" in proc.stdout and "first-step loss" in proc.stdout
+    assert "x peer" in proc.stdout and "first-step loss" in proc.stdout and "gradients at a shared" in proc.stdout

@@ -11,6 +11,7 @@ from sparsevlm.checkpoint import load_model_dir
 from sparsevlm.config import PretrainConfig
 from sparsevlm.data import shapes
 from sparsevlm.data.batch import encode_vqa
+from sparsevlm.eval.evaluate import evaluate_vqa
 from sparsevlm.pretrain import pool_to_grid, pretrain, pretrain_vision
 from sparsevlm.tree import flatten
 from tests.conftest import Killed, tiny_config
@@ -45,27 +46,31 @@ def test_vision_pretraining_learns_cell_attributes(tokenizer):
 @pytest.mark.slow
 def test_short_pretrain_lowers_loss_saves_the_model_and_resumes_after_a_kill(tokenizer, tmp_path, kill_after_checkpoint):
     config = PretrainConfig(
-        steps=150, warmup_steps=20, learning_rate=3e-3, train_images=600, vision_steps=100, batch_size=32,
+        # Vision pretraining has its own test above: a short stage 1 here only checks that it runs and is skipped
+        # on resume.
+        steps=150, warmup_steps=20, learning_rate=3e-3, train_images=300, vision_steps=20, batch_size=16,
         checkpoint_every=50,
     )
     model_config = dataclasses.replace(tiny_config(len(tokenizer)))
-    bundle = pretrain(config, tmp_path / "m", model_config=model_config, eval_images=60, progress=False,
+    bundle = pretrain(config, tmp_path / "m", model_config=model_config, eval_images=24, progress=False,
                       checkpoint_dir=tmp_path / "m-checkpoints")
     history = bundle.metadata["loss_history"]
     assert history[-1]["loss"] < 0.6 * history[0]["loss"]
     loaded = load_model_dir(tmp_path / "m")
     assert loaded.metadata["test_accuracy"] == bundle.metadata["test_accuracy"]
-    assert 0.0 <= bundle.metadata["test_accuracy"] <= 1.0
+    # The recorded accuracy is the saved model's on the same test questions.
+    test = shapes.build_split("test", 24, image_size=model_config.vision.image_size)
+    assert evaluate_vqa(loaded, test, progress=False)["accuracy"] == bundle.metadata["test_accuracy"]
     # Killed right after its second checkpoint (step 100), then run again: it resumes there (params,
     # AdamW moments, both data streams' positions and the shared generator) and ends where the
     # uninterrupted run did, bit for bit.
     kill_after_checkpoint(2)
     with pytest.raises(Killed):
-        pretrain(config, tmp_path / "k", model_config=model_config, eval_images=60, progress=False,
+        pretrain(config, tmp_path / "k", model_config=model_config, eval_images=24, progress=False,
                  checkpoint_dir=tmp_path / "k-checkpoints")
     assert not (tmp_path / "k").exists()
     assert sorted(p.name for p in (tmp_path / "k-checkpoints").iterdir() if p.name.isdigit()) == ["100", "50"]
-    resumed = pretrain(config, tmp_path / "k", model_config=model_config, eval_images=60, progress=False,
+    resumed = pretrain(config, tmp_path / "k", model_config=model_config, eval_images=24, progress=False,
                        checkpoint_dir=tmp_path / "k-checkpoints")
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(flatten(bundle.params).values(),
                                                          flatten(resumed.params).values())) == 0.0

@@ -8,9 +8,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsevlm.lora import LoraConfig, init_lora, merge
-from sparsevlm.pruning.masks import apply_masks, check_masks, masks_from_flat
-from sparsevlm.pruning.patterns import Pattern, num_pruned, select
+from sparsevlm.config import LoraConfig, Pattern, num_pruned
+from sparsevlm.lora import init_lora, merge
+from sparsevlm.masks import apply_masks, check_masks, masks_from_flat
+from sparsevlm.pruning.patterns import select
 from sparsevlm.pruning.verify import n_of_m_valid
 from sparsevlm.tree import flatten, unflatten
 
@@ -32,7 +33,7 @@ def pruned_kernels(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, Pattern, fl
     """A random `[in, out]` kernel, a pattern and sparsity, the real selection's keep-mask, and a seed."""
     pattern = Pattern.parse(draw(st.sampled_from(("unstructured", "unstructured-layer") + N_OF_M)))
     fan_in, fan_out = draw(st.sampled_from(FAN_INS)), draw(st.sampled_from(FAN_OUTS))
-    sparsity = pattern.fixed_sparsity if pattern.kind == "n_of_m" else draw(st.sampled_from(SPARSITIES))
+    sparsity = pattern.fixed_sparsity if pattern.kind == "n:m" else draw(st.sampled_from(SPARSITIES))
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
     kernel = rng.normal(size=(fan_in, fan_out)).astype(np.float32)
@@ -93,10 +94,10 @@ def test_sparselora_merge_is_zero_exactly_where_the_mask_prunes(case, rank):
 
     # So the merged kernel has exactly the pattern's zeros: N:M still holds, unstructured counts are exact.
     zeros = got == 0
-    if pattern.kind == "n_of_m":
+    if pattern.kind == "n:m":
         assert n_of_m_valid(got, pattern)
         assert zeros.sum() == fan_out * (fan_in // pattern.m) * (pattern.m - pattern.n)
-    elif pattern.kind == "row":
+    elif pattern.kind == "unstructured":
         np.testing.assert_array_equal(zeros.sum(axis=0), num_pruned(fan_in, sparsity))
     else:
         assert zeros.sum() == num_pruned(kernel.size, sparsity)

@@ -15,13 +15,13 @@ import jax
 import numpy as np
 import pytest
 
-from sparsevlm import restore as restore_module
-from sparsevlm import train
+from sparsevlm import checkpoint
 from sparsevlm.checkpoint import load_model_dir, save_model
 from sparsevlm.cli import main
-from sparsevlm.config import RestoreConfig
-from sparsevlm.pruning import SparsitySpec, prune
-from sparsevlm.restore import restore
+from sparsevlm.config import RestoreConfig, SparsitySpec
+from sparsevlm.data import batch as batch_module
+from sparsevlm.pruning import prune
+from sparsevlm.restoration import restore
 from sparsevlm.tree import flatten
 
 from .conftest import Killed
@@ -39,7 +39,7 @@ def _max_diff(a, b) -> float:
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     run = {"restore": {"steps": 4}}
     like = {"lora": jax.numpy.zeros((3, 2)), "count": jax.numpy.zeros((), jax.numpy.int32)}
-    checkpoints = train.TrainingCheckpoints(tmp_path / "c", run)
+    checkpoints = checkpoint.TrainingCheckpoints(tmp_path / "c", run)
     for step in (2, 4):
         checkpoints.save(step, {"lora": np.full((3, 2), step, np.float32), "count": np.int32(step)}, {"at": step})
     checkpoints.close()
@@ -48,7 +48,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     for item in (tmp_path / "c" / "4.orbax-checkpoint-tmp-1700000000000000" / "state").rglob("*"):
         if item.is_file():
             item.write_bytes(item.read_bytes()[: item.stat().st_size // 2])
-    step, state, extra = train.TrainingCheckpoints(tmp_path / "c", run).restore(like)
+    step, state, extra = checkpoint.TrainingCheckpoints(tmp_path / "c", run).load_latest(like)
     assert step == 2 and extra == {"at": 2}
     assert np.asarray(state["lora"]).tolist() == [[2.0, 2.0]] * 3 and int(state["count"]) == 2
     assert state["lora"].sharding == like["lora"].sharding
@@ -66,7 +66,7 @@ def test_resuming_another_runs_checkpoints_is_an_error(tiny_bundle, pruned, tmp_
 
 def _poison(monkeypatch, bad: set[int]) -> None:
     """Make the given micro-batches (0-based) carry NaN images."""
-    original = restore_module.BatchStream.__next__
+    original = batch_module.BatchStream.__next__
     seen = []
 
     def poisoned(self):
@@ -76,7 +76,7 @@ def _poison(monkeypatch, bad: set[int]) -> None:
             batch = dataclasses.replace(batch, images=np.full_like(batch.images, np.nan))
         return batch
 
-    monkeypatch.setattr(restore_module.BatchStream, "__next__", poisoned)
+    monkeypatch.setattr(batch_module.BatchStream, "__next__", poisoned)
 
 
 def test_skip_mode_skips_non_finite_steps_and_counts_them(tiny_bundle, pruned, monkeypatch, capsys):
@@ -102,9 +102,8 @@ def test_non_finite_step_leaves_the_state_unchanged(tiny_bundle, pruned, monkeyp
     result = restore(tiny_bundle.params, pruned.masks, tiny_bundle.config, tiny_bundle.tokenizer, config,
                      progress=False)
     from sparsevlm.lora import init_lora
-    from sparsevlm.restore import lora_config
 
-    initial = init_lora(tiny_bundle.params, lora_config(config, tiny_bundle.config), jax.random.key(config.seed))
+    initial = init_lora(tiny_bundle.params, config.lora, jax.random.key(config.seed))
     assert result.skipped == 1 and _max_diff(result.lora, initial) == 0.0
 
 
@@ -147,7 +146,7 @@ def test_restore_killed_after_its_second_checkpoint_resumes_to_the_same_params(t
         manager = ocp.CheckpointManager(tmp_path / f"{name}-checkpoints", item_names=("state", "meta"))
         assert manager.latest_step() == 16
         final[name] = manager.restore(16, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    whole_lora, killed_lora = final["whole"]["lora"], final["killed"]["lora"]
+    whole_lora, killed_lora = final["whole"]["params"], final["killed"]["params"]
     assert jax.tree.structure(whole_lora) == jax.tree.structure(killed_lora)
     assert _max_diff(whole_lora, killed_lora) <= 1e-6
     whole, resumed = flatten(load_model_dir(tmp_path / "whole").params), flatten(load_model_dir(out).params)

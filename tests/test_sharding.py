@@ -13,17 +13,16 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from sparsevlm import sharding as sh
+from sparsevlm.config import LoraConfig, Pattern, SparsitySpec
 from sparsevlm.data import shapes
 from sparsevlm.data.batch import encode_vqa, iterate_batches
-from sparsevlm.lora import LoraConfig, init_lora, merge
-from sparsevlm.models import VLM
-from sparsevlm.pruning import SparsitySpec, prune, prune_layer
+from sparsevlm.lora import init_lora, merge
+from sparsevlm.models.vlm import VLM
+from sparsevlm.pruning import prune, prune_layer
 from sparsevlm.pruning.calibrate import calibration_carry
 from sparsevlm.pruning.criteria import LayerStats
-from sparsevlm.pruning.patterns import Pattern
-from sparsevlm.train import LoraState, batch_arrays, make_restore_step
+from sparsevlm.train import TrainState, batch_arrays, make_train_step, restoration_loss
 from sparsevlm.tree import flatten
-
 from tests.conftest import tiny_config
 
 VOCAB = 48  # the word tokenizer's 47 tokens, padded so the vocabulary divides the mesh axes
@@ -31,8 +30,10 @@ VOCAB = 48  # the word tokenizer's 47 tokens, padded so the vocabulary divides t
 
 @pytest.fixture(scope="module", autouse=True)
 def eight_devices() -> None:
-    if jax.device_count() != 8:
-        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts (tests/conftest.py)")
+    # Fail, not skip: a run that silently skips the sharding tests would look green.
+    assert jax.device_count() == 8, (f"{jax.device_count()} devices: the sharding tests need "
+                                     "XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts "
+                                     "(tests/conftest.py sets it unless XLA_FLAGS is already set)")
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +140,8 @@ def one_device_step(setup):
     model, _, params, masks, lora, arrays, _ = setup
     # Plain SGD: the update is the gradient itself (Adam's first step would hide gradient errors).
     optimizer = optax.sgd(0.5)
-    state = LoraState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32))
-    return {mode: (optimizer, state, make_restore_step(model, optimizer, 16.0, mode, 0.1, 1.0)(state, params, masks, arrays))
+    state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32))
+    return {mode: (optimizer, state, make_train_step(restoration_loss(model, 16.0, mode, 0.1, 1.0), optimizer)(state, arrays, params, masks))
             for mode in ("lora", "sparselora")}
 
 
@@ -154,18 +155,18 @@ def test_sharded_restore_step_matches_one_device(setup, one_device_step, mesh_sp
 
     mesh = sh.make_mesh(mesh_spec)
     shardings = sh.restore_shardings(mesh, optimizer, state, params, masks, arrays)
-    step = make_restore_step(model, optimizer, 16.0, mode, 0.1, 1.0, shardings)
-    got, metrics = step(sh.shard(state, shardings.state), sh.shard(params, shardings.inputs[0]),
-                        sh.shard(masks, shardings.inputs[1]), sh.shard(arrays, shardings.inputs[2]))
+    step = make_train_step(restoration_loss(model, 16.0, mode, 0.1, 1.0), optimizer, shardings)
+    got, metrics = step(sh.shard(state, shardings.state), sh.shard(arrays, shardings.inputs[0]),
+                        sh.shard(params, shardings.inputs[1]), sh.shard(masks, shardings.inputs[2]))
     for name in ("loss", "ce", "kl", "grad_norm"):
         np.testing.assert_allclose(float(metrics[name]), float(want_metrics[name]), rtol=1e-5, atol=1e-5)
-    updates = jax.tree.map(lambda new, old: np.asarray(new) - old, got.lora, lora)
-    want_updates = jax.tree.map(lambda new, old: np.asarray(new) - old, want.lora, lora)
+    updates = jax.tree.map(lambda new, old: np.asarray(new) - old, got.params, lora)
+    want_updates = jax.tree.map(lambda new, old: np.asarray(new) - old, want.params, lora)
     for path, update in flatten(updates).items():
         np.testing.assert_allclose(update, flatten(want_updates)[path], atol=1e-5, err_msg=path)
     assert max(float(np.abs(u).max()) for u in jax.tree.leaves(updates)) > 1e-3  # the step did move the factors
     # The new state comes back laid out as the old one went in.
-    for leaf, sharding in zip(jax.tree.leaves(got.lora), jax.tree.leaves(shardings.state.lora)):
+    for leaf, sharding in zip(jax.tree.leaves(got.params), jax.tree.leaves(shardings.state.params)):
         assert leaf.sharding == sharding
 
 
@@ -189,13 +190,13 @@ def test_fsdp8_holds_an_eighth_of_the_params_per_device(setup):
 def test_memory_report_adds_up_and_shrinks_with_fsdp(setup):
     model, _, params, masks, lora, arrays, _ = setup
     optimizer = optax.adamw(1e-3)
-    state = LoraState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32))
+    state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32))
     reports = {}
     for spec, devices in (("data=1", jax.devices()[:1]), ("fsdp=8", None)):
         mesh = sh.make_mesh(spec, devices)
         shardings = sh.restore_shardings(mesh, optimizer, state, params, masks, arrays)
-        step = make_restore_step(model, optimizer, 16.0, "sparselora", 0.1, 1.0, shardings)
-        compiled = sh.compile_step(step, (state, params, masks, arrays), (shardings.state, *shardings.inputs))
+        step = make_train_step(restoration_loss(model, 16.0, "sparselora", 0.1, 1.0), optimizer, shardings)
+        compiled = sh.compile_step(step, (state, arrays, params, masks), (shardings.state, *shardings.inputs))
         reports[spec] = sh.restore_memory(compiled, shardings, state, params, masks, arrays)
     one, eight = reports["data=1"], reports["fsdp=8"]
     assert one["params"] == sh.tree_bytes(params) and one["masks"] == sh.tree_bytes(masks)
@@ -295,7 +296,7 @@ def test_global_batch_on_one_host_is_the_batch_split_over_devices(setup):
 @pytest.mark.slow
 def test_restore_on_a_mesh_trains_the_same_factors_as_on_one_device(tiny_bundle):
     from sparsevlm.config import RestoreConfig
-    from sparsevlm.restore import restore
+    from sparsevlm.restoration import restore
 
     masks = prune(tiny_bundle.params, None, SparsitySpec(vision=0.5, language=0.5), "magnitude").masks
     config = RestoreConfig(steps=3, warmup_steps=0, batch_size=8, train_images=16)
@@ -332,16 +333,16 @@ def test_cli_prunes_on_a_mesh_and_plans_a_sharded_restore(tiny_bundle, tmp_path,
 
 
 def test_sharded_full_train_step_matches_one_device(setup):
-    from sparsevlm.train import TrainState, make_train_step
+    from sparsevlm.train import lm_loss
 
     model, _, params, _, _, arrays, _ = setup
     optimizer = optax.sgd(0.1)
     state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
-    want, want_metrics = make_train_step(model, optimizer)(state, arrays)
+    want, want_metrics = make_train_step(lm_loss(model), optimizer)(state, arrays)
     mesh = sh.make_mesh("fsdp=8")
     shardings = sh.train_shardings(mesh, optimizer, state, arrays)
-    got, metrics = make_train_step(model, optimizer, shardings)(sh.shard(state, shardings.state),
-                                                               sh.shard(arrays, shardings.inputs[0]))
+    got, metrics = make_train_step(lm_loss(model), optimizer, shardings)(sh.shard(state, shardings.state),
+                                                                        sh.shard(arrays, shardings.inputs[0]))
     np.testing.assert_allclose(float(metrics["loss"]), float(want_metrics["loss"]), rtol=1e-5)
     for path, value in flatten(want.params).items():
         np.testing.assert_allclose(flatten(got.params)[path], value, atol=1e-5, err_msg=path)

@@ -7,15 +7,9 @@ import numpy as np
 
 from sparsevlm.data import shapes
 from sparsevlm.data.batch import encode_vqa, iterate_batches
-from sparsevlm.models import VLM
-from sparsevlm.train import (
-    TrainState,
-    batch_arrays,
-    make_optimizer,
-    make_train_step,
-    token_cross_entropy,
-    weight_decay_mask,
-)
+from sparsevlm.losses import token_cross_entropy
+from sparsevlm.models.vlm import VLM
+from sparsevlm.train import TrainState, batch_arrays, lm_loss, make_optimizer, make_train_step, weight_decay_mask
 from sparsevlm.tree import flatten
 
 
@@ -49,7 +43,7 @@ def test_train_step_overfits_a_batch(tiny_bundle, tokenizer):
     optimizer = make_optimizer(3e-3, 3e-3, 0, 60, 0.0, 1.0)
     params = jax.tree.map(np.array, tiny_bundle.params)
     state = TrainState(params, optimizer.init(params), np.zeros((), np.int32))
-    step = make_train_step(model, optimizer)
+    step = make_train_step(lm_loss(model), optimizer)
     losses = []
     for _ in range(60):
         state, metrics = step(state, batch_arrays(batch))

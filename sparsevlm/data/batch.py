@@ -217,6 +217,11 @@ def iterate_batches(
         yield data.collate(chosen, length, pad_id, vision), real
 
 
+def round_up(value: int, multiple: int) -> int:
+    """Smallest multiple of `multiple` that is >= `value` (bucketed lengths → fewer compilations)."""
+    return -(-value // multiple) * multiple
+
+
 def length_buckets(lengths: Sequence[int], smallest: int = 8) -> dict[int, np.ndarray]:
     """Example indices grouped by padded length: the next power of two (at least `smallest`).
 
@@ -232,8 +237,8 @@ class BatchStream:
     """Shuffled full batches, epoch after epoch, whose position can be saved and restored exactly.
 
     Each epoch draws a permutation from `rng` when its first batch is needed; `state()` holds that
-    permutation and the position in it (the generator's own state is the caller's to save, since
-    several streams may share one generator).
+    permutation, the position in it and the generator's state (several streams may share one
+    generator: restoring any of their states restores it).
     """
 
     def __init__(self, data: EncodedSet, batch_size: int, length: int, pad_id: int, vision: VisionConfig,
@@ -260,8 +265,9 @@ class BatchStream:
         return self.data.collate(np.arange(self.batch_size), self.length, self.pad_id, self.vision)
 
     def state(self) -> dict[str, Any]:
-        """The current epoch's order and position, JSON-serialisable."""
-        return {"order": None if self.order is None else self.order.tolist(), "position": self.position}
+        """The current epoch's order, the position in it and the generator's state, JSON-serialisable."""
+        return {"order": None if self.order is None else self.order.tolist(), "position": self.position,
+                "rng": rng_state(self.rng)}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Continue from a `state()`; a clear error if it does not fit this data."""
@@ -272,7 +278,65 @@ class BatchStream:
                 raise ValueError(f"saved data order does not permute these {len(self.data)} examples")
         if not isinstance(position, int) or not 0 <= position <= (len(self.data) if order is not None else 0):
             raise ValueError(f"saved data position {position!r} is out of range")
+        if "rng" not in state:
+            raise ValueError("saved data position has no random-generator state")
+        set_rng_state(self.rng, state["rng"])
         self.order, self.position = order, position
+
+
+class MixedStream:
+    """Each batch from one of several streams, drawn with the given probabilities from a shared generator."""
+
+    def __init__(self, streams: Sequence[BatchStream], weights: Sequence[float], rng: np.random.Generator) -> None:
+        weights = np.asarray(weights, float)
+        if len(streams) != len(weights) or not len(streams) or (weights < 0).any() or not weights.sum() > 0:
+            raise ValueError(f"stream weights {weights.tolist()} must be non-negative, one per stream, not all 0")
+        self.streams, self.probabilities, self.rng = list(streams), weights / weights.sum(), rng
+
+    def __iter__(self) -> "MixedStream":
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self.streams[int(self.rng.choice(len(self.streams), p=self.probabilities))])
+
+    def state(self) -> dict[str, Any]:
+        """Every stream's position and the shared generator's state."""
+        return {"streams": [stream.state() for stream in self.streams], "rng": rng_state(self.rng)}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from a `state()`."""
+        saved = state.get("streams")
+        if not isinstance(saved, list) or len(saved) != len(self.streams):
+            raise ValueError(f"saved data position holds {len(saved) if isinstance(saved, list) else 'no'} streams, "
+                             f"this run has {len(self.streams)}")
+        for stream, position in zip(self.streams, saved):
+            stream.load_state(position)
+        set_rng_state(self.rng, state["rng"])
+
+
+class RandomRows:
+    """Batches of rows drawn uniformly with replacement from aligned arrays (`{name: array}`)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, rng: np.random.Generator) -> None:
+        sizes = {len(v) for v in arrays.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"arrays have different lengths {sorted(sizes)}")
+        self.arrays, self.batch_size, self.rng, self.size = dict(arrays), batch_size, rng, sizes.pop()
+
+    def __iter__(self) -> "RandomRows":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        index = self.rng.integers(0, self.size, self.batch_size)
+        return {name: value[index] for name, value in self.arrays.items()}
+
+    def state(self) -> dict[str, Any]:
+        """The generator's state."""
+        return {"rng": rng_state(self.rng)}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from a `state()`."""
+        set_rng_state(self.rng, state["rng"])
 
 
 def rng_state(rng: np.random.Generator) -> str:

@@ -60,7 +60,6 @@ materialised up to `limit` rows.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import itertools
@@ -72,33 +71,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-# Instruction prompt of captioning rows (evaluation and restoration training); InstructBLIP's wording.
-CAPTION_PROMPT = "A short image caption:"
-KINDS = ("vqa", "caption", "prefix_caption")
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    """How a task reads its source: the row kind, the default split and what the paper uses it for."""
-
-    kind: str
-    split: str
-    purpose: str
-
-
-TASK_SPECS: dict[str, TaskSpec] = {
-    "vqav2": TaskSpec("vqa", "validation", "evaluation"),
-    "okvqa": TaskSpec("vqa", "test", "evaluation"),
-    "gqa": TaskSpec("vqa", "testdev", "evaluation"),
-    "nocaps": TaskSpec("caption", "validation", "evaluation"),
-    "coco_caption": TaskSpec("caption", "test", "evaluation"),
-    "coco_caption_train": TaskSpec("caption", "train", "restoration"),
-    "cc3m_instruct": TaskSpec("caption", "train", "restoration"),
-    "cc3m": TaskSpec("prefix_caption", "train", "calibration"),
-    "coco_caption_prefix": TaskSpec("prefix_caption", "train", "calibration"),
-    "visual_genome": TaskSpec("prefix_caption", "train", "calibration"),
-}
-TASKS = tuple(TASK_SPECS)
+from sparsevlm.data.tasks import CAPTION_PROMPT, TASK_SPECS, TASKS
 
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "image_path", "file_name", "filepath")
 IMAGE_ID_COLUMNS = ("image_id", "imageId", "img_id", "__key__")

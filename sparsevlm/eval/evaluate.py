@@ -10,17 +10,13 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from sparsevlm.checkpoint import ModelBundle
+from sparsevlm.bundle import ModelBundle
 from sparsevlm.data.batch import EncodedSet, encode_vqa, iterate_batches, length_buckets
 from sparsevlm.data.prompts import PromptFormat, bundle_format, caption_format
+from sparsevlm.data.tasks import EVAL_TASKS, TASK_SPECS
 from sparsevlm.eval.generate import compiled_generate, decode_text
 from sparsevlm.eval.metrics import cider_d, gqa_accuracy, normalize_answer, vqa_accuracy, vqa_score
 from sparsevlm.models.vlm import VLM
-
-
-def round_up(value: int, multiple: int) -> int:
-    """Smallest multiple of `multiple` that is >= `value` (bucketed lengths → fewer compilations)."""
-    return -(-value // multiple) * multiple
 
 
 def generate_answers(
@@ -94,7 +90,6 @@ def evaluate_vqa(
     }
 
 
-EVAL_TASKS = ("shapes", "vqav2", "okvqa", "gqa", "nocaps", "coco_caption")
 # Paper: VQA answers with at most 10 new tokens; captions need room for a sentence.
 DEFAULT_NEW_TOKENS = {"shapes": 4, "vqa": 10, "caption": 30}
 
@@ -121,8 +116,6 @@ def evaluate_task(
         result = evaluate_vqa(bundle, dataset, batch_size, max_new_tokens or DEFAULT_NEW_TOKENS["shapes"],
                               num_beams, length_penalty, progress, params)
         return result | {"task": task, "metric": "exact_match", "score": result["accuracy"]}
-    from sparsevlm.data.hf import TASK_SPECS
-
     kind = TASK_SPECS[task].kind
     fmt = bundle_format(bundle.metadata)
     if kind == "caption":

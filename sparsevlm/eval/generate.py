@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from sparsevlm.eval.beam import Decoding, beam_search, greedy_search
 from sparsevlm.models.decoder import init_cache
-from sparsevlm.models.t5 import T5, start_decoding
+from sparsevlm.models.t5 import T5
 from sparsevlm.models.vlm import VLM, Instruction
 
 Array = jax.Array
@@ -52,21 +52,6 @@ def generate(
     return beam_search(step, first_logits, state, num_beams, max_new_tokens, eos_id, pad_id, length_penalty)
 
 
-def greedy_generate(
-    model: VLM,
-    params: Any,
-    images: Array,
-    tokens: Array,
-    text_mask: Array,
-    max_new_tokens: int,
-    eos_id: int,
-    pad_id: int,
-    instruction: Instruction | None = None,
-) -> Array:
-    """`generate` with one beam: new tokens `[B, max_new_tokens]`, `pad_id` after each row's EOS."""
-    return generate(model, params, images, tokens, text_mask, max_new_tokens, eos_id, pad_id, instruction)
-
-
 def _start(
     model: VLM,
     params: Any,
@@ -78,10 +63,33 @@ def _start(
 ) -> Decoding:
     """Prefill (decoder-only) or encode and decode the start token (T5), with room for `max_new_tokens`."""
     if model.config.language.arch == "t5":
-        embeds, valid = model.apply({"params": params}, images, tokens, text_mask, instruction, method=_encoder_inputs)
+        encoded, valid = model.apply({"params": params}, images, tokens, text_mask, instruction,
+                                     method=VLM.encode_prompt)
         language = T5(model.config.language, model.dtype)
-        return start_decoding(language, params["language"], embeds, valid, max_new_tokens)
+        return start_t5_decoding(language, params["language"], encoded, valid, max_new_tokens)
     return _decoder_start(model, params, images, tokens, text_mask, max_new_tokens, instruction)
+
+
+def start_t5_decoding(language: T5, params: Any, encoded: Array, valid: Array, max_new_tokens: int) -> Decoding:
+    """The decoder's start token at slot 0 after the encoder's outputs; new token `i` is fed at slot `i + 1`."""
+    batch = encoded.shape[0]
+    variables = {"params": params}
+
+    def step(state: dict, tokens: Array, step: Array) -> tuple[Array, dict]:
+        # Every slot counts as usable: the causal mask hides the ones not yet written.
+        self_valid = jnp.ones((tokens.shape[0], max_new_tokens), bool)
+        logits, cache = language.apply(
+            variables, tokens[:, None], state["encoded"], state["encoded_valid"], self_valid, state["cache"],
+            step + 1, method=T5.decode,
+        )
+        return logits[:, 0], state | {"cache": cache}
+
+    state = {"cache": init_cache(language.config, batch, max_new_tokens, language.dtype), "encoded": encoded,
+             "encoded_valid": valid}
+    start = jnp.full((batch,), language.config.decoder_start_id, jnp.int32)
+    # The start token precedes new token 0, so it is step -1 (slot 0).
+    first_logits, state = step(state, start, jnp.int32(-1))
+    return Decoding(first_logits, state, step)
 
 
 def _decoder_start(
@@ -116,10 +124,6 @@ def _decoder_start(
         return logits[:, 0], {"cache": cache, "valid": valid, "position": position}
 
     return Decoding(logits[:, -1], {"cache": cache, "valid": valid, "position": position}, step)
-
-
-def _encoder_inputs(model: VLM, images: Array, tokens: Array, text_mask: Array, instruction: Instruction | None):
-    return model.encoder_inputs(model.encode_images(images, instruction), tokens, text_mask, None)
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,7 +1,1 @@
-"""Flax model families."""
-
-from sparsevlm.models.decoder import Decoder, init_cache
-from sparsevlm.models.vit import ViT
-from sparsevlm.models.vlm import TOWERS, VLM
-
-__all__ = ["VLM", "ViT", "Decoder", "init_cache", "TOWERS"]
+"""Flax model families: ViT, Q-Former, decoder-only and T5 language models, and the VLM composing them."""

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from sparsevlm.config import LanguageConfig
 from sparsevlm.models.layers import Block, Dtype, KVCache, Linear, make_norm
+from sparsevlm.models.stages import Call, Carry, Stage, layer_cache, run_stages, with_layer_cache
 
 Array = jax.Array
 
@@ -21,10 +25,11 @@ def init_cache(config: LanguageConfig, batch: int, length: int, dtype: Dtype = j
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_decoder_layers)]
 
 
-def decoder_block(config: LanguageConfig, dtype: Dtype = jnp.float32) -> Block:
+def decoder_block(config: LanguageConfig, dtype: Dtype = jnp.float32, **module_kwargs: Any) -> Block:
     """One decoder block as a standalone module (the decoder and block-wise calibration share it)."""
     opt = config.arch == "opt"
     return Block(
+        **module_kwargs,
         width=config.width,
         num_heads=config.num_heads,
         head_dim=config.resolved_head_dim,
@@ -72,6 +77,15 @@ class Decoder(nn.Module):
             return embeds
         return embeds + self.pos_embed(positions + OPT_POSITION_OFFSET).astype(embeds.dtype)
 
+    def head(self, x: Array) -> Array:
+        """Final norm and the LM head: hidden states → logits `[B, T, V]` (float32)."""
+        x = self.norm(x)
+        if self.config.tie_embeddings:
+            logits = self.embed.attend(x.astype(jnp.float32))
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(jnp.float32)
+
     def __call__(
         self,
         embeds: Array,
@@ -80,16 +94,31 @@ class Decoder(nn.Module):
         cache: list[KVCache] | None = None,
         cache_index: Array | int = 0,
     ) -> tuple[Array, list[KVCache] | None]:
-        """Embeddings `[B, T, E]`, positions `[B, T]`, mask `[B, T, S]` → logits `[B, T, V]` (float32)."""
-        x = self.add_positions(embeds, positions)
-        new_cache: list[KVCache] | None = [] if cache is not None else None
-        for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, mask, positions, None if cache is None else cache[i], cache_index)
-            if new_cache is not None:
-                new_cache.append(layer_cache)
-        x = self.norm(x)
-        if self.config.tie_embeddings:
-            logits = self.embed.attend(x.astype(jnp.float32))
-        else:
-            logits = self.lm_head(x)
-        return logits.astype(jnp.float32), new_cache
+        """Embeddings `[B, T, E]`, positions `[B, T]`, mask `[B, T, S]` → logits `[B, T, V]` (float32), through `decoder_stages`."""
+        carry = {"x": embeds, "positions": positions, "mask": mask}
+        if cache is not None:
+            carry |= {"cache": cache, "cache_index": cache_index}
+        carry = run_stages(self, decoder_stages(self.config, self.dtype), carry)
+        return carry["logits"], carry.get("cache")
+
+
+@functools.lru_cache(maxsize=32)
+def decoder_stages(config: LanguageConfig, dtype: Dtype = jnp.float32) -> tuple[Stage, ...]:
+    """The language model's forward pass from its input embeddings `x` (with `positions`, attention `mask`
+    and optionally a KV `cache` at `cache_index`): position embeddings, blocks, head → `logits`."""
+    # parent=None: definitions only, even when first built inside a module's method.
+    decoder, block = Decoder(config, dtype, parent=None), decoder_block(config, dtype, parent=None)
+
+    def positions(call: Call, carry: Carry, layer: int | None) -> Carry:
+        return carry | {"x": call(carry["x"], carry["positions"], method="add_positions")}
+
+    def layer_step(call: Call, carry: Carry, layer: int | None) -> Carry:
+        x, cache = call(carry["x"], carry["mask"], carry["positions"], layer_cache(carry, layer),
+                        carry.get("cache_index", 0))
+        return with_layer_cache(carry | {"x": x}, layer, cache)
+
+    def head(call: Call, carry: Carry, layer: int | None) -> Carry:
+        return carry | {"logits": call(carry["x"], method="head")}
+
+    blocks = [Stage(f"blocks_{i}", block, layer_step, i) for i in range(config.depth)]
+    return (Stage("", decoder, positions), *blocks, Stage("", decoder, head))

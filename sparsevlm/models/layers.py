@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -55,6 +56,28 @@ class Linear(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
         return linear(x, kernel, bias, self.dtype)
+
+
+LinearHook = Callable[[str, "Linear", Array, Callable[[Array], Array]], Array]
+
+
+@contextlib.contextmanager
+def intercept_linears(hook: LinearHook) -> Iterator[None]:
+    """Within this context every `Linear` call runs `hook(path, module, x, call)` instead.
+
+    `path` is the layer's `/`-joined module path under the root module being applied (its kernel is
+    at `path + "/kernel"`), and `call(x)` computes the layer as written. Calibration statistics and
+    LoRA both reach layers this way.
+    """
+
+    def interceptor(next_fun, args, kwargs, context):  # noqa: ANN001, ANN202
+        if not (isinstance(context.module, Linear) and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        return hook("/".join(context.module.path), context.module, args[0],
+                    lambda x: next_fun(x, *args[1:], **kwargs))
+
+    with nn.intercept_methods(interceptor):
+        yield
 
 
 def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:

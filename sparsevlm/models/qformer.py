@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from sparsevlm.config import ConnectorConfig
 from sparsevlm.models.layers import MLP, Attention, Dtype, Linear, make_norm
+from sparsevlm.models.stages import Call, Carry, Stage, run_stages
 
 Array = jax.Array
 
@@ -72,9 +76,10 @@ class QFormerBlock(nn.Module):
         return jnp.concatenate([queries, text], axis=1)
 
 
-def qformer_block(config: ConnectorConfig, index: int, dtype: Dtype = jnp.float32) -> QFormerBlock:
+def qformer_block(config: ConnectorConfig, index: int, dtype: Dtype = jnp.float32, **module_kwargs: Any) -> QFormerBlock:
     """Layer `index` as a standalone module (the connector's blocks and block-wise calibration share it)."""
     return QFormerBlock(
+        **module_kwargs,
         width=config.width,
         num_heads=config.num_heads,
         mlp_dim=config.mlp_dim,
@@ -139,7 +144,53 @@ class QFormer(nn.Module):
         self, image_features: Array, text_tokens: Array | None = None, text_mask: Array | None = None
     ) -> Array:
         """Image features `[B, Nv, Ev]` (+ instruction `[B, T]` and its mask) → `[B, Q, language_width]`."""
-        x, mask = self.embed(text_tokens, text_mask, image_features.shape[0])
-        for block in self.blocks:
-            x = block(x, mask, image_features, self.config.num_query_tokens)
-        return self.head(x)
+        carry = {"x": image_features}
+        if self.config.reads_text:
+            if text_tokens is None:
+                # Zero text positions: same output as queries alone, and `init` still creates the text params.
+                text_tokens = jnp.zeros((image_features.shape[0], 0), jnp.int32)
+            mask = jnp.ones(text_tokens.shape, bool) if text_mask is None else text_mask
+            carry |= {"instruction_tokens": text_tokens, "instruction_mask": mask}
+        elif text_tokens is not None:
+            raise ValueError("text_tokens were given but this Q-Former does not read text (connector.reads_text=False)")
+        return run_stages(self, qformer_stages(self.config, self.language_width, self.dtype), carry)["x"]
+
+
+@functools.lru_cache(maxsize=32)
+def qformer_stages(config: ConnectorConfig, language_width: int, dtype: Dtype = jnp.float32) -> tuple[Stage, ...]:
+    """The Q-Former's forward pass: embed (queries [+ instruction]), one stage per block, query slice + projection.
+
+    The image features ride along in the carry as `image` (every cross-attention reads them); `weight`
+    marks the query and real instruction positions (calibration counts only those).
+    """
+    # parent=None: definitions only, even when first built inside a module's method.
+    qformer = QFormer(config, language_width, dtype, parent=None)
+    num_queries = config.num_query_tokens
+
+    def embed(call: Call, carry: Carry, layer: int | None) -> Carry:
+        batch = carry["x"].shape[0]
+        text = (None, None)
+        if config.reads_text:
+            if "instruction_tokens" not in carry:
+                raise ValueError("this model's Q-Former reads the instruction: pass its tokens (encode the prompt with "
+                                 "the bundle's instruction_tokenizer)")
+            text = (carry["instruction_tokens"], carry["instruction_mask"])
+        x, self_mask = call(*text, batch, method="embed")
+        weight = jnp.ones((batch, num_queries), jnp.float32)
+        if config.reads_text:
+            weight = jnp.concatenate([weight, carry["instruction_mask"].astype(jnp.float32)], axis=1)
+        return carry | {"image": carry["x"], "x": x, "self_mask": self_mask, "weight": weight}
+
+    def layer_step(call: Call, carry: Carry, layer: int | None) -> Carry:
+        return carry | {"x": call(carry["x"], carry["self_mask"], carry["image"], num_queries)}
+
+    def head(call: Call, carry: Carry, layer: int | None) -> Carry:
+        rest = {k: v for k, v in carry.items() if k not in ("image", "self_mask", "weight")}
+        return rest | {"x": call(carry["x"], method="head")}
+
+    # One module per block shape (with / without cross-attention), so calibration compiles each once.
+    shapes = {i % config.cross_attention_frequency == 0: qformer_block(config, i, dtype, parent=None)
+              for i in range(config.depth)}
+    blocks = [Stage(f"blocks_{i}", shapes[i % config.cross_attention_frequency == 0], layer_step, i)
+              for i in range(config.depth)]
+    return (Stage("", qformer, embed), *blocks, Stage("", qformer, head))

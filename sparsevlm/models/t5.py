@@ -7,6 +7,7 @@ relative position bias once from its own table (HF keeps it in layer 0) and hand
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -15,9 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from sparsevlm.config import LanguageConfig
-from sparsevlm.eval.beam import Decoding
-from sparsevlm.models.decoder import init_cache
 from sparsevlm.models.layers import Block, Dtype, KVCache, Linear, causal_mask, make_norm
+from sparsevlm.models.stages import Call, Carry, Stage, layer_cache, run_stages, with_layer_cache
 
 Array = jax.Array
 
@@ -46,8 +46,9 @@ def position_bias(config: LanguageConfig, table: Array, query_slots: Array, key_
     return jnp.transpose(jnp.asarray(table)[buckets], (2, 0, 1))[None].astype(jnp.float32)
 
 
-def _t5_block(config: LanguageConfig, cross_attention: bool, dtype: Dtype) -> Block:
+def _t5_block(config: LanguageConfig, cross_attention: bool, dtype: Dtype, **module_kwargs: Any) -> Block:
     return Block(
+        **module_kwargs,
         width=config.width,
         num_heads=config.num_heads,
         head_dim=config.resolved_head_dim,
@@ -66,18 +67,21 @@ def _t5_block(config: LanguageConfig, cross_attention: bool, dtype: Dtype) -> Bl
     )
 
 
-def t5_encoder_block(config: LanguageConfig, dtype: Dtype = jnp.float32) -> Block:
+def t5_encoder_block(config: LanguageConfig, dtype: Dtype = jnp.float32, **module_kwargs: Any) -> Block:
     """One encoder block; call it as `block(x, mask, score_bias=bias)`."""
-    return _t5_block(config, False, dtype)
+    return _t5_block(config, False, dtype, **module_kwargs)
 
 
-def t5_decoder_block(config: LanguageConfig, dtype: Dtype = jnp.float32) -> Block:
+def t5_decoder_block(config: LanguageConfig, dtype: Dtype = jnp.float32, **module_kwargs: Any) -> Block:
     """One decoder block; call it as `block(x, mask, None, cache, index, bias, encoded, encoded_mask)`."""
-    return _t5_block(config, True, dtype)
+    return _t5_block(config, True, dtype, **module_kwargs)
 
 
 class T5Stack(nn.Module):
-    """The encoder (bidirectional) or the decoder (causal, cross-attending) stack with its final norm."""
+    """The encoder (bidirectional) or the decoder (causal, cross-attending) stack: blocks, position bias, final norm.
+
+    Its forward pass is part of the T5 stage list (`t5_stages`): `position_bias` first, the blocks, then `finish`.
+    """
 
     config: LanguageConfig
     causal: bool
@@ -96,28 +100,17 @@ class T5Stack(nn.Module):
         """This stack's relative position bias `[1, H, T, S]`."""
         return position_bias(self.config, self.relative_bias.embedding, query_slots, key_slots, self.causal)
 
-    def __call__(
-        self,
-        x: Array,
-        mask: Array,
-        bias: Array,
-        encoded: Array | None = None,
-        encoded_mask: Array | None = None,
-        cache: list[KVCache] | None = None,
-        cache_index: Array | int = 0,
-    ) -> tuple[Array, list[KVCache] | None]:
-        """All blocks, then the final norm."""
-        new_cache: list[KVCache] | None = [] if cache is not None else None
-        for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else cache[i]
-            x, layer_cache = block(x, mask, None, layer_cache, cache_index, bias, encoded, encoded_mask)
-            if new_cache is not None:
-                new_cache.append(layer_cache)
-        return self.norm(x), new_cache
+    def finish(self, x: Array) -> Array:
+        """The final norm after the last block."""
+        return self.norm(x)
 
 
 class T5(nn.Module):
-    """Encoder over embeddings (so a VLM can splice image tokens in), decoder over tokens with a KV cache."""
+    """Encoder over embeddings (so a VLM can splice image tokens in), decoder over tokens with a KV cache.
+
+    The forward pass is `t5_stages`: `__call__`, `encode` and `decode` run all of it, its encoder
+    part, or its decoder part.
+    """
 
     config: LanguageConfig
     dtype: Dtype = jnp.float32
@@ -136,21 +129,27 @@ class T5(nn.Module):
         self, embeds: Array, valid: Array, tokens: Array, self_valid: Array
     ) -> tuple[Array, list[KVCache] | None]:
         """Encode, then decode `tokens` in one pass (training, scoring, `init`); logits `[B, T, V]`."""
-        encoded = self.encode(embeds, valid)
-        return self.decode(tokens, encoded, valid, self_valid)
+        encoder, decoder = t5_stages(self.config, self.dtype)
+        carry = {"x": embeds, "encoded_valid": valid, "decoder_tokens": tokens, "decoder_valid": self_valid}
+        return run_stages(self, (*encoder, *decoder), carry)["logits"], None
 
     def embed_tokens(self, tokens: Array) -> Array:
         """Token ids `[B, T]` → embeddings `[B, T, width]`."""
         return self.embed(tokens).astype(self.dtype)
 
+    def head(self, x: Array) -> Array:
+        """The LM head on the decoder's output: logits `[B, T, V]` (float32)."""
+        if self.config.tie_embeddings:
+            # Original T5 rescales before its tied head; v1.1 / FlanT5 has an untied head and no rescale.
+            logits = self.embed.attend((x * self.config.width**-0.5).astype(jnp.float32))
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(jnp.float32)
+
     def encode(self, embeds: Array, valid: Array) -> Array:
         """Embeddings `[B, S, E]` with `valid` `[B, S]` → encoder outputs `[B, S, E]`."""
-        batch, length = valid.shape
-        slots = jnp.arange(length)
-        # As in HF, padding is masked only as a key; padded rows compute but are never read.
-        mask = jnp.broadcast_to(valid.astype(bool)[:, None, :], (batch, length, length))
-        x, _ = self.encoder(embeds.astype(self.dtype), mask, self.encoder.position_bias(slots, slots))
-        return x
+        encoder, _ = t5_stages(self.config, self.dtype)
+        return run_stages(self, encoder, {"x": embeds, "encoded_valid": valid})["encoded"]
 
     def decode(
         self,
@@ -166,40 +165,80 @@ class T5(nn.Module):
         `self_valid` `[B, S]` marks usable decoder slots (S = T without a cache, the cache length
         with one); relative positions are slot distances, so cached steps equal the full pass.
         """
-        batch, length = tokens.shape
-        query_slots = cache_index + jnp.arange(length)
-        mask = causal_mask(self_valid, query_slots)
-        bias = self.decoder.position_bias(query_slots, jnp.arange(self_valid.shape[1]))
-        cross_mask = jnp.broadcast_to(
-            encoded_valid.astype(bool)[:, None, :], (batch, length, encoded_valid.shape[1])
-        )
-        x, cache = self.decoder(self.embed_tokens(tokens), mask, bias, encoded, cross_mask, cache, cache_index)
-        if self.config.tie_embeddings:
-            # Original T5 rescales before its tied head; v1.1 / FlanT5 has an untied head and no rescale.
-            logits = self.embed.attend((x * self.config.width**-0.5).astype(jnp.float32))
-        else:
-            logits = self.lm_head(x)
-        return logits.astype(jnp.float32), cache
+        _, decoder = t5_stages(self.config, self.dtype)
+        carry = {"decoder_tokens": tokens, "encoded": encoded, "encoded_valid": encoded_valid,
+                 "decoder_valid": self_valid}
+        if cache is not None:
+            carry |= {"cache": cache, "cache_index": cache_index}
+        carry = run_stages(self, decoder, carry)
+        return carry["logits"], carry.get("cache")
 
 
-def start_decoding(language: T5, params: Any, embeds: Array, valid: Array, max_new_tokens: int) -> Decoding:
-    """Encoder outputs, and the decoder's start token at slot 0; new token `i` is fed at slot `i + 1`."""
-    batch = embeds.shape[0]
-    variables = {"params": params}
-    encoded = language.apply(variables, embeds, valid, method=T5.encode)
+@functools.lru_cache(maxsize=32)
+def t5_stages(config: LanguageConfig, dtype: Dtype = jnp.float32) -> tuple[tuple[Stage, ...], tuple[Stage, ...]]:
+    """The encoder's and the decoder's stages.
 
-    def step(state: dict, tokens: Array, step: Array) -> tuple[Array, dict]:
-        # Every slot counts as usable: the causal mask hides the ones not yet written.
-        self_valid = jnp.ones((tokens.shape[0], max_new_tokens), bool)
-        logits, cache = language.apply(
-            variables, tokens[:, None], state["encoded"], state["encoded_valid"], self_valid, state["cache"],
-            step + 1, method=T5.decode,
-        )
-        return logits[:, 0], state | {"cache": cache}
+    Encoder: from embeddings `x` and their validity `encoded_valid` to `encoded` (masks and the
+    position bias, blocks, final norm). Decoder: from `decoder_tokens` and `decoder_valid` (its usable
+    slots; with a `cache`, the cache's) to `logits`, reading `encoded`; `weight` / `kv_weight` mark the
+    real tokens of each sequence a decoder linear reads (calibration counts only those). The position
+    bias rides in the carry with a leading axis of 1: every row shares it.
+    """
+    # parent=None: definitions only, even when first built inside a module's method.
+    model = T5(config, dtype, parent=None)
+    encoder, decoder = T5Stack(config, False, dtype, parent=None), T5Stack(config, True, dtype, parent=None)
+    encoder_block = t5_encoder_block(config, dtype, parent=None)
+    decoder_block = t5_decoder_block(config, dtype, parent=None)
 
-    state = {"cache": init_cache(language.config, batch, max_new_tokens, language.dtype), "encoded": encoded,
-             "encoded_valid": valid}
-    start = jnp.full((batch,), language.config.decoder_start_id, jnp.int32)
-    # The start token precedes new token 0, so it is step -1 (slot 0).
-    first_logits, state = step(state, start, jnp.int32(-1))
-    return Decoding(first_logits, state, step)
+    def encoder_start(call: Call, carry: Carry, layer: int | None) -> Carry:
+        valid = carry["encoded_valid"]
+        batch, length = valid.shape
+        slots = jnp.arange(length)
+        # As in HF, padding is masked only as a key; padded rows compute but are never read.
+        mask = jnp.broadcast_to(valid.astype(bool)[:, None, :], (batch, length, length))
+        return carry | {"x": carry["x"].astype(dtype), "mask": mask, "bias": call(slots, slots, method="position_bias")}
+
+    def encoder_step(call: Call, carry: Carry, layer: int | None) -> Carry:
+        return carry | {"x": call(carry["x"], carry["mask"], None, None, 0, carry["bias"])[0]}
+
+    def encoder_end(call: Call, carry: Carry, layer: int | None) -> Carry:
+        kept = {k: v for k, v in carry.items() if k in ("encoded_valid", "decoder_tokens", "decoder_valid")}
+        return kept | {"encoded": call(carry["x"], method="finish")}
+
+    def decoder_embed(call: Call, carry: Carry, layer: int | None) -> Carry:
+        x = call(carry["decoder_tokens"], method="embed_tokens")
+        return carry | {"x": x, "weight": carry["decoder_valid"].astype(jnp.float32),
+                        "kv_weight": carry["encoded_valid"].astype(jnp.float32)}
+
+    def decoder_start(call: Call, carry: Carry, layer: int | None) -> Carry:
+        x, self_valid, encoded_valid = carry["x"], carry["decoder_valid"], carry["encoded_valid"]
+        batch, length = x.shape[:2]
+        query_slots = carry.get("cache_index", 0) + jnp.arange(length)
+        cross = jnp.broadcast_to(encoded_valid.astype(bool)[:, None, :], (batch, length, encoded_valid.shape[1]))
+        bias = call(query_slots, jnp.arange(self_valid.shape[1]), method="position_bias")
+        return carry | {"mask": causal_mask(self_valid, query_slots), "bias": bias, "cross_mask": cross}
+
+    def decoder_step(call: Call, carry: Carry, layer: int | None) -> Carry:
+        x, cache = call(carry["x"], carry["mask"], None, layer_cache(carry, layer), carry.get("cache_index", 0),
+                        carry["bias"], carry["encoded"], carry["cross_mask"])
+        return with_layer_cache(carry | {"x": x}, layer, cache)
+
+    def decoder_end(call: Call, carry: Carry, layer: int | None) -> Carry:
+        return carry | {"x": call(carry["x"], method="finish")}
+
+    def head(call: Call, carry: Carry, layer: int | None) -> Carry:
+        return carry | {"logits": call(carry["x"], method="head")}
+
+    encoder_stages = (
+        Stage("encoder", encoder, encoder_start),
+        *[Stage(f"encoder/blocks_{i}", encoder_block, encoder_step, i) for i in range(config.depth)],
+        Stage("encoder", encoder, encoder_end),
+    )
+    decoder_stages = (
+        Stage("", model, decoder_embed),
+        Stage("decoder", decoder, decoder_start),
+        *[Stage(f"decoder/blocks_{i}", decoder_block, decoder_step, i) for i in range(config.num_decoder_layers)],
+        Stage("decoder", decoder, decoder_end),
+        Stage("", model, head),
+    )
+    return encoder_stages, decoder_stages

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from sparsevlm.config import VisionConfig
 from sparsevlm.models.layers import Block, Dtype, make_norm
+from sparsevlm.models.stages import Call, Carry, Stage, run_stages
 
 Array = jax.Array
 
 
-def vit_block(config: VisionConfig, dtype: Dtype = jnp.float32) -> Block:
+def vit_block(config: VisionConfig, dtype: Dtype = jnp.float32, **module_kwargs: Any) -> Block:
     """One ViT block as a standalone module (the tower's blocks and block-wise calibration share it)."""
     return Block(
+        **module_kwargs,
         width=config.width,
         num_heads=config.num_heads,
         head_dim=config.width // config.num_heads,
@@ -78,7 +83,25 @@ class ViT(nn.Module):
         return x
 
     def __call__(self, images: Array) -> Array:
-        x = self.embed(images)
-        for block in self.blocks:
-            x, _ = block(x, mask=None)
-        return self.head(x)
+        """Images → features, through `vit_stages`."""
+        return run_stages(self, vit_stages(self.config, self.dtype), {"images": images})["x"]
+
+
+@functools.lru_cache(maxsize=32)
+def vit_stages(config: VisionConfig, dtype: Dtype = jnp.float32) -> tuple[Stage, ...]:
+    """The tower's forward pass: `images` → embed → blocks used → head, as `x` in the carry."""
+    # parent=None: definitions only, even when first built inside a module's method.
+    vit, block = ViT(config, dtype, parent=None), vit_block(config, dtype, parent=None)
+
+    def embed(call: Call, carry: Carry, layer: int | None) -> Carry:
+        rest = {k: v for k, v in carry.items() if k != "images"}
+        return rest | {"x": call(carry["images"], method="embed")}
+
+    def layer_step(call: Call, carry: Carry, layer: int | None) -> Carry:
+        return carry | {"x": call(carry["x"], None)[0]}
+
+    def head(call: Call, carry: Carry, layer: int | None) -> Carry:
+        return carry | {"x": call(carry["x"], method="head")}
+
+    blocks = [Stage(f"blocks_{i}", block, layer_step, i) for i in range(config.blocks_used)]
+    return (Stage("", vit, embed), *blocks, Stage("", vit, head))

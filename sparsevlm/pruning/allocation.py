@@ -1,83 +1,17 @@
-"""How sparse each tower and layer is: the per-tower sparsity spec and its per-layer ratios."""
+"""How sparse each layer is: a `SparsitySpec`'s uniform per-layer ratios, or a global budget by importance."""
 
 from __future__ import annotations
 
-import dataclasses
-import numbers
 import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from sparsevlm.models.vlm import TOWERS
-from sparsevlm.pruning.masks import PRUNABLE_RULES, prunable_paths, tower_of
-from sparsevlm.pruning.patterns import UNSTRUCTURED, Pattern
+from sparsevlm.config import Pattern, SparsitySpec, check_global_allocation
+from sparsevlm.masks import PRUNABLE_RULES, prunable_paths, tower_of
 from sparsevlm.tree import flatten
 
 PyTree = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class SparsitySpec:
-    """Target sparsity per tower (fraction of prunable weights set to zero) and one pattern for all.
-
-    With an N:M pattern (N of every M weights kept) a pruned tower's sparsity is `1 - N/M`.
-    """
-
-    vision: float = 0.0
-    connector: float = 0.0
-    language: float = 0.0
-    pattern: str = UNSTRUCTURED
-
-    def __post_init__(self) -> None:
-        pattern = Pattern.parse(self.pattern)
-        for tower in TOWERS:
-            value = getattr(self, tower)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"{tower} sparsity {value!r} is not a number")
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{tower} sparsity {value!r} is outside [0, 1)")
-            fixed = pattern.fixed_sparsity
-            if fixed is not None and value not in (0.0,) and abs(value - fixed) > 1e-9:
-                raise ValueError(
-                    f"{tower} sparsity {value} does not match pattern {self.pattern}, which keeps "
-                    f"{pattern.n} of every {pattern.m} weights (sparsity {fixed:g}); use 0 or {fixed:g}"
-                )
-
-    @property
-    def parsed_pattern(self) -> Pattern:
-        """The pattern as a `Pattern`."""
-        return Pattern.parse(self.pattern)
-
-    @property
-    def targets(self) -> dict[str, float]:
-        """`{tower: sparsity}`."""
-        return {tower: float(getattr(self, tower)) for tower in TOWERS}
-
-    @classmethod
-    def same(cls, sparsity: float, pattern: str = UNSTRUCTURED) -> "SparsitySpec":
-        """The same ratio for the vision tower and the language model (connector dense)."""
-        return cls(vision=sparsity, language=sparsity, pattern=pattern)
-
-    @classmethod
-    def language_only(cls, sparsity: float, pattern: str = UNSTRUCTURED) -> "SparsitySpec":
-        """Prune only the language model."""
-        return cls(language=sparsity, pattern=pattern)
-
-    @classmethod
-    def vision_only(cls, sparsity: float, pattern: str = UNSTRUCTURED) -> "SparsitySpec":
-        """Prune only the vision tower."""
-        return cls(vision=sparsity, pattern=pattern)
-
-    @classmethod
-    def constant_sum(cls, total: float, vision: Sequence[float], pattern: str = UNSTRUCTURED) -> list["SparsitySpec"]:
-        """Splits with `vision + language = total`, one per vision sparsity."""
-        return [cls(vision=v, language=round(total - v, 10), pattern=pattern) for v in vision]
-
-    def describe(self) -> str:
-        """Short human-readable form, e.g. `vision 0.5 / language 0.5 (unstructured)`."""
-        parts = [f"{t} {v:g}" for t, v in self.targets.items() if v > 0] or ["dense"]
-        return " / ".join(parts) + f" ({self.pattern})"
 
 
 def uniform_ratios(
@@ -118,19 +52,6 @@ def block_of(path: str) -> str:
         if re.fullmatch(r"[A-Za-z_]+_\d+", part):
             return "/".join(parts[: i + 1])
     return parts[0]
-
-
-def check_global_allocation(spec: SparsitySpec, max_layer_sparsity: float,
-                            what: str = "a global sparsity allocation", cap: str = "max layer sparsity") -> None:
-    """A clear error if `spec` cannot be allocated globally: N:M patterns, or a cap below a target."""
-    pattern = spec.parsed_pattern
-    if pattern.kind == "n_of_m":
-        raise ValueError(f"{what} needs an unstructured pattern, not {pattern.name}: N:M fixes every layer's sparsity")
-    if not 0.0 < max_layer_sparsity < 1.0:
-        raise ValueError(f"{cap} {max_layer_sparsity!r} is outside (0, 1)")
-    highest = max(spec.targets.values())
-    if max_layer_sparsity < highest:
-        raise ValueError(f"{cap} {max_layer_sparsity:g} is below the target sparsity {highest:g}")
 
 
 def global_ratios(

@@ -13,24 +13,21 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from sparsevlm.config import CALIBRATION_MODES, VisionConfig
 from sparsevlm.data.batch import EncodedSet
-from sparsevlm.config import VisionConfig
-from sparsevlm.models.layers import Linear
-from sparsevlm.models.stages import Carry, Stage
+from sparsevlm.models.layers import intercept_linears
+from sparsevlm.models.stages import Carry, Stage, carry_batch_size, is_shared, subtree
 from sparsevlm.pruning.criteria import LayerStats
 from sparsevlm.tree import flatten, unflatten
 
 PyTree = Any
 Array = jax.Array
 LayerFn = Callable[[str, Array, LayerStats], tuple[Array, Array]]
-
-CALIBRATION_MODES = ("sequential", "dense")
 
 
 def calibration_carry(
@@ -62,51 +59,48 @@ def _input_stats(x: Array, weight: Array | None, need_hessian: bool) -> LayerSta
 
 
 @functools.lru_cache(maxsize=64)
-def _jit(fn: Callable[[PyTree, Carry], Carry]) -> Callable[[PyTree, Carry], Carry]:
-    # One jitted wrapper per stage function, so every block of a tower (and every later pruning
-    # run of the same model) reuses one compilation.
-    return jax.jit(fn)
+def _jit(module: Any, fn: Any) -> Callable[[PyTree, Carry], Carry]:
+    # One jitted function per stage kind (module, step), so every block of a stack (and every later
+    # pruning run of the same model) reuses one compilation.
+    return jax.jit(lambda params, carry: Stage("", module, fn).apply(params, carry))
 
 
 @functools.lru_cache(maxsize=64)
-def _capturing(fn: Callable[[PyTree, Carry], Carry], need_hessian: bool) -> Callable[[PyTree, Carry], tuple[Carry, dict]]:
-    """Jitted `fn` that also returns `{module path: LayerStats}` of every `Linear` it calls."""
+def _capturing(module: Any, fn: Any, need_hessian: bool) -> Callable[[PyTree, Carry], tuple[Carry, dict]]:
+    """A stage kind, jitted, that also returns `{module path: LayerStats}` of every `Linear` it calls."""
 
     def run(params: PyTree, carry: Carry) -> tuple[Carry, dict[str, LayerStats]]:
         stats: dict[str, LayerStats] = {}
         weight = carry.get("weight")
         kv_weight = carry.get("kv_weight")  # padding of the sequence a cross-attention reads (T5 decoder)
 
-        def interceptor(next_fun, args, kwargs, context):  # noqa: ANN001, ANN202
-            if isinstance(context.module, Linear) and context.method_name == "__call__":
-                path = context.module.path
-                name = "/".join(path)
-                reads_other = kv_weight is not None and len(path) >= 2 and path[-2] == "cross" and path[-1] in "kv"
-                new = _input_stats(args[0], kv_weight if reads_other else weight, need_hessian)
-                stats[name] = new if name not in stats else jax.tree.map(jnp.add, stats[name], new)
-            return next_fun(*args, **kwargs)
+        def record(name: str, module: Any, x: Array, call: Callable[[Array], Array]) -> Array:
+            reads_other = kv_weight is not None and name.split("/")[-2:] in (["cross", "k"], ["cross", "v"])
+            new = _input_stats(x, kv_weight if reads_other else weight, need_hessian)
+            stats[name] = new if name not in stats else jax.tree.map(jnp.add, stats[name], new)
+            return call(x)
 
-        with nn.intercept_methods(interceptor):
-            out = fn(params, carry)
+        with intercept_linears(record):
+            out = Stage("", module, fn).apply(params, carry)
         return out, stats
 
     return jax.jit(run)
 
 
-def _subtree(params: PyTree, prefix: str) -> PyTree:
-    node = params
-    for key in prefix.split("/"):
-        node = node[key]
-    return node
-
-
 def _chunks(carry: Carry, size: int) -> list[Carry]:
-    total = next(iter(carry.values())).shape[0]
-    return [{k: v[i : i + size] for k, v in carry.items()} for i in range(0, total, size)]
+    total = carry_batch_size(carry)
+    return [{k: v if is_shared(v, total) else v[i : i + size] for k, v in carry.items()} for i in range(0, total, size)]
 
 
-def _concat(chunks: Sequence[Carry]) -> Carry:
-    return {k: jnp.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+def _owners(stages: Sequence[Stage], targets: Mapping[str, Any]) -> set[int]:
+    """The stage that runs each target: the last one whose prefix is the target's longest stage prefix."""
+    owners = set()
+    for target in targets:
+        matching = [i for i, s in enumerate(stages) if target.startswith(s.prefix + "/" if s.prefix else "")]
+        if matching:
+            longest = max(len(stages[i].prefix) for i in matching)
+            owners.add(max(i for i in matching if len(stages[i].prefix) == longest))
+    return owners
 
 
 def prune_blockwise(
@@ -123,7 +117,7 @@ def prune_blockwise(
     """Run `stages` over the calibration set, pruning every linear in `targets` with `prune_layer`.
 
     `prune_layer(path, kernel, stats) -> (new kernel, keep-mask)`. Returns the new params and the
-    masks as `{path: bool array}`.
+    masks as `{path: bool array}`. Stages after the last one holding a target are never run.
     """
     if mode not in CALIBRATION_MODES:
         raise ValueError(f"calibration mode {mode!r} is not one of {', '.join(CALIBRATION_MODES)}")
@@ -133,14 +127,15 @@ def prune_blockwise(
     masks: dict[str, Array] = {}
 
     stream = _chunks(jax.device_put(dict(calibration)), batch_size)
-    last = max((i for i, s in enumerate(stages) if any(t.startswith(s.prefix + "/") for t in targets)), default=-1)
-    for stage in tqdm(stages[: last + 1], desc="prune", disable=not progress, leave=False):
-        sub = _subtree(params, stage.prefix)
-        apply = _jit(stage.fn)
-        if not any(t.startswith(stage.prefix + "/") for t in targets):
+    owners = _owners(stages, targets)
+    for index, stage in enumerate(tqdm(stages[: max(owners, default=-1) + 1], desc="prune", disable=not progress,
+                                       leave=False)):
+        sub = subtree(params, stage.prefix)
+        apply = _jit(stage.module, stage.fn)
+        if index not in owners:
             stream = [apply(sub, chunk) for chunk in stream]
             continue
-        capture = _capturing(stage.fn, need_hessian)
+        capture = _capturing(stage.module, stage.fn, need_hessian)
         outputs, total = [], None
         for chunk in stream:
             out, stats = capture(sub, chunk)
@@ -148,13 +143,13 @@ def prune_blockwise(
             total = stats if total is None else jax.tree.map(jnp.add, total, stats)
         pruned_any = False
         for name, stats in (total or {}).items():
-            path = f"{stage.prefix}/{name}/kernel"
+            path = "/".join(filter(None, (stage.prefix, name, "kernel")))
             if path not in targets:
                 continue
             flat[path], masks[path] = prune_layer(path, jnp.asarray(flat[path]), stats)
             pruned_any = True
         if mode == "sequential" and pruned_any:
-            new_sub = _subtree(unflatten(flat), stage.prefix)
+            new_sub = subtree(unflatten(flat), stage.prefix)
             stream = [apply(new_sub, chunk) for chunk in stream]
         else:
             stream = outputs

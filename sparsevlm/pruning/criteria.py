@@ -1,11 +1,20 @@
-"""Pruning criteria: a score per weight of a Flax `[in, out]` kernel; low scores are pruned first."""
+"""Pruning criteria: a score per weight of a Flax `[in, out]` kernel; low scores are pruned first.
+
+A criterion becomes a pruning method with `by_score`: score, then select under the pattern
+(`patterns.select`). Magnitude, random and Wanda are registered this way (`registry.METHODS`).
+"""
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from functools import partial
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from sparsevlm.config import Pattern
+from sparsevlm.masks import mask_weights
+from sparsevlm.pruning.patterns import select
 
 Array = jax.Array
 
@@ -51,4 +60,27 @@ def wanda(kernel: Array, stats: LayerStats | None, key: Array | None) -> Array:
 
 
 Criterion = Callable[[Array, "LayerStats | None", "Array | None"], Array]
-CRITERIA: dict[str, Criterion] = {"magnitude": magnitude, "random": random, "wanda": wanda}
+LayerFunction = Callable[..., tuple[Array, Array]]
+
+
+@partial(jax.jit, static_argnames=("criterion", "pattern", "sparsity"))
+def _score_and_select(kernel: Array, stats: LayerStats | None, key: Array | None, criterion: Criterion,
+                      pattern: Pattern, sparsity: float) -> tuple[Array, Array]:
+    keep = select(criterion(kernel, stats, key), pattern, sparsity)
+    return mask_weights(kernel, keep), keep
+
+
+def by_score(criterion: Criterion) -> LayerFunction:
+    """A registry layer function that keeps the highest `criterion` scores under the pattern."""
+
+    def layer(kernel: Array, stats: LayerStats | None, pattern: Pattern, sparsity: float, key: Array | None,
+              options: Any = None) -> tuple[Array, Array]:
+        return _score_and_select(kernel, stats, key, criterion, pattern, float(sparsity))
+
+    layer.__doc__ = f"Prune one kernel by {criterion.__name__} scores (`by_score`)."
+    return layer
+
+
+prune_magnitude = by_score(magnitude)
+prune_random = by_score(random)
+prune_wanda = by_score(wanda)

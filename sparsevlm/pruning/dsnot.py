@@ -25,39 +25,17 @@ because its contribution then has the wrong sign for the other move).
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
+from sparsevlm.config import N_OF_M, DSnoTConfig, Pattern
+from sparsevlm.masks import mask_weights
+from sparsevlm.pruning import registry
 from sparsevlm.pruning.criteria import LayerStats
-from sparsevlm.pruning.patterns import Pattern
 
 Array = jax.Array
-
-INITIAL_METHODS = ("wanda", "magnitude", "sparsegpt")
-
-
-@dataclasses.dataclass(frozen=True)
-class DSnoTConfig:
-    """DSnoT's settings: the starting mask's method and the published stopping rules and exponents."""
-
-    init: str = "wanda"
-    threshold: float = 0.1
-    max_cycles: int = 100
-    regrow_variance_power: float = 1.0
-    prune_variance_power: float = 0.0
-    guard: bool = False
-
-    def __post_init__(self) -> None:
-        if self.init not in INITIAL_METHODS:
-            raise ValueError(f"DSnoT initial method {self.init!r} is not one of {', '.join(INITIAL_METHODS)}")
-        if not self.threshold >= 0.0:
-            raise ValueError(f"DSnoT threshold {self.threshold!r} must be a non-negative number")
-        if isinstance(self.max_cycles, bool) or not isinstance(self.max_cycles, int) or self.max_cycles < 0:
-            raise ValueError(f"DSnoT max_cycles {self.max_cycles!r} must be a non-negative integer")
-
 
 def expected_error(kernel: Array, keep: Array, mean: Array) -> Array:
     """Σ_{j pruned} W_ji·E[x_j] per output unit i of a `[in, out]` kernel: E[y_dense − y_sparse]."""
@@ -70,7 +48,7 @@ def dsnot(kernel: Array, keep: Array, stats: LayerStats, pattern: Pattern,
     """Refine the keep-mask of a `[in, out]` kernel; returns `(new keep-mask, cycles run)`."""
     if keep.shape != kernel.shape or keep.dtype != jnp.bool_:
         raise ValueError(f"keep-mask must be bool of the kernel's shape {kernel.shape}, got {keep.dtype}{keep.shape}")
-    if pattern.kind == "n_of_m":
+    if pattern.kind == N_OF_M:
         pattern.check_shape(kernel.shape)
     if config.guard and stats.hessian is None:
         raise ValueError("DSnoT's squared-error guard needs the inputs' Hessian XᵀX")
@@ -96,7 +74,7 @@ def _refine(kernel: Array, keep: Array, mean: Array, variance: Array, sq_norm: A
     variance = jnp.maximum(variance.astype(jnp.float32), jnp.finfo(jnp.float32).tiny)
     regrow_score = jnp.abs(contribution) / variance[None, :] ** regrow_power
     prune_score = jnp.abs(weights) * jnp.sqrt(sq_norm.astype(jnp.float32))[None, :] * variance[None, :] ** prune_power
-    group_size = pattern.m if pattern.kind == "n_of_m" else fan_in
+    group_size = pattern.m if pattern.kind == N_OF_M else fan_in
     group_of = jnp.arange(fan_in) // group_size
     row_index = jnp.arange(rows)
 
@@ -144,3 +122,17 @@ def _refine(kernel: Array, keep: Array, mean: Array, variance: Array, sq_norm: A
     start = (mask, error, active, jnp.zeros((), jnp.int32), pull)
     mask, _, _, cycles, _ = jax.lax.while_loop(running, swap, start)
     return mask.T, cycles
+
+
+def prune_layer(kernel: Array, stats: LayerStats | None, pattern: Pattern, sparsity: float, key: Array | None,
+                options: DSnoTConfig | None = None) -> tuple[Array, Array]:
+    """DSnoT as a registered method: `options.init`'s mask, refined; the weights stay the dense ones.
+
+    SparseGPT's weight updates are not kept when it is the starting method: DSnoT is training-free.
+    """
+    options = options if options is not None else DSnoTConfig()
+    if stats is None or stats.total is None:
+        raise ValueError("dsnot needs calibration statistics with input sums")
+    _, keep = registry.method(options.init).layer_function()(kernel, stats, pattern, sparsity, key, None)
+    keep, _ = dsnot(kernel, keep, stats, pattern, options)
+    return mask_weights(kernel, keep), keep

@@ -17,24 +17,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsevlm.config import VLMConfig
+from sparsevlm.config import ALLOCATIONS, ECOFLAP_BATCHES, SparsitySpec, VLMConfig
+from sparsevlm.losses import task_loss
+from sparsevlm.masks import prunable_paths
 from sparsevlm.models.stages import Carry
 from sparsevlm.models.vlm import VLM
-from sparsevlm.pruning.allocation import SparsitySpec, global_ratios, uniform_ratios
-from sparsevlm.pruning.masks import PRUNABLE_RULES
-from sparsevlm.train import task_loss
+from sparsevlm.pruning.allocation import global_ratios, uniform_ratios
 from sparsevlm.tree import flatten, unflatten
 
 PyTree = Any
 Array = jax.Array
 
-ALLOCATIONS = ("uniform", "ecoflap-zeroth", "ecoflap-first")
 ECOFLAP_ORDERS = {"ecoflap-zeroth": "zeroth", "ecoflap-first": "first"}  # allocation → importance order
-CALIBRATION_BATCHES = 32  # ECoFLaP sums its scores over 32 calibration batches
 NOISE_EPS = 1e-3  # ECoFLaP's perturbation size
 
 
-def loss_batches(calibration: Carry, count: int = CALIBRATION_BATCHES) -> list[dict[str, Array]]:
+def loss_batches(calibration: Carry, count: int = ECOFLAP_BATCHES) -> list[dict[str, Array]]:
     """The calibration examples split into `count` loss batches (fewer if there are fewer examples)."""
     if count <= 0:
         raise ValueError(f"calibration batches {count} must be positive")
@@ -133,25 +131,8 @@ def zeroth_order_scores(params: PyTree, config: VLMConfig, batches: Sequence[dic
     return scores
 
 
-def ecoflap_ratios(
-    params: PyTree,
-    config: VLMConfig,
-    spec: SparsitySpec,
-    calibration: Carry,
-    order: str = "zeroth",
-    max_layer_sparsity: float = 0.8,
-    key: Array | None = None,
-    batches: int = CALIBRATION_BATCHES,
-    rules: Sequence[tuple[str, bool]] = PRUNABLE_RULES,
-) -> dict[str, float]:
-    """ECoFLaP's per-layer ratios for `spec`'s global budget, from zeroth- or first-order block importance."""
-    paths = sorted(uniform_ratios(params, spec, rules))
-    scores = importance_scores(params, config, calibration, paths, order, key, batches)
-    return global_ratios(params, spec, scores, max_layer_sparsity, rules)
-
-
 def importance_scores(params: PyTree, config: VLMConfig, calibration: Carry, paths: Sequence[str],
-                      order: str = "zeroth", key: Array | None = None, batches: int = CALIBRATION_BATCHES
+                      order: str = "zeroth", key: Array | None = None, batches: int = ECOFLAP_BATCHES
                       ) -> dict[str, float]:
     """ECoFLaP's `{path: importance}` of the matrices at `paths`, zeroth- or first-order."""
     if order not in ("zeroth", "first"):
@@ -170,12 +151,21 @@ def allocation_ratios(
     calibration: Carry | None,
     max_layer_sparsity: float = 0.8,
     key: Array | None = None,
+    batches: int = ECOFLAP_BATCHES,
+    scores: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Per-layer ratios for an `--allocation` name: `uniform` or `ecoflap-{zeroth,first}`."""
+    """Per-layer ratios for an allocation name: `uniform`, or ECoFLaP's global budget by `ecoflap-{zeroth,first}` importance.
+
+    ECoFLaP's importance is computed for every prunable matrix (so one set of `scores` serves any
+    spec; pass them to reuse them) and spent over the spec's pruned towers (`global_ratios`).
+    """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation {allocation!r} is not one of {', '.join(ALLOCATIONS)}")
     if allocation == "uniform":
         return uniform_ratios(params, spec)
-    if calibration is None:
-        raise ValueError(f"{allocation} allocation needs calibration data")
-    return ecoflap_ratios(params, config, spec, calibration, ECOFLAP_ORDERS[allocation], max_layer_sparsity, key)
+    if scores is None:
+        if calibration is None:
+            raise ValueError(f"{allocation} allocation needs calibration data")
+        scores = importance_scores(params, config, calibration, prunable_paths(params), ECOFLAP_ORDERS[allocation],
+                                   key, batches)
+    return global_ratios(params, spec, scores, max_layer_sparsity)

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsevlm.pruning.patterns import Pattern, num_pruned, ranks
+from sparsevlm.config import N_OF_M, UNSTRUCTURED, UNSTRUCTURED_LAYER, Pattern, num_pruned
+from sparsevlm.pruning.criteria import LayerStats
+from sparsevlm.pruning.patterns import ranks
 
 Array = jax.Array
 
@@ -40,9 +42,9 @@ def _block(weights: Array, keep: Array, factor: Array, start: Array, prune_count
     block = jax.lax.dynamic_slice(weights, (0, start), (rows, count))
     block_factor = jax.lax.dynamic_slice(factor, (start, start), (count, count))
     diag = jnp.diag(block_factor)
-    if pattern.kind == "row":
+    if pattern.kind == UNSTRUCTURED:
         pruned = ranks(block**2 / diag[None] ** 2, axis=1) < prune_count
-    elif pattern.kind == "layer":
+    elif pattern.kind == UNSTRUCTURED_LAYER:
         saliency = (block**2 / diag[None] ** 2).reshape(-1)
         pruned = (ranks(saliency, axis=0) < prune_count).reshape(block.shape)
     else:
@@ -57,7 +59,7 @@ def _block(weights: Array, keep: Array, factor: Array, start: Array, prune_count
 
     def column(i: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
         block, pruned, errors = carry
-        if pattern.kind == "n_of_m":
+        if pattern.kind == N_OF_M:
             pruned = jax.lax.cond(i % pattern.m == 0, choose_group, lambda i, b, p: p, i, block, pruned)
         w = block[:, i]
         q = jnp.where(pruned[:, i], 0.0, w)
@@ -94,15 +96,23 @@ def sparsegpt(
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
     pattern.check_shape(kernel.shape)
-    if pattern.kind == "n_of_m" and block_size % pattern.m:
+    if pattern.kind == N_OF_M and block_size % pattern.m:
         raise ValueError(f"block_size={block_size} must be a multiple of M={pattern.m}")
     factor, dead = inverse_hessian_factor(hessian, damp)
     weights = jnp.where(dead[None, :], 0.0, jnp.asarray(kernel, jnp.float32).T)
     keep = jnp.ones(weights.shape, bool)
     # Cumulative budgets so that per-block counts add up to exactly the pattern's total.
-    per_unit = fan_out if pattern.kind == "layer" else 1
+    per_unit = fan_out if pattern.kind == UNSTRUCTURED_LAYER else 1
     for start in range(0, fan_in, block_size):
         stop = min(start + block_size, fan_in)
         budget = num_pruned(stop * per_unit, sparsity) - num_pruned(start * per_unit, sparsity)
         weights, keep = _block(weights, keep, factor, np.int32(start), np.int32(budget), stop - start, pattern)
     return weights.T.astype(kernel.dtype), keep.T
+
+
+def prune_layer(kernel: Array, stats: LayerStats | None, pattern: Pattern, sparsity: float, key: Array | None,
+                options: None = None) -> tuple[Array, Array]:
+    """SparseGPT as a registered method (`sparsevlm.pruning.registry`): needs the inputs' Hessian."""
+    if stats is None or stats.hessian is None:
+        raise ValueError("sparsegpt needs the inputs' Hessian XᵀX")
+    return sparsegpt(kernel, stats.hessian, pattern, sparsity)

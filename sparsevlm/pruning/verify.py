@@ -8,14 +8,12 @@ axis (axis 0), as the pruners make them. Reports are plain JSON-serialisable dic
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from sparsevlm.checkpoint import load_model_dir
-from sparsevlm.pruning.masks import PRUNABLE_RULES, check_masks, flat_masks, is_prunable, measure_sparsity, tower_of
-from sparsevlm.pruning.patterns import Pattern, num_pruned
+from sparsevlm.config import N_OF_M, UNSTRUCTURED_LAYER, Pattern, num_pruned
+from sparsevlm.masks import PRUNABLE_RULES, check_masks, flat_masks, is_prunable, measure_sparsity, tower_of
 from sparsevlm.tree import flatten
 
 PyTree = Any
@@ -28,7 +26,7 @@ SPARSITY_TOLERANCE = 1e-3
 def n_of_m_valid(kernel: Any, pattern: Pattern | str) -> bool:
     """True if every M consecutive inputs (axis 0) of each output hold at least M−N exact zeros."""
     pattern = Pattern.parse(pattern) if isinstance(pattern, str) else pattern
-    if pattern.kind != "n_of_m":
+    if pattern.kind != N_OF_M:
         raise ValueError(f"pattern {pattern.name!r} is not an N:M pattern")
     kernel = np.asarray(kernel)
     if kernel.ndim != 2 or kernel.shape[0] % pattern.m:
@@ -42,7 +40,7 @@ def _achievable_sparsity(shapes: Sequence[tuple[int, int]], pattern: Pattern, sp
     # faithful prune of a small layer can measure slightly below the target (0.3 of 32 inputs is 9/32).
     pruned = total = 0
     for fan_in, fan_out in shapes:
-        if pattern.kind == "layer":
+        if pattern.kind == UNSTRUCTURED_LAYER:
             pruned += num_pruned(fan_in * fan_out, sparsity)
         else:
             pruned += num_pruned(fan_in, sparsity) * fan_out
@@ -88,7 +86,7 @@ def _check_claims(
             problems.append(f"the model has no prunable {tower} weights")
         if measured < achievable - SPARSITY_TOLERANCE:
             problems.append(f"measured sparsity {measured:.4f} < claimed {target:g}")
-        if pattern.kind == "n_of_m":
+        if pattern.kind == N_OF_M:
             broken = [p for p in paths if not layers[p]["n_of_m"][pattern.name]]
             claim["n_of_m_valid"] = bool(paths) and not broken
             if broken:
@@ -119,9 +117,9 @@ def verify_params(
     claim = _parse_claim(claimed) if claimed else None
     checked = [Pattern.parse(name) for name in patterns]
     for pattern in checked:
-        if pattern.kind != "n_of_m":
+        if pattern.kind != N_OF_M:
             raise ValueError(f"patterns to check must be N:M, got {pattern.name!r}")
-    if claim is not None and claim[0].kind == "n_of_m" and claim[0] not in checked:
+    if claim is not None and claim[0].kind == N_OF_M and claim[0] not in checked:
         checked.append(claim[0])
     flat = flatten(params)
     kept = flat_masks(masks) if masks is not None else {}
@@ -173,24 +171,14 @@ def verify_params(
     }
 
 
-def _dense_restoration(metadata: Mapping[str, Any]) -> bool:
+def claimed_pruning(metadata: Mapping[str, Any]) -> tuple[Mapping[str, Any] | None, str | None]:
+    """The pruning claim a saved model's metadata makes, if it still applies, and a note when it does not."""
+    claimed = metadata.get("pruning")
     restoration = metadata.get("restoration") or {}
-    return restoration.get("method") == "lora" and not restoration.get("remask")
-
-
-def verify_model(path: str | os.PathLike) -> dict[str, Any]:
-    """Verify a saved model directory against its own masks and recorded pruning claim."""
-    bundle = load_model_dir(path)
-    claimed = bundle.metadata.get("pruning")
-    note = None
-    if claimed and _dense_restoration(bundle.metadata):
+    if claimed and restoration.get("method") == "lora" and not restoration.get("remask"):
         # LoRA restoration without remasking merges a dense update on purpose: the pruning claim is history.
-        note = "restored with dense LoRA (no remask): the recorded pruning no longer applies"
-        claimed = None
-    report = verify_params(bundle.params, bundle.masks, claimed)
-    report["model"] = str(path)
-    report["note"] = note
-    return report
+        return None, "restored with dense LoRA (no remask): the recorded pruning no longer applies"
+    return claimed, None
 
 
 def format_verify(report: Mapping[str, Any]) -> str:
@@ -217,4 +205,4 @@ def format_verify(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__: Sequence[str] = ["CHECKED_PATTERNS", "format_verify", "n_of_m_valid", "verify_model", "verify_params"]
+__all__: Sequence[str] = ["CHECKED_PATTERNS", "claimed_pruning", "format_verify", "n_of_m_valid", "verify_params"]

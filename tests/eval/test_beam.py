@@ -18,7 +18,7 @@ from sparsevlm.eval.beam import beam_search
 from sparsevlm.hf.llama import language_config, language_rules
 from sparsevlm.hf.rules import to_ours
 from sparsevlm.models.decoder import Decoder, init_cache
-from sparsevlm.models.vlm import attention_mask
+from sparsevlm.models.layers import causal_mask
 from sparsevlm.tree import flatten, unflatten
 
 VOCAB, MAX_NEW, BEAMS = 64, 10, 5
@@ -56,7 +56,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[transformers.LlamaF
 
     def init(module: Decoder, tokens: jax.Array) -> tuple:
         # Through `embed_tokens` too, so the embedding table is part of the expected tree.
-        mask = attention_mask(jnp.ones((1, 2), bool), jnp.arange(2))
+        mask = causal_mask(jnp.ones((1, 2), bool), jnp.arange(2))
         return module(module.embed_tokens(tokens), jnp.arange(2)[None], mask)
 
     shapes = jax.eval_shape(functools.partial(decoder.init, method=init), jax.random.key(0), tokens)["params"]
@@ -90,7 +90,7 @@ def _prefill(decoder: Decoder, params: dict, tokens: jax.Array, valid: jax.Array
     embeds = decoder.apply({"params": params}, tokens, method=Decoder.embed_tokens)
     cache = init_cache(decoder.config, batch, length + MAX_NEW)
     logits, cache = decoder.apply(
-        {"params": params}, embeds, positions, attention_mask(slots, jnp.arange(length)), cache, 0
+        {"params": params}, embeds, positions, causal_mask(slots, jnp.arange(length)), cache, 0
     )
     return logits[:, -1], {"cache": cache, "valid": slots, "position": positions[:, -1]}
 
@@ -103,7 +103,7 @@ def _decode_step(
     valid = state["valid"].at[:, index].set(True)
     position = state["position"] + 1
     embeds = decoder.apply({"params": params}, tokens[:, None], method=Decoder.embed_tokens)
-    mask = attention_mask(valid, jnp.reshape(index, (1,)))
+    mask = causal_mask(valid, jnp.reshape(index, (1,)))
     logits, cache = decoder.apply({"params": params}, embeds, position[:, None], mask, state["cache"], index)
     return logits[:, 0], {"cache": cache, "valid": valid, "position": position}
 

@@ -10,8 +10,8 @@ import torch
 
 from sparsevlm.eval.generate import compiled_generate
 from sparsevlm.models.vlm import VLM
-from tests.hf.test_families import FAMILIES, _arrays, _inputs, _is_t5
-from tests.hf.test_families import family  # noqa: F401  (per family: name, our bundle, the HF model)
+from tests.hf.test_families import _arrays, _inputs, _is_t5
+from tests.hf.tiny import FAMILIES
 
 BEAMS, MAX_NEW = 5, 10
 
@@ -54,7 +54,7 @@ def _ours(bundle, inputs, num_beams: int, eos_id: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def case(family):  # noqa: F811
+def case(family):
     """Both prompts as one left-padded batch, and an EOS id the search meets mid-answer.
 
     The tiny random models rarely emit their tokenizer's EOS in 10 tokens, so the EOS is a token that
@@ -75,7 +75,7 @@ def test_beam_search_matches_transformers(case):
 
 
 def test_one_beam_is_greedy(case):
-    # `greedy_generate` is `generate(num_beams=1)`; this runs it compiled, as evaluation does, with early EOS.
+    # Greedy decoding is `generate(num_beams=1)`; this runs it compiled, as evaluation does, with early EOS.
     bundle, model, inputs, eos_id = case
     want = _hf(bundle, model, inputs, 1, eos_id)
     assert [_through_eos(row, eos_id) for row in _ours(bundle, inputs, 1, eos_id)] == want

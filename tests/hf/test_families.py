@@ -10,24 +10,15 @@ import pytest
 import torch
 import transformers
 
-from sparsevlm.eval.generate import greedy_generate
+from sparsevlm.config import LoraConfig, SparsitySpec
+from sparsevlm.eval.generate import compiled_generate
 from sparsevlm.hf.load import PAPER_LORA_MODULES, export_hf, hf_modules, load_hf_model
-from sparsevlm.lora import LoraConfig, init_lora, lora_targets, merge
+from sparsevlm.lora import init_lora, lora_targets, merge
 from sparsevlm.models.vlm import VLM
-from sparsevlm.pruning import SparsitySpec, prune
+from sparsevlm.pruning import prune
 from sparsevlm.tree import flatten
-from tests.hf.tiny import random_image
+from tests.hf.tiny import FAMILIES, random_image
 
-LLAVA_PROMPTS = ["USER: <image> what color is the shape ? ASSISTANT:", "USER: <image> how many ? ASSISTANT:"]
-BLIP_PROMPTS = ["Question: what color is the shape ? Short answer:", "Question: how many ? Short answer:"]
-FAMILIES = {
-    # name: (HF class, prompts, the paper's LoRA modules)
-    "llava-llama": ("LlavaForConditionalGeneration", LLAVA_PROMPTS, ("clip", "mlp", "llama")),
-    "blip2-opt": ("Blip2ForConditionalGeneration", BLIP_PROMPTS, ("blip_vit", "qformer", "opt")),
-    "instructblip-llama": ("InstructBlipForConditionalGeneration", BLIP_PROMPTS, ("blip_vit", "qformer", "llama")),
-    "blip2-flant5": ("Blip2ForConditionalGeneration", BLIP_PROMPTS, ("blip_vit", "qformer", "t5")),
-    "instructblip-flant5": ("InstructBlipForConditionalGeneration", BLIP_PROMPTS, ("blip_vit", "qformer", "t5")),
-}
 TARGETS = np.array([[7, 8, 9], [10, 11, 12]])  # decoder targets for the encoder-decoder (T5) families
 
 
@@ -58,7 +49,8 @@ def _ours(bundle, inputs, params=None):
         mask = np.concatenate([mask, np.ones(TARGETS[: len(mask)].shape, bool)], axis=1)
         target = np.zeros(tokens.shape, bool)
         target[:, -TARGETS.shape[1]:] = True
-    logits, _ = VLM(bundle.config).apply(
+    # One compiled program per family (eager op-by-op dispatch compiles hundreds of small ones).
+    logits, _ = jax.jit(VLM(bundle.config).apply)(
         {"params": bundle.params if params is None else params}, images, tokens, mask, None, instruction, target
     )
     logits = np.asarray(logits)
@@ -84,14 +76,6 @@ def _theirs(model, inputs):
         return model(**kwargs).logits.numpy()
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request, hf_dirs):
-    name = request.param
-    directory = hf_dirs(name)
-    model = getattr(transformers, FAMILIES[name][0]).from_pretrained(directory).eval()
-    return name, load_hf_model(directory), model
-
-
 def test_logits_match_transformers_on_a_left_padded_batch(family):
     name, bundle, model = family
     inputs = _inputs(bundle.processor, FAMILIES[name][1])
@@ -110,15 +94,15 @@ def test_greedy_generation_matches_transformers(family):
         # Decoder-only models return the prompt too; T5 returns the decoder's start token first.
         want = want[0, 1:].numpy() if _is_t5(bundle) else want[0, inputs["input_ids"].shape[1]:].numpy()
         images, tokens, mask, instruction = _arrays(inputs)
-        got = greedy_generate(VLM(bundle.config), bundle.params, images, tokens, mask, max_new_tokens=8,
-                              eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, instruction=instruction)
+        generate = compiled_generate(VLM(bundle.config), 8, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        got = generate(bundle.params, images, tokens, mask, instruction=instruction)
         assert len(want) > 0
         np.testing.assert_array_equal(np.asarray(got)[0, : len(want)], want)
 
 
 def test_lora_targets_are_the_papers_modules(family):
     name, bundle, _ = family
-    targets = lora_targets(bundle.params, LoraConfig.with_ranks(connector_kind=bundle.config.connector.kind))
+    targets = lora_targets(bundle.params, LoraConfig())
     want = set().union(*(PAPER_LORA_MODULES[kind] for kind in FAMILIES[name][2]))
     assert hf_modules(bundle, targets) == want
     assert not any(p.startswith("unused/") for p in targets)
@@ -143,19 +127,20 @@ def test_bfloat16_loading(hf_dirs):
 def test_prune_merge_export_round_trip(family, tmp_path):
     """Wanda 2:4 → SparseLoRA merge → export → transformers loads the same logits and keeps the zeros."""
     name, bundle, _ = family
-    from sparsevlm.data.calibration import calibration_set
+    from sparsevlm.data.examples import load_examples
     from sparsevlm.data.prompts import bundle_format
     from sparsevlm.pruning.calibrate import calibration_carry
 
-    data = calibration_set("shapes-captions", bundle.tokenizer, 8, image_size=bundle.config.vision.image_size,
+    data = load_examples("shapes-captions", bundle.tokenizer, 8, image_size=bundle.config.vision.image_size,
                            fmt=bundle_format(bundle.metadata), instruction_tokenizer=bundle.instruction_tokenizer)
     calibration = calibration_carry(data, 8, bundle.tokenizer.pad_token_id, bundle.config.vision)
     result = prune(bundle.params, bundle.config, SparsitySpec.same(0.5, pattern="2:4"), "wanda", calibration,
                    key=jax.random.key(0))
-    lora_config = LoraConfig.with_ranks(connector_kind=bundle.config.connector.kind)
+    lora_config = LoraConfig()
     # Stand-in for training: non-zero factors, so the merge really changes the kept weights.
     lora = jax.tree.map(lambda x: x + 0.01, init_lora(result.params, lora_config, jax.random.key(1)))
-    merged = jax.device_get(merge(result.params, lora, result.masks, lora_config.alpha, "sparselora"))
+    merged = jax.device_get(jax.jit(merge, static_argnums=(3, 4))(result.params, lora, result.masks,
+                                                                   lora_config.alpha, "sparselora"))
     restored = dataclasses.replace(bundle, params=merged)
     out = export_hf(restored, tmp_path / "exported")
     model = getattr(transformers, FAMILIES[name][0]).from_pretrained(out).eval()

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from sparsevlm import hub
-from sparsevlm.data.calibration import calibration_set
+from sparsevlm.config import SparsitySpec
+from sparsevlm.data.examples import load_examples
 from sparsevlm.data.prompts import bundle_format
-from sparsevlm.pruning import SparsitySpec, uniform_ratios
+from sparsevlm.pruning import uniform_ratios
 from sparsevlm.pruning.allocation import block_of
 from sparsevlm.pruning.calibrate import calibration_carry
 from sparsevlm.pruning.importance import allocation_ratios
@@ -18,7 +19,7 @@ from sparsevlm.tree import flatten
 @pytest.mark.slow
 def test_first_order_allocation_on_instructblip_flant5(hf_dirs):
     bundle = hub.load_model(str(hf_dirs("instructblip-flant5")))
-    data = calibration_set("shapes-captions", bundle.tokenizer, 8, 0, bundle.config.vision.image_size,
+    data = load_examples("shapes-captions", bundle.tokenizer, 8, 0, bundle.config.vision.image_size,
                            bundle_format(bundle.metadata), bundle.instruction_tokenizer, bundle.image_processor)
     carry = calibration_carry(data, 8, bundle.tokenizer.pad_token_id, bundle.config.vision, 0)
     assert "instruction_tokens" in carry

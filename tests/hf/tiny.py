@@ -19,6 +19,18 @@ IMAGE_SIZE = 32
 PATCH = 8
 
 
+LLAVA_PROMPTS = ["USER: <image> what color is the shape ? ASSISTANT:", "USER: <image> how many ? ASSISTANT:"]
+BLIP_PROMPTS = ["Question: what color is the shape ? Short answer:", "Question: how many ? Short answer:"]
+FAMILIES = {
+    # name: (HF class, prompts, the paper's LoRA modules)
+    "llava-llama": ("LlavaForConditionalGeneration", LLAVA_PROMPTS, ("clip", "mlp", "llama")),
+    "blip2-opt": ("Blip2ForConditionalGeneration", BLIP_PROMPTS, ("blip_vit", "qformer", "opt")),
+    "instructblip-llama": ("InstructBlipForConditionalGeneration", BLIP_PROMPTS, ("blip_vit", "qformer", "llama")),
+    "blip2-flant5": ("Blip2ForConditionalGeneration", BLIP_PROMPTS, ("blip_vit", "qformer", "t5")),
+    "instructblip-flant5": ("InstructBlipForConditionalGeneration", BLIP_PROMPTS, ("blip_vit", "qformer", "t5")),
+}
+
+
 def word_tokenizer(
     words: tuple[str, ...] = tuple(WORDS), image_token: bool = True, declare_image_token: bool = True
 ) -> PreTrainedTokenizerFast:

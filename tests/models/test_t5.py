@@ -13,11 +13,12 @@ import pytest
 
 from sparsevlm import tree
 from sparsevlm.config import LanguageConfig
+from sparsevlm.eval.beam import greedy_search
+from sparsevlm.eval.generate import start_t5_decoding
 from sparsevlm.hf.rules import Rule, to_hf
 from sparsevlm.hf.t5 import language_config, language_rules
 from sparsevlm.models.decoder import init_cache
-from sparsevlm.eval.beam import greedy_search
-from sparsevlm.models.t5 import T5, relative_position_bucket, start_decoding, t5_decoder_block, t5_encoder_block
+from sparsevlm.models.t5 import T5, relative_position_bucket, t5_decoder_block, t5_encoder_block
 from tests.hf.tiny import bare_language_params, saved_tensors
 
 torch = pytest.importorskip("torch")
@@ -227,8 +228,9 @@ def test_greedy_generation_matches_transformers(checkpoint: Checkpoint):
     def generate(params: dict, source: jax.Array, valid: jax.Array) -> jax.Array:
         model = T5(cfg)
         embeds = model.apply({"params": params}, source, method=T5.embed_tokens)
+        encoded = model.apply({"params": params}, embeds, valid, method=T5.encode)
         assert cfg.decoder_start_id == FLAN_T5["decoder_start_token_id"]
-        first_logits, state, step = start_decoding(model, params, embeds, valid, NEW)
+        first_logits, state, step = start_t5_decoding(model, params, encoded, valid, NEW)
         return greedy_search(step, first_logits, state, NEW, EOS_ID, PAD_ID)
 
     ours = np.asarray(generate(params, source, valid))

@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 
 from sparsevlm.config import VisionConfig
-from sparsevlm.eval.generate import greedy_generate
-from sparsevlm.models import VLM, ViT
+from sparsevlm.eval.generate import compiled_generate
 from sparsevlm.models.decoder import init_cache
+from sparsevlm.models.vit import ViT
+from sparsevlm.models.vlm import VLM
 from sparsevlm.tree import flatten
+
+
+def _jit(model: VLM):
+    """`model.apply`, compiled: one program per input shape instead of hundreds of eager single ops."""
+    return jax.jit(model.apply, static_argnames=("method",))
 
 
 def _inputs(bundle, batch=2, length=7, seed=0):
@@ -26,8 +32,9 @@ def _inputs(bundle, batch=2, length=7, seed=0):
 
 def test_output_shapes_and_tower_paths(tiny_bundle):
     model = VLM(tiny_bundle.config)
+    apply = _jit(model)
     images, tokens, mask = _inputs(tiny_bundle)
-    logits, cache = model.apply({"params": tiny_bundle.params}, images, tokens, mask)
+    logits, cache = apply({"params": tiny_bundle.params}, images, tokens, mask)
     n_image = tiny_bundle.config.vision.num_features
     assert n_image == 9
     assert logits.shape == (2, n_image + 7, tiny_bundle.config.language.vocab_size)
@@ -40,11 +47,12 @@ def test_output_shapes_and_tower_paths(tiny_bundle):
 
 def test_changing_a_later_token_leaves_earlier_logits_unchanged(tiny_bundle):
     model = VLM(tiny_bundle.config)
+    apply = _jit(model)
     images, tokens, mask = _inputs(tiny_bundle)
     changed = tokens.copy()
     changed[:, 4] = (changed[:, 4] + 1) % tiny_bundle.config.language.vocab_size
-    a, _ = model.apply({"params": tiny_bundle.params}, images, tokens, mask)
-    b, _ = model.apply({"params": tiny_bundle.params}, images, changed, mask)
+    a, _ = apply({"params": tiny_bundle.params}, images, tokens, mask)
+    b, _ = apply({"params": tiny_bundle.params}, images, changed, mask)
     n_image = tiny_bundle.config.vision.num_features
     np.testing.assert_array_equal(a[:, : n_image + 4], b[:, : n_image + 4])
     assert not np.allclose(a[:, n_image + 4 :], b[:, n_image + 4 :])
@@ -52,32 +60,35 @@ def test_changing_a_later_token_leaves_earlier_logits_unchanged(tiny_bundle):
 
 def test_image_changes_text_logits(tiny_bundle):
     model = VLM(tiny_bundle.config)
+    apply = _jit(model)
     images, tokens, mask = _inputs(tiny_bundle)
-    a, _ = model.apply({"params": tiny_bundle.params}, images, tokens, mask)
-    b, _ = model.apply({"params": tiny_bundle.params}, images[::-1], tokens, mask)
+    a, _ = apply({"params": tiny_bundle.params}, images, tokens, mask)
+    b, _ = apply({"params": tiny_bundle.params}, images[::-1], tokens, mask)
     assert not np.allclose(a[0, -1], b[0, -1])
 
 
 def test_left_padding_does_not_change_real_token_logits(tiny_bundle):
     model = VLM(tiny_bundle.config)
+    apply = _jit(model)
     images, tokens, mask = _inputs(tiny_bundle, length=5)
     pad = 3
     padded = np.concatenate([np.zeros((2, pad), np.int32), tokens], axis=1)
     padded_mask = np.concatenate([np.zeros((2, pad), bool), mask], axis=1)
-    a, _ = model.apply({"params": tiny_bundle.params}, images, tokens, mask)
-    b, _ = model.apply({"params": tiny_bundle.params}, images, padded, padded_mask)
+    a, _ = apply({"params": tiny_bundle.params}, images, tokens, mask)
+    b, _ = apply({"params": tiny_bundle.params}, images, padded, padded_mask)
     np.testing.assert_allclose(a[:, -5:], b[:, -5:], rtol=1e-5, atol=1e-5)
 
 
 def test_kv_cache_decoding_equals_full_recomputation(tiny_bundle):
     model = VLM(tiny_bundle.config)
+    apply = _jit(model)
     params = tiny_bundle.params
     images, tokens, mask = _inputs(tiny_bundle, length=6)
     mask[0, :2] = False  # row 0 is left-padded
     n_image, steps = tiny_bundle.config.vision.num_features, 5
     cache = init_cache(tiny_bundle.config.language, 2, n_image + 6 + steps)
-    logits, cache = model.apply({"params": params}, images, tokens, mask, cache)
-    full, _ = model.apply({"params": params}, images, tokens, mask)
+    logits, cache = apply({"params": params}, images, tokens, mask, cache)
+    full, _ = apply({"params": params}, images, tokens, mask)
     np.testing.assert_allclose(logits, np.pad(full, ((0, 0), (0, 0), (0, 0))), rtol=1e-5, atol=1e-5)
     valid = np.concatenate([np.ones((2, n_image), bool), mask, np.zeros((2, steps), bool)], axis=1)
     position = n_image + mask.sum(1) - 1
@@ -88,23 +99,24 @@ def test_kv_cache_decoding_equals_full_recomputation(tiny_bundle):
         index = n_image + 6 + i
         valid[:, index] = True
         position = position + 1
-        step_logits, cache = model.apply(
+        step_logits, cache = apply(
             {"params": params}, new, position[:, None], valid, cache, index, method=VLM.decode
         )
         seq = np.concatenate([seq, new], axis=1)
         seq_mask = np.concatenate([seq_mask, np.ones((2, 1), bool)], axis=1)
-        recomputed, _ = model.apply({"params": params}, images, seq, seq_mask)
+        recomputed, _ = apply({"params": params}, images, seq, seq_mask)
         np.testing.assert_allclose(step_logits[:, 0], recomputed[:, -1], rtol=1e-4, atol=1e-5)
 
 
 def test_greedy_generate_equals_argmax_loop_without_cache(tiny_bundle):
     model = VLM(tiny_bundle.config)
+    apply = _jit(model)
     params = tiny_bundle.params
     images, tokens, mask = _inputs(tiny_bundle, length=4, seed=5)
-    out = np.asarray(greedy_generate(model, params, images, tokens, mask, 4, eos_id=-1, pad_id=0))
+    out = np.asarray(compiled_generate(model, 4, -1, 0)(params, images, tokens, mask))
     seq, seq_mask = tokens, mask
     for i in range(4):
-        logits, _ = model.apply({"params": params}, images, seq, seq_mask)
+        logits, _ = apply({"params": params}, images, seq, seq_mask)
         nxt = np.argmax(np.asarray(logits[:, -1]), axis=-1).astype(np.int32)
         np.testing.assert_array_equal(out[:, i], nxt)
         seq = np.concatenate([seq, nxt[:, None]], axis=1)
@@ -114,9 +126,9 @@ def test_greedy_generate_equals_argmax_loop_without_cache(tiny_bundle):
 def test_greedy_generate_pads_after_eos(tiny_bundle):
     model = VLM(tiny_bundle.config)
     images, tokens, mask = _inputs(tiny_bundle, length=4, seed=5)
-    free = np.asarray(greedy_generate(model, tiny_bundle.params, images, tokens, mask, 4, eos_id=-1, pad_id=0))
+    free = np.asarray(compiled_generate(model, 4, -1, 0)(tiny_bundle.params, images, tokens, mask))
     eos = int(free[0, 1])
-    out = np.asarray(greedy_generate(model, tiny_bundle.params, images, tokens, mask, 4, eos_id=eos, pad_id=0))
+    out = np.asarray(compiled_generate(model, 4, eos, 0)(tiny_bundle.params, images, tokens, mask))
     first = list(out[0]).index(eos)
     assert (out[0, first + 1 :] == 0).all()
 

@@ -8,17 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsevlm.data.calibration import calibration_set
+from sparsevlm.config import SparsitySpec
+from sparsevlm.data.examples import load_examples
 from sparsevlm.models.layers import Linear
-from sparsevlm.models.vlm import VLM, calibration_stages
-from sparsevlm.pruning import SparsitySpec, prune, uniform_ratios
+from sparsevlm.models.stages import subtree
+from sparsevlm.models.vlm import VLM, forward_stages
+from sparsevlm.pruning import prune, uniform_ratios
 from sparsevlm.pruning.calibrate import calibration_carry, prune_blockwise
 from sparsevlm.tree import flatten
 
 
 @pytest.fixture(scope="module")
 def calib(tiny_bundle):
-    data = calibration_set("shapes-captions", tiny_bundle.tokenizer, 12, seed=1)
+    data = load_examples("shapes-captions", tiny_bundle.tokenizer, 12, seed=1)
     return calibration_carry(data, 12, tiny_bundle.tokenizer.pad_token_id, tiny_bundle.config.vision)
 
 
@@ -33,7 +35,7 @@ def _recorded_stats(params, config, calib, mode="sequential", batch_size=32, spe
         return kernel * keep, keep
 
     new_params, masks = prune_blockwise(
-        params, calibration_stages(config), calib, uniform_ratios(params, spec), layer,
+        params, forward_stages(config), calib, uniform_ratios(params, spec), layer,
         need_hessian=True, mode=mode, batch_size=batch_size,
     )
     return recorded, new_params, masks
@@ -64,11 +66,10 @@ def _numpy_stats(x, valid):
 def test_stage_chain_reproduces_the_whole_forward(tiny_bundle, calib):
     params, config = tiny_bundle.params, tiny_bundle.config
     carry = dict(calib)
-    for stage in calibration_stages(config):
-        node = params
-        for key in stage.prefix.split("/"):
-            node = node[key]
-        carry = stage.fn(node, carry)
+    *stages, head = forward_stages(config)
+    assert head.prefix == "language"  # the head, restated below
+    for stage in stages:
+        carry = stage.apply(subtree(params, stage.prefix), carry)
     logits = VLM(config).apply(
         {"params": params}, carry["x"], method=lambda m, x: m.language.lm_head(m.language.norm(x))
     )
@@ -134,11 +135,11 @@ def test_wanda_and_sparsegpt_need_calibration(tiny_bundle):
 def test_calibration_modes_and_counts_are_validated(tiny_bundle, calib):
     with pytest.raises(ValueError, match="calibration mode 'both'"):
         prune(tiny_bundle.params, tiny_bundle.config, SparsitySpec.same(0.5), "wanda", calib, "both")
-    data = calibration_set("shapes-captions", tiny_bundle.tokenizer, 4)
+    data = load_examples("shapes-captions", tiny_bundle.tokenizer, 4)
     with pytest.raises(ValueError, match="calibration samples 9 exceed the 4"):
         calibration_carry(data, 9, 0, tiny_bundle.config.vision)
     with pytest.raises(ValueError, match="data 'cc3m' is neither a built-in set nor TASK=SOURCE"):
-        calibration_set("cc3m", tiny_bundle.tokenizer, 4)
+        load_examples("cc3m", tiny_bundle.tokenizer, 4)
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from sparsevlm.config import Pattern, num_pruned
 from sparsevlm.pruning.criteria import LayerStats, magnitude, random, wanda
-from sparsevlm.pruning.patterns import Pattern, num_pruned, select
+from sparsevlm.pruning.patterns import select
 
 
 class _WandaReferenceStats:
@@ -85,10 +86,10 @@ def test_wanda_unstructured_matches_reference(fan_out, fan_in, sparsity):
     # The reference's int(in * s) and our num_pruned agree on these sizes (no float round-off at stake).
     assert int(fan_in * sparsity) == num_pruned(fan_in, sparsity)
     weight, acts = _calibration(fan_in + int(sparsity * 10), fan_out, fan_in)
-    reference, ours = _masks(weight, acts, Pattern("row"), sparsity)
+    reference, ours = _masks(weight, acts, Pattern("unstructured"), sparsity)
     np.testing.assert_array_equal(ours, reference)
     # Activations matter: the same data without them (magnitude) gives a different mask.
-    assert not np.array_equal(np.asarray(select(jnp.abs(weight.T), Pattern("row"), sparsity)).T, reference)
+    assert not np.array_equal(np.asarray(select(jnp.abs(weight.T), Pattern("unstructured"), sparsity)).T, reference)
 
 
 @pytest.mark.parametrize("fan_out,fan_in", [(48, 64), (96, 128)])
@@ -124,9 +125,9 @@ def test_random_is_reproducible_per_key_and_exact_after_select():
     assert not np.array_equal(first, random(kernel, None, jax.random.key(2)))
     # Scores ignore the weights: the same key gives the same scores for any kernel values.
     np.testing.assert_array_equal(first, random(jnp.ones((64, 24)), None, jax.random.key(1)))
-    keep = np.asarray(select(first, Pattern("row"), 0.4))
+    keep = np.asarray(select(first, Pattern("unstructured"), 0.4))
     np.testing.assert_array_equal((~keep).sum(0), np.full(24, num_pruned(64, 0.4)))
-    other = np.asarray(select(random(kernel, None, jax.random.key(2)), Pattern("row"), 0.4))
+    other = np.asarray(select(random(kernel, None, jax.random.key(2)), Pattern("unstructured"), 0.4))
     assert not np.array_equal(keep, other)
     with pytest.raises(ValueError, match="key"):
         random(kernel, None, None)

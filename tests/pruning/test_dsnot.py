@@ -6,13 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsevlm.data.calibration import calibration_set
-from sparsevlm.models.vlm import calibration_stages
-from sparsevlm.pruning import Pattern, SparsitySpec, prune, uniform_ratios
+from sparsevlm.config import DSnoTConfig, Pattern, SparsitySpec
+from sparsevlm.data.examples import load_examples
+from sparsevlm.models.vlm import forward_stages
+from sparsevlm.pruning import prune, uniform_ratios
 from sparsevlm.pruning.calibrate import calibration_carry, prune_blockwise
 from sparsevlm.pruning.criteria import LayerStats
-from sparsevlm.pruning.dsnot import DSnoTConfig, dsnot, expected_error, squared_error
-from sparsevlm.pruning.prune import needs_hessian, prune_layer
+from sparsevlm.pruning.dsnot import dsnot, expected_error, squared_error
+from sparsevlm.pruning.pruner import prune_layer
+from sparsevlm.pruning.registry import method
 from sparsevlm.tree import flatten
 
 
@@ -37,7 +39,7 @@ def test_hand_built_layer_gets_the_prescribed_swap():
     stats = _stats(MEAN, VAR)
     np.testing.assert_allclose(expected_error(kernel, keep, stats.mean), [1.2, -1.2], rtol=1e-5)
 
-    one, cycles = dsnot(kernel, keep, stats, Pattern("row"), DSnoTConfig(max_cycles=1))
+    one, cycles = dsnot(kernel, keep, stats, Pattern("unstructured"), DSnoTConfig(max_cycles=1))
     # Regrow input 4, not 3: 0.5 / Var 1 beats 0.9 / Var 4. Prune input 1, the lowest Wanda score whose
     # contribution has the opposite sign; input 2 has a lower Wanda score but pruning it would add to
     # the error. The error falls to 1.2 − 0.5 − 0.1 = 0.6.
@@ -47,7 +49,7 @@ def test_hand_built_layer_gets_the_prescribed_swap():
     assert int(cycles) == 1
 
     # The next best swap (regrow 3, prune 0) would overshoot to −0.6, so the row stops there.
-    done, cycles = dsnot(kernel, keep, stats, Pattern("row"), DSnoTConfig())
+    done, cycles = dsnot(kernel, keep, stats, Pattern("unstructured"), DSnoTConfig())
     np.testing.assert_array_equal(np.asarray(done), np.asarray(one))
     assert int(cycles) == 2
 
@@ -55,7 +57,7 @@ def test_hand_built_layer_gets_the_prescribed_swap():
 def test_rows_at_or_below_the_threshold_are_left_alone():
     kernel = jnp.asarray(W[:, None])
     keep = jnp.asarray(START[:, None])
-    same, cycles = dsnot(kernel, keep, _stats(MEAN, VAR), Pattern("row"), DSnoTConfig(threshold=1.5))
+    same, cycles = dsnot(kernel, keep, _stats(MEAN, VAR), Pattern("unstructured"), DSnoTConfig(threshold=1.5))
     np.testing.assert_array_equal(np.asarray(same), np.asarray(keep))
     assert int(cycles) == 0
 
@@ -108,7 +110,7 @@ def test_swaps_keep_counts_and_never_raise_the_expected_error(pattern, sparsity,
     keep, new = np.asarray(keep), np.asarray(new)
     assert int(cycles) > 0 and (keep != new).any()
     np.testing.assert_array_equal(new.sum(axis=0), keep.sum(axis=0))
-    if pattern.kind == "n_of_m":
+    if pattern.kind == "n:m":
         groups = new.reshape(-1, pattern.m, new.shape[1]).sum(axis=1)
         assert (groups == pattern.n).all()
     before = np.abs(np.asarray(expected_error(kernel, keep, stats.mean)))
@@ -122,7 +124,7 @@ def test_dsnot_refines_real_default_model_layers(trained_bundle):
     """On the trained default architecture every layer keeps its counts and no row's expected error grows;
     with the guard, no row's squared reconstruction error grows either."""
     bundle = trained_bundle
-    data = calibration_set("shapes-captions", bundle.tokenizer, 16, seed=0)
+    data = load_examples("shapes-captions", bundle.tokenizer, 16, seed=0)
     carry = calibration_carry(data, 16, bundle.tokenizer.pad_token_id, bundle.config.vision)
     checked, changed = [], []
     for spec in (SparsitySpec.same(0.7), SparsitySpec.same(0.5, "2:4")):
@@ -137,7 +139,7 @@ def test_dsnot_refines_real_default_model_layers(trained_bundle):
                 keep, _ = dsnot(kernel, start, stats, pattern, DSnoTConfig(guard=guard))
                 new = np.asarray(keep)
                 np.testing.assert_array_equal(new.sum(axis=0), np.asarray(start).sum(axis=0), err_msg=path)
-                if pattern.kind == "n_of_m":
+                if pattern.kind == "n:m":
                     assert (new.reshape(-1, pattern.m, new.shape[1]).sum(axis=1) == pattern.n).all(), path
                 after = np.abs(np.asarray(expected_error(kernel, keep, stats.mean)))
                 assert (after <= before + 1e-5).all(), path
@@ -149,18 +151,18 @@ def test_dsnot_refines_real_default_model_layers(trained_bundle):
             checked.append(path)
             return jnp.where(start, kernel, 0), start
 
-        prune_blockwise(bundle.params, calibration_stages(bundle.config), carry, ratios, layer, need_hessian=True)
+        prune_blockwise(bundle.params, forward_stages(bundle.config), carry, ratios, layer, need_hessian=True)
     assert len(checked) == 2 * len(ratios)
     assert changed, "no layer of the trained model had a swap to make"
 
 
 def test_prune_with_dsnot_differs_from_its_starting_wanda_mask(tiny_bundle):
-    data = calibration_set("shapes-captions", tiny_bundle.tokenizer, 12, seed=1)
+    data = load_examples("shapes-captions", tiny_bundle.tokenizer, 12, seed=1)
     carry = calibration_carry(data, 12, tiny_bundle.tokenizer.pad_token_id, tiny_bundle.config.vision)
     spec = SparsitySpec.same(0.5)
     args = (tiny_bundle.params, tiny_bundle.config, spec)
     wanda = prune(*args, "wanda", carry)
-    refined = prune(*args, "dsnot", carry, dsnot_config=DSnoTConfig(threshold=0.0))
+    refined = prune(*args, "dsnot", carry, options=DSnoTConfig(threshold=0.0))
     start, new = flatten(wanda.masks), flatten(refined.masks)
     moved = 0
     for path, keep in new.items():
@@ -184,14 +186,14 @@ def test_dsnot_config_rejects_bad_values():
 
 
 def test_only_sparsegpt_starts_and_the_guard_need_the_hessian(tiny_bundle):
-    assert not needs_hessian("dsnot") and not needs_hessian("wanda") and needs_hessian("sparsegpt")
-    assert needs_hessian("dsnot", DSnoTConfig(init="sparsegpt")) and needs_hessian("dsnot", DSnoTConfig(guard=True))
+    assert not method("dsnot").hessian(DSnoTConfig()) and not method("wanda").hessian() and method("sparsegpt").hessian()
+    assert method("dsnot").hessian(DSnoTConfig(init="sparsegpt")) and method("dsnot").hessian(DSnoTConfig(guard=True))
     # Through `prune`, the guard gets its Hessian and every output unit keeps Wanda's count.
-    data = calibration_set("shapes-captions", tiny_bundle.tokenizer, 12, seed=1)
+    data = load_examples("shapes-captions", tiny_bundle.tokenizer, 12, seed=1)
     carry = calibration_carry(data, 12, tiny_bundle.tokenizer.pad_token_id, tiny_bundle.config.vision)
     args = (tiny_bundle.params, tiny_bundle.config, SparsitySpec.same(0.5))
     wanda = flatten(prune(*args, "wanda", carry).masks)
-    guarded = flatten(prune(*args, "dsnot", carry, dsnot_config=DSnoTConfig(threshold=0.0, guard=True)).masks)
+    guarded = flatten(prune(*args, "dsnot", carry, options=DSnoTConfig(threshold=0.0, guard=True)).masks)
     for path, keep in guarded.items():
         if keep is not None:
             np.testing.assert_array_equal(np.sum(keep, axis=0), np.sum(wanda[path], axis=0), err_msg=path)

@@ -9,21 +9,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsevlm.data.calibration import calibration_set
+from sparsevlm.config import SparsitySpec
+from sparsevlm.data.examples import load_examples
+from sparsevlm.losses import task_loss
+from sparsevlm.masks import measure_sparsity
 from sparsevlm.models.vlm import VLM
-from sparsevlm.pruning import SparsitySpec, measure_sparsity, prune, uniform_ratios
+from sparsevlm.pruning import prune, uniform_ratios
 from sparsevlm.pruning.allocation import block_of, global_ratios
 from sparsevlm.pruning.calibrate import calibration_carry
 from sparsevlm.pruning.importance import (
-    allocation_ratios, first_order_scores, loss_batches, zeroth_order_projections, zeroth_order_scores,
+    allocation_ratios,
+    first_order_scores,
+    loss_batches,
+    zeroth_order_projections,
+    zeroth_order_scores,
 )
-from sparsevlm.train import task_loss
 from sparsevlm.tree import flatten, unflatten
 
 
 @pytest.fixture(scope="module")
 def carry(tiny_bundle):
-    data = calibration_set("shapes-captions", tiny_bundle.tokenizer, 8, seed=2)
+    data = load_examples("shapes-captions", tiny_bundle.tokenizer, 8, seed=2)
     return calibration_carry(data, 8, tiny_bundle.tokenizer.pad_token_id, tiny_bundle.config.vision)
 
 

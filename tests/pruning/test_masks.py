@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsevlm.pruning import SparsitySpec, apply_masks, measure_sparsity, prunable_paths, prune
-from sparsevlm.pruning.masks import check_masks, masks_from_flat
-from sparsevlm.pruning.patterns import Pattern, num_pruned
+from sparsevlm.config import Pattern, SparsitySpec, num_pruned
+from sparsevlm.masks import apply_masks, check_masks, masks_from_flat, measure_sparsity, prunable_paths
+from sparsevlm.pruning import prune
 from sparsevlm.tree import flatten, unflatten
 
 VISION_LINEARS = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/up", "mlp/down")
@@ -99,9 +99,9 @@ def test_prune_mask_tree_matches_params(tiny_bundle, spec, method):
         np.testing.assert_array_equal(flat_new[path], np.where(keep, value, 0))
         target = spec.targets[path.split("/")[0]]
         fan_in = value.shape[0]
-        if pattern.kind == "row":
+        if pattern.kind == "unstructured":
             np.testing.assert_array_equal((~keep).sum(0), num_pruned(fan_in, target))
-        elif pattern.kind == "layer":
+        elif pattern.kind == "unstructured-layer":
             assert (~keep).sum() == num_pruned(keep.size, target)
         else:
             groups = keep.reshape(fan_in // pattern.m, pattern.m, -1).sum(1)

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsevlm.pruning.patterns import Pattern, num_pruned, select
+from sparsevlm.config import Pattern, num_pruned
+from sparsevlm.pruning.patterns import select
 
 # Every new shape or sparsity is a fresh jit compile of `select`, so keep the example counts modest.
 PROPERTY = settings(max_examples=30, deadline=None)
@@ -41,7 +42,7 @@ def test_num_pruned_is_exact_for_representable_fractions(count, data):
 @given(fan_in=dims, fan_out=dims, sparsity=sparsities, seed=seeds)
 def test_row_prunes_exact_count_per_output_and_lowest_scores(fan_in, fan_out, sparsity, seed):
     scores = _distinct_scores(seed, fan_in, fan_out)
-    keep = np.asarray(select(scores, Pattern("row"), sparsity))
+    keep = np.asarray(select(scores, Pattern("unstructured"), sparsity))
     assert keep.shape == scores.shape and keep.dtype == np.bool_
     # Axis 0 is the input axis: each output unit (column) loses exactly its share of its inputs.
     np.testing.assert_array_equal((~keep).sum(axis=0), np.full(fan_out, num_pruned(fan_in, sparsity)))
@@ -53,7 +54,7 @@ def test_row_prunes_exact_count_per_output_and_lowest_scores(fan_in, fan_out, sp
 @given(fan_in=dims, fan_out=dims, sparsity=sparsities, seed=seeds)
 def test_layer_prunes_exact_count_overall_and_lowest_scores(fan_in, fan_out, sparsity, seed):
     scores = _distinct_scores(seed, fan_in, fan_out)
-    keep = np.asarray(select(scores, Pattern("layer"), sparsity))
+    keep = np.asarray(select(scores, Pattern("unstructured-layer"), sparsity))
     assert keep.shape == scores.shape and keep.dtype == np.bool_
     assert (~keep).sum() == num_pruned(scores.size, sparsity)
     _assert_lowest_pruned(scores, keep)
@@ -87,7 +88,7 @@ def test_n_of_m_keeps_n_of_every_m_consecutive_inputs(case, fan_out, seed):
 def test_ties_are_broken_by_input_position():
     # Stable, like torch.sort(stable=True) in Wanda: among equal scores the earlier inputs go first.
     scores = np.ones((8, 3), np.float32)
-    keep = np.asarray(select(scores, Pattern("row"), 0.5))
+    keep = np.asarray(select(scores, Pattern("unstructured"), 0.5))
     np.testing.assert_array_equal(keep, np.repeat(np.arange(8)[:, None] >= 4, 3, axis=1))
     keep = np.asarray(select(scores, Pattern.n_of_m(1, 4), 0.75))
     np.testing.assert_array_equal(keep[:, 0], [False, False, False, True] * 2)
@@ -106,8 +107,8 @@ def test_parse_round_trips(name):
 
 
 def test_parse_meaning():
-    assert Pattern.parse("unstructured") == Pattern("row")
-    assert Pattern.parse("unstructured-layer") == Pattern("layer")
+    assert Pattern.parse("unstructured") == Pattern("unstructured")
+    assert Pattern.parse("unstructured-layer") == Pattern("unstructured-layer")
     assert Pattern.parse("2:4") == Pattern.n_of_m(2, 4)
     # N counts kept weights: 1:4 keeps a quarter, so it is 75% sparse.
     assert Pattern.parse("1:4").fixed_sparsity == 0.75
@@ -139,4 +140,4 @@ def test_n_of_m_rejects_input_dim_not_divisible_by_m(fan_in, m):
 
 def test_select_rejects_non_matrix_scores():
     with pytest.raises(ValueError, match="2-D"):
-        select(np.zeros((4, 4, 4), np.float32), Pattern("row"), 0.5)
+        select(np.zeros((4, 4, 4), np.float32), Pattern("unstructured"), 0.5)

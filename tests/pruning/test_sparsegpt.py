@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsevlm.data.calibration import calibration_set
-from sparsevlm.models.vlm import calibration_stages
-from sparsevlm.pruning import Pattern, SparsitySpec, prune_layer, uniform_ratios
+from sparsevlm.config import Pattern, SparsitySpec
+from sparsevlm.data.examples import load_examples
+from sparsevlm.models.vlm import forward_stages
+from sparsevlm.pruning import prune_layer, uniform_ratios
 from sparsevlm.pruning.calibrate import calibration_carry, prune_blockwise
 from sparsevlm.pruning.sparsegpt import sparsegpt
 from sparsevlm.tree import flatten
@@ -77,7 +78,7 @@ def layer_problem():
 
 @pytest.mark.parametrize(
     ("pattern", "prune_n", "prune_m"),
-    [(Pattern.n_of_m(2, 4), 2, 4), (Pattern.n_of_m(1, 4), 3, 4), (Pattern.n_of_m(4, 8), 4, 8), (Pattern("layer"), 0, 0)],
+    [(Pattern.n_of_m(2, 4), 2, 4), (Pattern.n_of_m(1, 4), 3, 4), (Pattern.n_of_m(4, 8), 4, 8), (Pattern("unstructured-layer"), 0, 0)],
 )
 def test_matches_the_reference_loop(layer_problem, pattern, prune_n, prune_m):
     kernel, hessian = layer_problem
@@ -98,19 +99,19 @@ def test_lazy_block_updates_do_not_change_the_result(layer_problem):
 
 def test_zero_sparsity_keeps_weights_and_dead_inputs_are_zeroed(layer_problem):
     kernel, hessian = layer_problem
-    same, keep = sparsegpt(kernel, hessian, Pattern("row"), 0.0)
+    same, keep = sparsegpt(kernel, hessian, Pattern("unstructured"), 0.0)
     assert np.asarray(keep).all()
     np.testing.assert_allclose(np.asarray(same), kernel, atol=1e-5)
     dead = hessian.copy()
     dead[3, :] = dead[:, 3] = 0
-    pruned, _ = sparsegpt(kernel, dead, Pattern("row"), 0.5)
+    pruned, _ = sparsegpt(kernel, dead, Pattern("unstructured"), 0.5)
     assert (np.asarray(pruned)[3] == 0).all()
 
 
 def test_per_row_counts_are_exact_across_blocks(layer_problem):
     kernel, hessian = layer_problem
     for sparsity in (0.3, 0.5, 0.7):
-        new, keep = sparsegpt(kernel, hessian, Pattern("row"), sparsity, block_size=16)
+        new, keep = sparsegpt(kernel, hessian, Pattern("unstructured"), sparsity, block_size=16)
         pruned_per_row = (~np.asarray(keep)).sum(axis=0)
         assert (pruned_per_row == int(64 * sparsity)).all()
         assert (np.asarray(new)[~np.asarray(keep)] == 0).all()
@@ -119,9 +120,9 @@ def test_per_row_counts_are_exact_across_blocks(layer_problem):
 def test_input_errors_name_the_problem(layer_problem):
     kernel, hessian = layer_problem
     with pytest.raises(ValueError, match="hessian shape"):
-        sparsegpt(kernel, hessian[:10, :10], Pattern("row"), 0.5)
+        sparsegpt(kernel, hessian[:10, :10], Pattern("unstructured"), 0.5)
     with pytest.raises(ValueError, match="sparsity=1.0"):
-        sparsegpt(kernel, hessian, Pattern("row"), 1.0)
+        sparsegpt(kernel, hessian, Pattern("unstructured"), 1.0)
     with pytest.raises(ValueError, match="input dimension 62, which is not divisible by M=4"):
         sparsegpt(kernel[:62], hessian[:62, :62], Pattern.n_of_m(2, 4), 0.5)
 
@@ -130,7 +131,7 @@ def test_input_errors_name_the_problem(layer_problem):
 def test_sparsegpt_reconstructs_real_layers_better_than_wanda_and_magnitude(trained_bundle):
     """‖XW − XŴ‖ on the calibration inputs of every prunable layer of a trained default-architecture model."""
     bundle = trained_bundle
-    data = calibration_set("shapes-captions", bundle.tokenizer, 64)
+    data = load_examples("shapes-captions", bundle.tokenizer, 64)
     calib = calibration_carry(data, 64, bundle.tokenizer.pad_token_id, bundle.config.vision)
     stats = {}
 
@@ -139,7 +140,7 @@ def test_sparsegpt_reconstructs_real_layers_better_than_wanda_and_magnitude(trai
         return kernel, jnp.ones(kernel.shape, bool)
 
     spec = SparsitySpec(vision=0.5, connector=0.5, language=0.5)
-    prune_blockwise(bundle.params, calibration_stages(bundle.config), calib, uniform_ratios(bundle.params, spec),
+    prune_blockwise(bundle.params, forward_stages(bundle.config), calib, uniform_ratios(bundle.params, spec),
                     record, need_hessian=True, mode="dense")
     flat = flatten(bundle.params)
     assert len(stats) == 3 * 6 + 2 + 4 * 7  # vision blocks, connector, language blocks
@@ -150,7 +151,7 @@ def test_sparsegpt_reconstructs_real_layers_better_than_wanda_and_magnitude(trai
     chosen = {p: s for p, s in stats.items() if p.startswith("connector/")
               or any(p.startswith(f"{t}/blocks_{b}/") for t, n in last.items() for b in (0, n))}
     assert len(chosen) == 2 * 6 + 2 + 2 * 7
-    for pattern in (Pattern("row"), Pattern.n_of_m(2, 4)):
+    for pattern in (Pattern("unstructured"), Pattern.n_of_m(2, 4)):
         for path, layer_stats in chosen.items():
             kernel = jnp.asarray(flat[path])
             errors = {}

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from sparsevlm.checkpoint import save_model
-from sparsevlm.pruning import SparsitySpec, prunable_paths, prune
-from sparsevlm.pruning.verify import format_verify, n_of_m_valid, verify_model, verify_params
+from sparsevlm.config import SparsitySpec
+from sparsevlm.jobs import verify_model
+from sparsevlm.masks import prunable_paths
+from sparsevlm.pruning import prune
+from sparsevlm.pruning.verify import format_verify, n_of_m_valid, verify_params
 from sparsevlm.tree import flatten, unflatten
 
 HALF_2_4 = SparsitySpec.same(0.5, "2:4")

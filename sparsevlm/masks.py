@@ -1,7 +1,8 @@
 """Mask pytrees: which leaves are prunable, applying masks, and measuring the sparsity that results.
 
 A mask tree has the structure of the param tree; a pruned leaf holds a boolean array of the
-kernel's shape (True = kept) and every other leaf is None.
+kernel's shape (True = kept) and every other leaf is None. `mask_weights` is the one place a mask
+meets a weight (pruning, LoRA, restoration and export all go through it).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsevlm.models.vlm import TOWERS
+from sparsevlm.config import TOWERS
 from sparsevlm.tree import flatten, match_rules, unflatten
 
 PyTree = Any
@@ -97,15 +98,20 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
+def mask_weights(weights: Any, keep: Any, pruned: Any = None) -> Any:
+    """`weights` where `keep`, else `pruned` (default zero); NumPy arrays stay NumPy.
+
+    `where`, not a product: a pruned NaN/inf weight must become 0, not NaN.
+    """
+    if isinstance(weights, np.ndarray) and isinstance(keep, np.ndarray) and not isinstance(pruned, jax.Array):
+        return np.where(keep, weights, np.zeros((), weights.dtype) if pruned is None else pruned)
+    return jnp.where(keep, weights, jnp.zeros((), weights.dtype) if pruned is None else pruned)
+
+
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     """Params with every masked-out weight set to zero (leaves whose mask is None are unchanged)."""
-    # `where`, not a product: a pruned NaN/inf weight must become 0, not NaN.
-    return jax.tree.map(
-        lambda mask, value: value if mask is None else jnp.where(mask, value, jnp.zeros((), value.dtype)),
-        masks,
-        params,
-        is_leaf=_is_none,
-    )
+    return jax.tree.map(lambda mask, value: value if mask is None else mask_weights(value, mask), masks, params,
+                        is_leaf=_is_none)
 
 
 def measure_sparsity(params: PyTree, rules: Sequence[tuple[str, bool]] = PRUNABLE_RULES) -> dict[str, Any]:
