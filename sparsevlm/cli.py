@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sparsevlm.config import PretrainConfig, PruneConfig, RestoreConfig
+from sparsevlm.config import PLAN_PRESETS, PretrainConfig, PruneConfig, RestoreConfig
 from sparsevlm.data.tasks import EVAL_TASKS, parse_data_spec
 
 
@@ -193,11 +193,26 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="write the full report (per layer) here")
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="per-device memory and compile time of a restoration step, from a config alone")
+    p.add_argument("--model", required=True,
+                   help=f"a preset ({', '.join(PLAN_PRESETS)}), an HF checkpoint directory (config.json is enough) "
+                        "or an exported model directory")
+    add_config_flags(p, RestoreConfig)
+    p.add_argument("--seq-len", type=_positive_int, default=624,
+                   help="positions the language model sees per example, image tokens included")
+    p.add_argument("--mesh", type=_mesh, default=None, help="plan for this device mesh over all devices (default: one "
+                                                             "device), e.g. 'fsdp=8'")
+    p.add_argument("--param-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="dtype the base params are held in")
+    p.add_argument("--json", default=None, help="write the plan JSON here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sparsevlm` argument parser."""
     parser = argparse.ArgumentParser(prog="sparsevlm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_pretrain, _add_evaluate, _add_prune, _add_restore, _add_export, _add_verify):
+    for add in (_add_pretrain, _add_evaluate, _add_prune, _add_restore, _add_plan, _add_export, _add_verify):
         add(sub)
     return parser
 
@@ -229,6 +244,9 @@ def _run(args: argparse.Namespace) -> int:
         config = config_from_args(RestoreConfig, args)
         return jobs.restore_job(args.model, config, Path(args.out), args.teacher, args.eval_images,
                                 _mesh_for(args.mesh), args.plan, args.force)
+    if args.command == "plan":
+        return jobs.plan_job(args.model, config_from_args(RestoreConfig, args), args.seq_len, args.mesh,
+                             args.param_dtype, args.json)
     if args.command == "export":
         return jobs.export_job(args.model, Path(args.out), args.dtype, args.force)
     return jobs.verify_job(args.model, args.json)

@@ -322,6 +322,10 @@ LORA_TARGETS = {
     "language": r"language/((encoder|decoder)/)?blocks_\d+/((attn|cross)/(q|k|v|o)|mlp/(gate|up|down))/kernel",
 }
 LORA_MODES = ("lora", "sparselora")
+# Block rematerialisation in a train step: none, each whole block, or keep only matmul outputs.
+REMAT_MODES = ("none", "block", "matmuls")
+# Model presets `sparsevlm plan` knows by name (built from their HF configs in `sparsevlm.plan`).
+PLAN_PRESETS = ("llava-1.5-7b", "instructblip-vicuna-7b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,6 +389,11 @@ class RestoreConfig:
     train_images: int = dataclasses.field(default=2000, metadata=cli("training images (rows, for TASK=SOURCE)",
                                                                      "positive_int"))
     bf16: bool = dataclasses.field(default=False, metadata=cli("compute in bfloat16 (params and LoRA stay float32)"))
+    remat: str = dataclasses.field(default="none", metadata=cli(
+        "rematerialise each transformer block in the backward pass: none, block (keep only its input), "
+        "matmuls (keep matmul outputs)", choices=REMAT_MODES))
+    scan_layers: bool = dataclasses.field(default=False, metadata=cli(
+        "run each tower's blocks as one scanned layer (compiles once per stack, not once per block)"))
     remask: bool = dataclasses.field(default=False, metadata=cli(
         "re-apply the mask after merging (gets sparsity back for lora)"))
     checkpoint_every: int = dataclasses.field(default=0, metadata=cli(
@@ -397,6 +406,7 @@ class RestoreConfig:
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, LORA_MODES)
+        _check_choice("remat", self.remat, REMAT_MODES)
         for name in ("steps", "batch_size", "grad_accum", "train_images"):
             _check_positive(name, getattr(self, name))
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps:

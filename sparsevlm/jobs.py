@@ -173,3 +173,15 @@ def verify_job(model: str, json_path: str | None = None) -> int:
     if json_path:
         write_json(json_path, report)
     return 0 if report["ok"] else 1
+
+
+def plan_job(model: str, config: RestoreConfig, seq_len: int, mesh: Any = None, param_dtype: str = "bfloat16",
+             json_path: str | None = None) -> int:
+    """Print (and optionally write) the restoration step's per-device memory and compile time; nothing allocated."""
+    from sparsevlm.plan import format_plan, plan_config, plan_restoration
+
+    report = plan_restoration(plan_config(model), config, config.batch_size, seq_len, mesh, param_dtype)
+    print(format_plan(report))
+    if json_path:
+        write_json(json_path, report)
+    return 0

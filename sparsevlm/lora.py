@@ -7,7 +7,8 @@ LoRA factors live in their own tree, `{path: {"a": [r, in], "b": [out, r]}}` nes
 - `sparselora`: (W + s·(B@A)ᵀ)⊙M — merged weights keep exactly the mask's zeros.
 
 (Flax kernels are `[in, out]`, hence the transpose of the PyTorch-layout B@A.) During training
-each `Linear` computes its own output under `lora_scope`, rematerialised (`jax.checkpoint`): the
+the factors and masks ride along as variable collections (`adapter_variables`; masks packed to
+1 bit per weight) and each `Linear` computes its own output under `lora_scope`, rematerialised (`jax.checkpoint`): the
 SparseLoRA effective kernel exists only while its layer runs, forward or backward, so a step never
 holds a second full copy of the weights. `lora` mode adds the low-rank path s·(x Aᵀ) Bᵀ without
 building a dense update.
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsevlm.config import LORA_MODES, LoraConfig
-from sparsevlm.masks import flat_masks, mask_weights
+from sparsevlm.masks import flat_masks, mask_weights, unpack_mask
 from sparsevlm.models.layers import intercept_linears, linear
 from sparsevlm.tree import flatten, match_rules, unflatten
 
@@ -82,20 +83,40 @@ def effective_kernel(
     return mask_weights(kernel, mask) + delta
 
 
+def adapter_variables(params: PyTree, lora: PyTree | None = None, masks: PyTree | None = None) -> dict[str, PyTree]:
+    """The variables to apply a model with under `lora_scope`: params, and LoRA factors and masks as collections.
+
+    Factors and masks are nested like the params (masks bool or packed, `pack_masks`; None leaves
+    dropped), so Flax hands each `Linear` its own slice, also inside a scanned block stack.
+    """
+    variables = {"params": params}
+    if lora is not None:
+        variables["lora"] = lora
+    if masks is not None:
+        variables["masks"] = unflatten(flat_masks(masks))
+    return variables
+
+
 @contextlib.contextmanager
-def lora_scope(lora: PyTree | None, masks: PyTree | None, alpha: float, mode: str) -> Iterator[None]:
-    """Within this context, every `Linear` of a model applied from its root uses its effective kernel."""
-    factors = _layer_factors(lora) if lora is not None else {}
-    kept = flat_masks(masks) if masks is not None else {}
+def lora_scope(alpha: float, mode: str) -> Iterator[None]:
+    """Within this context, every `Linear` computes with its effective kernel under `mode`.
+
+    A layer's mask and factors are its variables `masks/kernel` and `lora/kernel` (`adapter_variables`);
+    a layer with neither computes as written.
+    """
 
     def adapted(name: str, module: Any, x: Array, call: Callable[[Array], Array]) -> Array:
-        path = name + "/kernel"
-        if path not in factors and path not in kept:
+        mask = module.get_variable("masks", "kernel") if module.has_variable("masks", "kernel") else None
+        factors = module.get_variable("lora", "kernel") if module.has_variable("lora", "kernel") else None
+        if mask is None and factors is None:
             return call(x)
         kernel = module.get_variable("params", "kernel")
         bias = module.get_variable("params", "bias") if module.use_bias else None
-        return _adapted_linear(x, kernel, bias, kept.get(path), factors.get(path), alpha, mode, module.dtype)
+        pair = None if factors is None else (factors["a"], factors["b"])
+        return _adapted_linear(x, kernel, bias, mask, pair, alpha, mode, module.dtype)
 
+    if mode not in LORA_MODES:
+        raise ValueError(f"LoRA mode {mode!r} is not one of {', '.join(LORA_MODES)}")
     with intercept_linears(adapted):
         yield
 
@@ -103,7 +124,10 @@ def lora_scope(lora: PyTree | None, masks: PyTree | None, alpha: float, mode: st
 @partial(jax.checkpoint, static_argnums=(5, 6, 7))
 def _adapted_linear(x: Array, kernel: Array, bias: Array | None, mask: Array | None,
                     factors: tuple[Array, Array] | None, alpha: float, mode: str, dtype: Any) -> Array:
-    # Rematerialised: only the inputs are saved for the backward pass, never the effective kernel.
+    # Rematerialised: only the inputs are saved for the backward pass, never the effective kernel
+    # (nor the unpacked mask).
+    if mask is not None:
+        mask = unpack_mask(mask, kernel.shape[-1])
     if mode == "lora" and factors is not None:
         base = kernel if mask is None else mask_weights(kernel, mask)
         a, b = factors
@@ -132,5 +156,5 @@ def lora_param_count(lora: PyTree) -> int:
 
 
 __all__: Sequence[str] = [
-    "effective_kernel", "init_lora", "lora_param_count", "lora_scope", "lora_targets", "merge",
+    "adapter_variables", "effective_kernel", "init_lora", "lora_param_count", "lora_scope", "lora_targets", "merge",
 ]

@@ -1,8 +1,13 @@
-"""The losses: next-token cross-entropy on target tokens, and the distillation KL to a teacher."""
+"""The losses: next-token cross-entropy on target tokens, and the distillation KL to a teacher.
+
+`vocab_losses` computes both from hidden states, the LM head applied one chunk of positions at a
+time (rematerialised), so a step never holds more than one chunk of `[B, T, vocab]` float32 logits
+per model.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +17,8 @@ from sparsevlm.models.vlm import VLM
 
 PyTree = Any
 Array = jax.Array
+# Positions per chunk of `vocab_losses` (sequences up to this long take one chunk, no loop).
+LOSS_CHUNK = 128
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -55,3 +62,61 @@ def distillation_kl(student: Array, teacher: Array, mask: Array, temperature: fl
     per_position = jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student), axis=-1)
     mask = mask.astype(jnp.float32)
     return jnp.sum(per_position * mask), jnp.sum(mask)
+
+
+def vocab_losses(
+    student_head: Callable[[Array], Array],
+    student_hidden: Array,
+    tokens: Array,
+    loss_mask: Array,
+    teacher_head: Callable[[Array], Array] | None = None,
+    teacher_hidden: Array | None = None,
+    kl_mask: Array | None = None,
+    temperature: float = 1.0,
+    chunk: int = LOSS_CHUNK,
+) -> tuple[Array, Array, Array, Array]:
+    """`token_cross_entropy` and (with a teacher) `distillation_kl` from hidden states `[B, T, E]`:
+    `(ce_sum, ce_count, kl_sum, kl_count)`.
+
+    `*_head` map hidden states to logits. Over `chunk` positions the heads run one chunk at a time
+    inside a rematerialised loop, so at most one chunk of logits per model is alive, forward or
+    backward; the sums equal the one-pass values up to summation order. `kl_mask` `[B, T-1]` marks
+    the positions (predicting token t + 1) the KL counts.
+    """
+    with_kl = teacher_head is not None
+    length = tokens.shape[1]
+    if length <= chunk:
+        student = student_head(student_hidden)
+        ce_sum, ce_count = token_cross_entropy(student, tokens, loss_mask)
+        if not with_kl:
+            return ce_sum, ce_count, jnp.zeros(()), jnp.zeros(())
+        teacher = teacher_head(teacher_hidden)
+        kl_sum, kl_count = distillation_kl(student[:, :-1], teacher[:, :-1], kl_mask, temperature)
+        return ce_sum, ce_count, kl_sum, kl_count
+    # Position t (of T - 1) predicts token t + 1; pad to whole chunks with weight-0 positions.
+    steps = -(-(length - 1) // chunk)
+    pad = steps * chunk - (length - 1)
+
+    def chunks(x: Array) -> Array:  # [B, T-1, ...] → [steps, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(x.shape[0], steps, chunk, *x.shape[2:]), 1, 0)
+
+    xs = {"h": chunks(student_hidden[:, :-1]), "targets": chunks(tokens[:, 1:]),
+          "ce_w": chunks(loss_mask[:, 1:].astype(jnp.float32))}
+    if with_kl:
+        xs |= {"t": chunks(teacher_hidden[:, :-1]), "kl_w": chunks(kl_mask.astype(jnp.float32))}
+
+    @jax.checkpoint
+    def one(x: dict[str, Array]) -> Array:
+        student = student_head(x["h"]).astype(jnp.float32)
+        ce = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(student, x["targets"]) * x["ce_w"])
+        if not with_kl:
+            return jnp.stack([ce, jnp.zeros(())])
+        log_s = jax.nn.log_softmax(student / temperature, axis=-1)
+        log_t = jax.nn.log_softmax(teacher_head(x["t"]).astype(jnp.float32) / temperature, axis=-1)
+        kl = jnp.sum(jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1) * x["kl_w"])
+        return jnp.stack([ce, kl])
+
+    sums, _ = jax.lax.scan(lambda total, x: (total + one(x), None), jnp.zeros(2), xs)
+    kl_count = jnp.sum(kl_mask.astype(jnp.float32)) if with_kl else jnp.zeros(())
+    return sums[0], jnp.sum(loss_mask[:, 1:].astype(jnp.float32)), sums[1], kl_count

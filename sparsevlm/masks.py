@@ -108,6 +108,24 @@ def mask_weights(weights: Any, keep: Any, pruned: Any = None) -> Any:
     return jnp.where(keep, weights, jnp.zeros((), weights.dtype) if pruned is None else pruned)
 
 
+def pack_mask(mask: Any) -> Any:
+    """A boolean mask as 1 bit per weight: uint8 `[..., ceil(out/8)]`, packed along the last (output) axis."""
+    packbits = np.packbits if isinstance(mask, np.ndarray) else jnp.packbits
+    return packbits(mask.astype(bool), axis=-1)
+
+
+def unpack_mask(packed: Any, features: int) -> Any:
+    """`pack_mask`'s inverse for a kernel with `features` outputs; a boolean mask passes through."""
+    if packed.dtype == bool:
+        return packed
+    return jnp.unpackbits(packed, axis=-1, count=features).astype(bool)
+
+
+def pack_masks(masks: PyTree) -> PyTree:
+    """Every mask of a mask tree packed to 1 bit per weight (None leaves stay None)."""
+    return jax.tree.map(lambda m: None if m is None else pack_mask(m), masks, is_leaf=_is_none)
+
+
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     """Params with every masked-out weight set to zero (leaves whose mask is None are unchanged)."""
     return jax.tree.map(lambda mask, value: value if mask is None else mask_weights(value, mask), masks, params,

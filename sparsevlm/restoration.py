@@ -22,8 +22,9 @@ from sparsevlm.data.batch import BatchStream, round_up
 from sparsevlm.data.examples import load_examples
 from sparsevlm.data.prompts import BUILTIN, PromptFormat
 from sparsevlm.lora import init_lora, lora_param_count, merge
-from sparsevlm.masks import check_masks, flat_masks, mask_weights
-from sparsevlm.models.vlm import VLM
+from sparsevlm.masks import check_masks, flat_masks, mask_weights, pack_masks
+from sparsevlm.models.stages import stack_layers, unstack_layers
+from sparsevlm.models.vlm import VLM, scan_stacks
 from sparsevlm.train import StepFn, TrainState, batch_arrays, make_optimizer, make_train_step, restoration_loss
 
 PyTree = Any
@@ -43,7 +44,7 @@ class RestoreResult:
 
 def _run_identity(config: RestoreConfig, model_config: VLMConfig, masks: PyTree) -> dict[str, Any]:
     """What a resumed run must share with the one that wrote the checkpoints."""
-    ignored = ("checkpoint_every", "skip_nonfinite", "remask")  # none of them changes what is trained
+    ignored = ("checkpoint_every", "skip_nonfinite", "remask", "remat")  # none of them changes what is trained
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
     kept = {path: int(np.sum(mask)) for path, mask in flat_masks(masks).items()}
     return {"restore": settings, "model": model_config.to_dict(), "kept_weights": sum(kept.values()),
@@ -70,6 +71,13 @@ def dense_where_pruned(pruned: PyTree, masks: PyTree, dense: PyTree) -> PyTree:
         lambda mask, kept, original: kept if mask is None else mask_weights(kept, mask, original),
         masks, pruned, dense, is_leaf=lambda x: x is None,
     )
+
+
+def step_inputs(base_params: PyTree, masks: PyTree, lora: PyTree, stacks: dict[str, int]) -> tuple[PyTree, PyTree, PyTree]:
+    """Params, masks and LoRA factors as a restoration step takes them: block stacks in the scanned
+    layout (`stack_layers`, when `stacks` is not empty) and masks packed to 1 bit per weight."""
+    stacked_masks = stack_layers(masks, stacks, fill=lambda m: np.ones(np.shape(m), bool))
+    return stack_layers(base_params, stacks), pack_masks(stacked_masks), stack_layers(lora, stacks)
 
 
 def restore(
@@ -106,28 +114,32 @@ def restore(
                          model_config.vision, rng)
     schedule = (config.learning_rate, config.end_learning_rate, config.warmup_steps, config.steps,
                 config.weight_decay, config.grad_clip, config.grad_accum)
-    model = VLM(model_config, jnp.bfloat16 if config.bf16 else jnp.float32)
+    model = VLM(model_config, jnp.bfloat16 if config.bf16 else jnp.float32, config.scan_layers, config.remat)
+    # One conversion at the boundary: the step sees scanned stacks and packed masks; outside, `blocks_N`.
+    stacks = scan_stacks(model_config) if config.scan_layers else {}
+    step_params, step_masks, lora = step_inputs(base_params, masks, lora, stacks)
     optimizer, step = _unsharded_step(model, config.method, config.lora.alpha, config.kl_weight, config.temperature,
                                       schedule)
     state = TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32))
     memory = None
     if mesh is None:
-        state, params, device_masks = jax.device_put((state, base_params, masks))
+        state, params, device_masks = jax.device_put((state, step_params, step_masks))
         place = batch_arrays
     else:
         example = sharding.global_batch(batch_arrays(stream.example()), mesh)
-        shardings = sharding.restore_shardings(mesh, optimizer, state, base_params, masks, example)
+        shardings = sharding.restore_shardings(mesh, optimizer, state, step_params, step_masks, example)
         # Compiled once, ahead of time, from shapes: the memory report comes before any array is placed,
         # and the same executable then runs every step.
         loss_fn = restoration_loss(model, config.lora.alpha, config.method, config.kl_weight, config.temperature)
         step = sharding.compile_step(make_train_step(loss_fn, optimizer, shardings),
-                                     (state, example, base_params, masks), (shardings.state, *shardings.inputs))
-        memory = sharding.restore_memory(step, shardings, state, base_params, masks, example)
+                                     (state, example, step_params, step_masks), (shardings.state, *shardings.inputs))
+        memory = sharding.restore_memory(step, shardings, state, step_params, step_masks, example)
         print(sharding.format_memory(memory, mesh))
         if plan_only:
             return RestoreResult(None, None, [], 0.0, memory)
         state = sharding.shard(state, shardings.state)
-        params, device_masks = sharding.shard(base_params, shardings.inputs[1]), sharding.shard(masks, shardings.inputs[2])
+        params = sharding.shard(step_params, shardings.inputs[1])
+        device_masks = sharding.shard(step_masks, shardings.inputs[2])
         place = lambda batch: sharding.global_batch(batch_arrays(batch), mesh)  # noqa: E731
     checkpoints = None
     if checkpoint_dir is not None:
@@ -145,5 +157,6 @@ def restore(
     # All hosts get the whole factors (on one host this is a device_get).
     trained = result.state.params
     lora = multihost_utils.process_allgather(trained, tiled=True) if mesh is not None else jax.device_get(trained)
+    lora = unstack_layers(lora, stacks)
     merged = jax.device_get(merge(base_params, lora, masks, config.lora.alpha, config.method))
     return RestoreResult(lora, merged, result.history, result.seconds, memory, result.skipped)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -165,6 +166,8 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     axes = match_rules(path, PARAM_AXES)
     if axes is None:
         return (None,) * ndim
+    if len(axes) + 1 == ndim and re.search(r"(^|/)blocks/", path):
+        axes = (None, *axes)  # a scanned block stack's leading layer axis (`stack_layers`): never sharded
     if len(axes) != ndim:
         raise ShardingError(f"param {path}: {ndim} dimensions, but its axis rule names {len(axes)}: {axes}")
     return axes
@@ -226,20 +229,26 @@ def param_shardings(params: PyTree, mesh: Mesh, rules: Sequence[tuple[str, tuple
 
 
 def mask_shardings(masks: PyTree, shardings: PyTree) -> PyTree:
-    """Each mask sharded like its kernel (None where a param has no mask)."""
-    return jax.tree.map(lambda mask, sharding: None if mask is None else sharding, masks, shardings,
-                        is_leaf=lambda x: x is None)
+    """Each mask (bool, or packed along its last axis) sharded like its kernel (None where a param has no mask)."""
+    kernels = flatten(shardings)
+    out = {}
+    for path, mask in flatten(masks).items():
+        if mask is not None:
+            _check_divisible(f"{path} (mask)", np.shape(mask), kernels[path].spec, kernels[path].mesh)
+        out[path] = None if mask is None else kernels[path]
+    return unflatten(out)
 
 
 def lora_shardings(lora: PyTree, shardings: PyTree) -> PyTree:
     """LoRA A `[r, in]` along its kernel's input axis, B `[out, r]` along its output axis."""
     kernels = flatten(shardings)
     out = {}
-    for path in flatten(lora):
+    for path, factor_value in flatten(lora).items():
         kernel_path, factor = path.rsplit(SEP, 1)
-        spec = tuple(kernels[kernel_path].spec) + (None, None)  # [in, out], padded for unsharded kernels
-        out[path] = NamedSharding(kernels[kernel_path].mesh, PartitionSpec(None, spec[0]) if factor == "a"
-                                     else PartitionSpec(spec[1], None))
+        lead = np.ndim(factor_value) - 2  # 1 for a scanned stack's layer axis (never sharded)
+        spec = tuple(kernels[kernel_path].spec) + (None,) * 3  # [(layers,) in, out], padded for unsharded kernels
+        inner = (None, spec[lead]) if factor == "a" else (spec[lead + 1], None)
+        out[path] = NamedSharding(kernels[kernel_path].mesh, PartitionSpec(*(None,) * lead, *inner))
     return unflatten(out)
 
 

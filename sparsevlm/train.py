@@ -16,8 +16,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sparsevlm.data.batch import Batch
-from sparsevlm.lora import lora_scope
-from sparsevlm.losses import distillation_kl, model_inputs, task_loss, text_logits, token_cross_entropy
+from sparsevlm.lora import adapter_variables, lora_scope
+from sparsevlm.losses import LOSS_CHUNK, model_inputs, task_loss, vocab_losses
 from sparsevlm.models.vlm import VLM, prediction_mask
 from sparsevlm.sharding import StepShardings
 from sparsevlm.tree import flatten, unflatten
@@ -115,35 +115,49 @@ def lm_loss(model: VLM) -> LossFn:
     return loss_fn
 
 
-def restoration_loss(model: VLM, alpha: float, mode: str, kl_weight: float, temperature: float) -> LossFn:
+def restoration_loss(model: VLM, alpha: float, mode: str, kl_weight: float, temperature: float,
+                     loss_chunk: int = LOSS_CHUNK) -> LossFn:
     """Restoration's loss `loss_fn(lora, batch, params, masks)`: only the LoRA factors train.
 
     Loss = (1 − λ)·CE + λ·KL(teacher ‖ student) at temperature T. The student is the masked model
-    with LoRA (`mode`, see `sparsevlm.lora`); the teacher is the same base params with neither masks
-    nor LoRA, computed in the same step under `stop_gradient` (no second copy of the weights). CE
+    with LoRA (`mode`, see `sparsevlm.lora`; masks bool or packed); the teacher is the same base
+    params with neither masks nor LoRA, computed in the same step under `stop_gradient` (no second
+    copy of the weights). Both run to their last hidden states; the LM head and the vocabulary losses
+    then run over the text positions only, `loss_chunk` positions at a time (`vocab_losses`). CE
     counts target tokens; KL counts every position that predicts a real (non-padding) text token.
-    Metrics: `ce`, `kl`, `tokens`.
+    `model` may be built with `scan_layers` (params, masks and LoRA then in the `stack_layers`
+    layout) and `remat`. Metrics: `ce`, `kl`, `tokens`.
     """
 
     def loss_fn(lora: PyTree, batch: dict[str, Any], params: PyTree, masks: PyTree) -> tuple[Array, dict]:
         inputs = model_inputs(batch)
-        with lora_scope(lora, masks, alpha, mode):
-            logits, _ = model.apply({"params": params}, batch["images"], batch["tokens"], batch["text_mask"], **inputs)
+        args = (batch["images"], batch["tokens"], batch["text_mask"])
         num_text = batch["tokens"].shape[1]
-        student = text_logits(logits, num_text)
-        ce_sum, ce_count = token_cross_entropy(student, batch["tokens"], batch["loss_mask"])
+        student_vars = adapter_variables(params, lora, masks)
+        with lora_scope(alpha, mode):
+            hidden = model.apply(student_vars, *args, **inputs, method="hidden_states")[:, -num_text:]
+
+        def student_head(h: Array) -> Array:
+            with lora_scope(alpha, mode):
+                return model.apply(student_vars, h, method="logits")
+
+        teacher: dict[str, Any] = {}
+        if kl_weight != 0.0:  # static: with λ = 0 there is no teacher pass at all
+            teacher_hidden = model.apply({"params": params}, *args, **inputs, method="hidden_states")
+            # Positions that predict a real next token (for T5: the decoder's, from the start token on).
+            predicts = prediction_mask(model.config, batch["text_mask"], batch["loss_mask"])
+            teacher = {
+                "teacher_head": lambda h: jax.lax.stop_gradient(model.apply({"params": params}, h, method="logits")),
+                "teacher_hidden": jax.lax.stop_gradient(teacher_hidden[:, -num_text:]),
+                "kl_mask": batch["text_mask"][:, 1:] & predicts[:, :-1],
+            }
+        ce_sum, ce_count, kl_sum, kl_count = vocab_losses(
+            student_head, hidden, batch["tokens"], batch["loss_mask"], **teacher, temperature=temperature,
+            chunk=loss_chunk)
         ce = ce_sum / jnp.maximum(ce_count, 1.0)
         metrics = {"ce": ce, "tokens": ce_count}
-        if kl_weight == 0.0:  # static: no teacher pass at all
+        if kl_weight == 0.0:
             return ce, metrics | {"kl": jnp.zeros(())}
-        teacher_logits, _ = model.apply(
-            {"params": params}, batch["images"], batch["tokens"], batch["text_mask"], **inputs
-        )
-        teacher = jax.lax.stop_gradient(text_logits(teacher_logits, num_text))
-        # Positions that predict a real next token (for T5: the decoder's, from the start token on).
-        predicts = prediction_mask(model.config, batch["text_mask"], batch["loss_mask"])
-        kl_mask = batch["text_mask"][:, 1:] & predicts[:, :-1]
-        kl_sum, kl_count = distillation_kl(student[:, :-1], teacher[:, :-1], kl_mask, temperature)
         kl = kl_sum / jnp.maximum(kl_count, 1.0)
         return (1.0 - kl_weight) * ce + kl_weight * kl, metrics | {"kl": kl}
 

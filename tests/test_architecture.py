@@ -221,3 +221,37 @@ def test_a_new_pruning_method_is_one_file_and_one_registry_line(tiny_bundle, tmp
     assert sorted(masks) == sorted(report["ratios"])
     assert main(["verify", "--model", str(out)]) == 0
     assert "verify: OK" in capsys.readouterr().out
+
+
+def test_the_library_and_benchmarks_import_without_datasets():
+    """The accelerator image has no `datasets`: only code that loads or builds a dataset may import it."""
+    benchmarks = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py"))
+    modules = ["sparsevlm", "sparsevlm.cli", "sparsevlm.train", "sparsevlm.restoration", "sparsevlm.pipeline",
+               "sparsevlm.jobs", "sparsevlm.hf.load", "sparsevlm.lora", "sparsevlm.pretrain", "sparsevlm.eval.evaluate",
+               *benchmarks]
+    code = textwrap.dedent(f"""
+        import contextlib, importlib, importlib.machinery, io, sys
+
+        class WithoutDatasets(importlib.machinery.PathFinder):
+            # As if not installed: `import datasets` fails and importlib.util.find_spec finds nothing.
+            @classmethod
+            def find_spec(cls, name, path=None, target=None):
+                if name.partition(".")[0] == "datasets":
+                    return None
+                return super().find_spec(name, path, target)
+
+        sys.meta_path[:] = [WithoutDatasets if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+        assert importlib.util.find_spec("datasets") is None
+        sys.path.insert(0, {str(ROOT / "benchmarks")!r})  # the scripts import their siblings by bare name
+        for name in {modules!r}:
+            importlib.import_module(name)
+        from sparsevlm.cli import main
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            try:
+                main(["--help"])
+            except SystemExit as exit:
+                assert exit.code == 0, exit.code
+        assert "usage" in out.getvalue() and "datasets" not in sys.modules
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]

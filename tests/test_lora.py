@@ -13,7 +13,7 @@ import pytest
 from sparsevlm.config import LoraConfig, RestoreConfig, SparsitySpec
 from sparsevlm.data.batch import iterate_batches
 from sparsevlm.data.examples import load_examples
-from sparsevlm.lora import effective_kernel, init_lora, lora_scope, lora_targets, merge
+from sparsevlm.lora import adapter_variables, effective_kernel, init_lora, lora_scope, lora_targets, merge
 from sparsevlm.losses import distillation_kl
 from sparsevlm.models.vlm import VLM
 from sparsevlm.pruning import prune
@@ -74,8 +74,8 @@ def test_scoped_forward_equals_the_merged_model(tiny_bundle, pruned, trained_lor
     model = VLM(tiny_bundle.config)
     args = (batch["images"], batch["tokens"], batch["text_mask"])
     for mode in ("lora", "sparselora"):
-        with lora_scope(trained_lora, pruned.masks, 16.0, mode):
-            scoped, _ = model.apply({"params": tiny_bundle.params}, *args)
+        with lora_scope(16.0, mode):
+            scoped, _ = model.apply(adapter_variables(tiny_bundle.params, trained_lora, pruned.masks), *args)
         merged, _ = model.apply({"params": merge(tiny_bundle.params, trained_lora, pruned.masks, 16.0, mode)}, *args)
         np.testing.assert_allclose(np.asarray(scoped), np.asarray(merged), rtol=1e-5, atol=1e-5)
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-import datasets
 import numpy as np
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from sparsevlm.config import VisionConfig
 from sparsevlm.data.prompts import BUILTIN, PromptFormat, encode
+
+if TYPE_CHECKING:  # imported where a dataset is read, so the library imports without `datasets`
+    import datasets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +150,8 @@ def encode_vqa(
     encoded with it, as the HF processor does. With `image_size` every image is fitted to that
     square size (`fit_image`), so datasets of mixed image sizes stack.
     """
+    import datasets
+
     image_rows: dict[int, int] = {}
     decoded: list[np.ndarray] = []
     plain = dataset.cast_column("image", datasets.Image(decode=False))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import datasets
 from transformers import PreTrainedTokenizerBase
 
 from sparsevlm.data import shapes
@@ -53,5 +52,7 @@ def load_examples(
     if name == "shapes-captions":
         return encode_vqa(captions, tokenizer, with_targets=True, fmt=fmt,
                           instruction_tokenizer=instruction_tokenizer)
+    import datasets  # here, not at the top, so the library imports without `datasets`
+
     return encode_vqa(datasets.concatenate_datasets([train, captions]), tokenizer, with_targets=True, fmt=fmt,
                           instruction_tokenizer=instruction_tokenizer)

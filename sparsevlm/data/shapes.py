@@ -14,13 +14,16 @@ so no scene of the test split ever appears, even re-rendered, in the training sp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import datasets
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # imported where a split is built, so the library imports without `datasets`
+    import datasets
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -188,26 +191,33 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split={split!r} is not a shapes-VQA split; allowed: {', '.join(SPLITS)}")
 
 
-FEATURES = datasets.Features(
-    {
-        "image_id": datasets.Value("int64"),
-        "image": datasets.Image(),
-        "question_type": datasets.Value("string"),
-        "question": datasets.Value("string"),
-        "answer": datasets.Value("string"),
-        "caption": datasets.Value("string"),
-        "scene": datasets.Value("string"),
-    }
-)
+@functools.cache
+def features() -> datasets.Features:
+    """The columns of a split and their `datasets` types."""
+    import datasets
+
+    return datasets.Features(
+        {
+            "image_id": datasets.Value("int64"),
+            "image": datasets.Image(),
+            "question_type": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "caption": datasets.Value("string"),
+            "scene": datasets.Value("string"),
+        }
+    )
 
 
 def build_split(split: str, num_images: int | None = None, seed: int = 0, image_size: int = 48) -> datasets.Dataset:
-    """Shapes VQA `split` as a `datasets.Dataset`, one row per question (columns in `FEATURES`)."""
+    """Shapes VQA `split` as a `datasets.Dataset`, one row per question (columns in `features()`)."""
+    import datasets
+
     _check_split(split)
     num_images = SPLIT_IMAGES[split] if num_images is None else num_images
     if num_images <= 0:
         raise ValueError(f"num_images={num_images} must be positive")
-    rows: dict[str, list] = {name: [] for name in FEATURES}
+    rows: dict[str, list] = {name: [] for name in features()}
     for image_id, (scene, rng) in enumerate(iter_scenes(split, num_images, seed)):
         png = _png(render(scene, rng, image_size))
         caption = scene.caption()
@@ -219,7 +229,7 @@ def build_split(split: str, num_images: int | None = None, seed: int = 0, image_
             rows["answer"].append(answer)
             rows["caption"].append(caption)
             rows["scene"].append(scene.key)
-    return datasets.Dataset.from_dict(rows, features=FEATURES, split=datasets.NamedSplit(split))
+    return datasets.Dataset.from_dict(rows, features=features(), split=datasets.NamedSplit(split))
 
 
 def _png(image: np.ndarray) -> bytes:

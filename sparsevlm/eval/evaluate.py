@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import jax
 import numpy as np
 from tqdm.auto import tqdm
@@ -17,6 +16,9 @@ from sparsevlm.data.tasks import EVAL_TASKS, TASK_SPECS
 from sparsevlm.eval.generate import compiled_generate, decode_text
 from sparsevlm.eval.metrics import cider_d, gqa_accuracy, normalize_answer, vqa_accuracy, vqa_score
 from sparsevlm.models.vlm import VLM
+
+if TYPE_CHECKING:  # a type only, so the library imports without `datasets`
+    import datasets
 
 
 def generate_answers(

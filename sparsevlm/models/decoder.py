@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from sparsevlm.config import LanguageConfig
 from sparsevlm.models.layers import Block, Dtype, KVCache, Linear, make_norm
-from sparsevlm.models.stages import Call, Carry, Stage, layer_cache, run_stages, with_layer_cache
+from sparsevlm.models.stages import Call, Carry, Stage, block_stack, layer_cache, run_stages, with_layer_cache
 
 Array = jax.Array
 
@@ -52,6 +52,7 @@ class Decoder(nn.Module):
 
     config: LanguageConfig
     dtype: Dtype = jnp.float32
+    scan_layers: bool = False  # blocks as one scanned module (params stacked: `stack_layers`)
 
     def setup(self) -> None:
         cfg = self.config
@@ -62,7 +63,7 @@ class Decoder(nn.Module):
             self.pos_embed = nn.Embed(
                 cfg.max_seq_len + OPT_POSITION_OFFSET, cfg.width, embedding_init=nn.initializers.normal(0.02)
             )
-        self.blocks = [decoder_block(cfg, self.dtype) for _ in range(cfg.depth)]
+        self.blocks = block_stack(lambda: decoder_block(cfg, self.dtype), cfg.depth, self.scan_layers)
         self.norm = make_norm(cfg.norm, cfg.norm_eps, "norm", self.dtype)
         if not cfg.tie_embeddings:
             self.lm_head = Linear(cfg.vocab_size, use_bias=False, dtype=self.dtype)
@@ -120,5 +121,5 @@ def decoder_stages(config: LanguageConfig, dtype: Dtype = jnp.float32) -> tuple[
     def head(call: Call, carry: Carry, layer: int | None) -> Carry:
         return carry | {"logits": call(carry["x"], method="head")}
 
-    blocks = [Stage(f"blocks_{i}", block, layer_step, i) for i in range(config.depth)]
+    blocks = [Stage(f"blocks_{i}", block, layer_step, i, scannable=True) for i in range(config.depth)]
     return (Stage("", decoder, positions), *blocks, Stage("", decoder, head))

@@ -103,6 +103,17 @@ def causal_mask(valid: Array, query_slots: Array) -> Array:
     return causal & valid[:, None, :].astype(bool)
 
 
+def attend(q: Array, k: Array, v: Array, **kwargs: Any) -> Array:
+    """`jax.nn.dot_product_attention`: cuDNN's fused flash attention on a GPU for 16-bit inputs where
+    it accepts the shapes, mask and bias, else XLA's (exact enough to test against transformers)."""
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
+        except (ValueError, NotImplementedError, RuntimeError):  # refused at trace time: shapes, bias or mask
+            pass
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs)
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query attention; self or cross; optional rotary positions, score bias and KV cache."""
 
@@ -153,18 +164,17 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), index)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), index)
             new_cache = {"k": k, "v": v}
-        groups = self.num_heads // kv_heads
-        q = q.reshape(batch, length, kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
-        if self.scale_scores:
-            scores = scores / jnp.sqrt(jnp.float32(self.head_dim))
-        if score_bias is not None:
-            bias = score_bias.astype(jnp.float32)
-            scores = scores + bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[2:])
-        if mask is not None:
-            scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
+        # Queries [B, T, N, D] over keys/values [B, S, K, D] (query head h reads kv head h // (N/K), as
+        # HF's repeat_kv); logits and softmax are float32 even for bfloat16 inputs, and a fully masked
+        # row (a left-pad query) is uniform, not NaN.
+        out = attend(
+            q,
+            k.astype(q.dtype),
+            v.astype(q.dtype),
+            bias=None if score_bias is None else score_bias.astype(jnp.float32),
+            mask=None if mask is None else mask[:, None].astype(bool),  # [B, 1, T, S]: every head
+            scale=None if self.scale_scores else 1.0,  # None: 1/sqrt(head_dim)
+        )
         out = out.reshape(batch, length, self.num_heads * self.head_dim)
         return Linear(self.out_features, self.out_bias, self.dtype, name="o")(out), new_cache
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from sparsevlm.config import LanguageConfig
 from sparsevlm.models.layers import Block, Dtype, KVCache, Linear, causal_mask, make_norm
-from sparsevlm.models.stages import Call, Carry, Stage, layer_cache, run_stages, with_layer_cache
+from sparsevlm.models.stages import Call, Carry, Stage, block_stack, layer_cache, run_stages, with_layer_cache
 
 Array = jax.Array
 
@@ -86,13 +86,15 @@ class T5Stack(nn.Module):
     config: LanguageConfig
     causal: bool
     dtype: Dtype = jnp.float32
+    scan_layers: bool = False  # blocks as one scanned module (params stacked: `stack_layers`)
 
     def setup(self) -> None:
         cfg = self.config
         if self.causal:
-            self.blocks = [t5_decoder_block(cfg, self.dtype) for _ in range(cfg.num_decoder_layers)]
+            self.blocks = block_stack(lambda: t5_decoder_block(cfg, self.dtype), cfg.num_decoder_layers,
+                                      self.scan_layers)
         else:
-            self.blocks = [t5_encoder_block(cfg, self.dtype) for _ in range(cfg.depth)]
+            self.blocks = block_stack(lambda: t5_encoder_block(cfg, self.dtype), cfg.depth, self.scan_layers)
         self.relative_bias = nn.Embed(cfg.relative_buckets, cfg.num_heads, embedding_init=nn.initializers.normal(0.02))
         self.norm = make_norm(cfg.norm, cfg.norm_eps, "norm", self.dtype)
 
@@ -114,14 +116,15 @@ class T5(nn.Module):
 
     config: LanguageConfig
     dtype: Dtype = jnp.float32
+    scan_layers: bool = False
 
     def setup(self) -> None:
         cfg = self.config
         if cfg.arch != "t5":
             raise ValueError(f"T5 needs language.arch='t5', not {cfg.arch!r}")
         self.embed = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=nn.initializers.normal(1.0))
-        self.encoder = T5Stack(cfg, causal=False, dtype=self.dtype)
-        self.decoder = T5Stack(cfg, causal=True, dtype=self.dtype)
+        self.encoder = T5Stack(cfg, causal=False, dtype=self.dtype, scan_layers=self.scan_layers)
+        self.decoder = T5Stack(cfg, causal=True, dtype=self.dtype, scan_layers=self.scan_layers)
         if not cfg.tie_embeddings:
             self.lm_head = Linear(cfg.vocab_size, use_bias=False, dtype=self.dtype)
 
@@ -231,13 +234,13 @@ def t5_stages(config: LanguageConfig, dtype: Dtype = jnp.float32) -> tuple[tuple
 
     encoder_stages = (
         Stage("encoder", encoder, encoder_start),
-        *[Stage(f"encoder/blocks_{i}", encoder_block, encoder_step, i) for i in range(config.depth)],
+        *[Stage(f"encoder/blocks_{i}", encoder_block, encoder_step, i, scannable=True) for i in range(config.depth)],
         Stage("encoder", encoder, encoder_end),
     )
     decoder_stages = (
         Stage("", model, decoder_embed),
         Stage("decoder", decoder, decoder_start),
-        *[Stage(f"decoder/blocks_{i}", decoder_block, decoder_step, i) for i in range(config.num_decoder_layers)],
+        *[Stage(f"decoder/blocks_{i}", decoder_block, decoder_step, i, scannable=True) for i in range(config.num_decoder_layers)],
         Stage("decoder", decoder, decoder_end),
         Stage("", model, head),
     )

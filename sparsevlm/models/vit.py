@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from sparsevlm.config import VisionConfig
 from sparsevlm.models.layers import Block, Dtype, make_norm
-from sparsevlm.models.stages import Call, Carry, Stage, run_stages
+from sparsevlm.models.stages import Call, Carry, Stage, block_stack, run_stages
 
 Array = jax.Array
 
@@ -37,6 +37,7 @@ class ViT(nn.Module):
 
     config: VisionConfig
     dtype: Dtype = jnp.float32
+    scan_layers: bool = False  # blocks as one scanned module (params stacked: `stack_layers`)
 
     def setup(self) -> None:
         cfg = self.config
@@ -55,7 +56,7 @@ class ViT(nn.Module):
         self.pos_embed = self.param("pos_embed", nn.initializers.normal(0.02), (tokens, cfg.width), jnp.float32)
         if cfg.pre_norm:
             self.pre_norm = make_norm("layernorm", cfg.norm_eps, "pre_norm", self.dtype)
-        self.blocks = [vit_block(cfg, self.dtype) for _ in range(cfg.blocks_used)]
+        self.blocks = block_stack(lambda: vit_block(cfg, self.dtype), cfg.blocks_used, self.scan_layers)
         if cfg.final_norm and cfg.blocks_used == cfg.depth:
             self.final_norm = make_norm("layernorm", cfg.norm_eps, "final_norm", self.dtype)
 
@@ -103,5 +104,5 @@ def vit_stages(config: VisionConfig, dtype: Dtype = jnp.float32) -> tuple[Stage,
     def head(call: Call, carry: Carry, layer: int | None) -> Carry:
         return carry | {"x": call(carry["x"], method="head")}
 
-    blocks = [Stage(f"blocks_{i}", block, layer_step, i) for i in range(config.blocks_used)]
+    blocks = [Stage(f"blocks_{i}", block, layer_step, i, scannable=True) for i in range(config.blocks_used)]
     return (Stage("", vit, embed), *blocks, Stage("", vit, head))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from sparsevlm.config import VLMConfig
 from sparsevlm.models.decoder import Decoder, decoder_stages
 from sparsevlm.models.layers import MLP, Dtype, KVCache, causal_mask
-from sparsevlm.models.stages import Call, Carry, Stage, prefixed, run_stages
+from sparsevlm.models.stages import Call, Carry, Stage, prefixed, run_stages, scanned_stacks
 from sparsevlm.models.t5 import T5, t5_stages
 from sparsevlm.models.vit import ViT, vit_stages
 
@@ -90,16 +90,23 @@ class VLM(nn.Module):
     language model's own stage lists joined by the step that splices image tokens into the text.
     Padding inside the text is excluded by `text_mask`; positions count only real tokens, so the
     result does not depend on how much padding a row has.
+
+    `scan_layers` holds each block stack as one scanned module (compiled once; params in the
+    `stack_layers(params, scan_stacks(config))` layout); `remat` rematerialises every block in the
+    backward pass (`REMAT_MODES`). Neither changes the result.
     """
 
     config: VLMConfig
     dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat: str = "none"
 
     def setup(self) -> None:
         cfg = self.config
-        self.vision = ViT(cfg.vision, self.dtype)
+        self.vision = ViT(cfg.vision, self.dtype, scan_layers=self.scan_layers)
         self.connector = connector_module(cfg, self.dtype)
-        self.language = T5(cfg.language, self.dtype) if cfg.language.arch == "t5" else Decoder(cfg.language, self.dtype)
+        language = T5 if cfg.language.arch == "t5" else Decoder
+        self.language = language(cfg.language, self.dtype, scan_layers=self.scan_layers)
 
     def __call__(
         self,
@@ -123,8 +130,18 @@ class VLM(nn.Module):
         carry = self._inputs(images, tokens, text_mask, instruction, target_mask)
         if cache is not None:
             carry |= {"cache": cache, "cache_index": 0}
-        carry = run_stages(self, forward_stages(self.config, self.dtype), carry)
+        carry = run_stages(self, forward_stages(self.config, self.dtype), carry, self.remat)
         return carry["logits"], carry.get("cache")
+
+    def hidden_states(self, images: Array, tokens: Array, text_mask: Array, instruction: Instruction | None = None,
+                      target_mask: Array | None = None) -> Array:
+        """The forward pass up to the LM head: the last hidden states `[B, L, E]` (`logits` maps them on)."""
+        carry = self._inputs(images, tokens, text_mask, instruction, target_mask)
+        return run_stages(self, forward_stages(self.config, self.dtype)[:-1], carry, self.remat)["x"]
+
+    def logits(self, hidden: Array) -> Array:
+        """The LM head (final norm included) on hidden states `[B, T, E]` → logits `[B, T, V]` (float32)."""
+        return run_stages(self, forward_stages(self.config, self.dtype)[-1:], {"x": hidden})["logits"]
 
     def _inputs(self, images: Array, tokens: Array, text_mask: Array, instruction: Instruction | None,
                 target_mask: Array | None) -> Carry:
@@ -213,6 +230,11 @@ def forward_stages(config: VLMConfig, dtype: Dtype = jnp.float32) -> tuple[Stage
         language = [Stage("language", Decoder(lang, dtype, parent=None), splice),
                     *prefixed(decoder_stages(lang, dtype), "language")]
     return (*prefixed(vit_stages(config.vision, dtype), "vision"), *connector, *language)
+
+
+def scan_stacks(config: VLMConfig) -> dict[str, int]:
+    """`{stack prefix: depth}` of the block stacks a `scan_layers` VLM holds as one module each."""
+    return scanned_stacks(forward_stages(config))
 
 
 def _project(call: Call, carry: Carry, layer: int | None) -> Carry:

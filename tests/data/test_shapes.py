@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datasets
 import numpy as np
 import pytest
 
@@ -18,8 +19,8 @@ def test_same_seed_same_data_different_seed_different_data():
     b = shapes.build_split("validation", 20, seed=3)
     c = shapes.build_split("validation", 20, seed=4)
     assert list(a["question"]) == list(b["question"]) and list(a["answer"]) == list(b["answer"])
-    image_a = [r["bytes"] for r in a.cast_column("image", shapes.datasets.Image(decode=False))["image"]]
-    image_b = [r["bytes"] for r in b.cast_column("image", shapes.datasets.Image(decode=False))["image"]]
+    image_a = [r["bytes"] for r in a.cast_column("image", datasets.Image(decode=False))["image"]]
+    image_b = [r["bytes"] for r in b.cast_column("image", datasets.Image(decode=False))["image"]]
     assert image_a == image_b
     assert list(a["scene"]) != list(c["scene"])
 

@@ -14,7 +14,8 @@ from sparsevlm.config import LoraConfig, SparsitySpec
 from sparsevlm.eval.generate import compiled_generate
 from sparsevlm.hf.load import PAPER_LORA_MODULES, export_hf, hf_modules, load_hf_model
 from sparsevlm.lora import init_lora, lora_targets, merge
-from sparsevlm.models.vlm import VLM
+from sparsevlm.models.stages import stack_layers
+from sparsevlm.models.vlm import VLM, scan_stacks
 from sparsevlm.pruning import prune
 from sparsevlm.tree import flatten
 from tests.hf.tiny import FAMILIES, random_image
@@ -158,3 +159,19 @@ def test_prune_merge_export_round_trip(family, tmp_path):
     assert pruned_hf
     for weight in pruned_hf:
         assert ((weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1) >= 2).all()
+
+
+def test_scanned_blocks_give_the_same_logits(family):
+    """Every family's block stacks (ViT, Llama/OPT, T5 encoder and decoder) scanned: the same logits."""
+    name, bundle, _ = family
+    inputs = _inputs(bundle.processor, FAMILIES[name][1])
+    stacks = scan_stacks(bundle.config)
+    assert {"vision/blocks"} <= set(stacks) and not any(s.startswith("connector") for s in stacks)
+    images, tokens, mask, instruction = _arrays(inputs)
+    target = np.zeros(tokens.shape, bool)
+    target[:, -1] = True
+    args = (images, tokens, mask, None, instruction, target)
+    want, _ = jax.jit(VLM(bundle.config).apply)({"params": bundle.params}, *args)
+    got, _ = jax.jit(VLM(bundle.config, scan_layers=True, remat="block").apply)(
+        {"params": stack_layers(bundle.params, stacks)}, *args)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

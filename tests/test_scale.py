@@ -1,0 +1,151 @@
+"""Scale features of the restoration step: scanned stacks, block remat, packed masks, chunked vocabulary losses."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsevlm.config import REMAT_MODES, LoraConfig, SparsitySpec
+from sparsevlm.data.batch import iterate_batches
+from sparsevlm.data.examples import load_examples
+from sparsevlm.lora import init_lora
+from sparsevlm.losses import distillation_kl, token_cross_entropy, vocab_losses
+from sparsevlm.masks import pack_mask, pack_masks, unpack_mask
+from sparsevlm.models.stages import stack_layers, unstack_layers
+from sparsevlm.models.vlm import VLM, scan_stacks
+from sparsevlm.pruning import prune
+from sparsevlm.restoration import step_inputs
+from sparsevlm.train import batch_arrays, restoration_loss
+from sparsevlm.tree import flatten
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_bundle):
+    pruned = prune(tiny_bundle.params, tiny_bundle.config, SparsitySpec.same(0.5), "magnitude")
+    lora = init_lora(tiny_bundle.params, LoraConfig(), jax.random.key(1))
+    rng = np.random.default_rng(0)
+    lora = jax.tree.map(lambda x: x + 0.05 * rng.normal(size=x.shape).astype(np.float32), lora)
+    data = load_examples("shapes-mix", tiny_bundle.tokenizer, 6)
+    batch, _ = next(iterate_batches(data, 4, 24, tiny_bundle.tokenizer.pad_token_id, tiny_bundle.config.vision))
+    return tiny_bundle, pruned.masks, lora, batch_arrays(batch)
+
+
+def _rel(got, want):
+    """Relative difference of two trees, as one vector each."""
+    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(got)])
+    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(want)])
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def loss_and_grads(model, lora, batch, params, masks, **kwargs):
+    loss_fn = restoration_loss(model, 16.0, "sparselora", 0.1, 1.0, **kwargs)
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(lora, batch, params, masks)
+    return float(loss), metrics, grads
+
+
+@pytest.mark.parametrize("remat", REMAT_MODES)
+@pytest.mark.parametrize("scan", [False, True])
+def test_scan_and_remat_give_todays_loss_and_gradients(setup, scan, remat):
+    bundle, masks, lora, batch = setup
+    want_loss, want_metrics, want_grads = loss_and_grads(VLM(bundle.config), lora, batch, bundle.params, masks)
+    stacks = scan_stacks(bundle.config) if scan else {}
+    params, packed, stacked_lora = step_inputs(bundle.params, masks, lora, stacks)
+    model = VLM(bundle.config, scan_layers=scan, remat=remat)
+    loss, metrics, grads = loss_and_grads(model, stacked_lora, batch, params, packed)
+    assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)
+    assert abs(float(metrics["kl"]) - float(want_metrics["kl"])) <= 1e-5 * abs(float(want_metrics["kl"])) + 1e-7
+    grads = unstack_layers(grads, stacks)
+    assert jax.tree.structure(grads) == jax.tree.structure(want_grads)
+    assert _rel(grads, want_grads) <= 1e-5
+
+
+def test_scanned_model_initialises_to_the_stacked_layout(tiny_bundle):
+    config = tiny_bundle.config
+    stacks = scan_stacks(config)
+    assert stacks == {"vision/blocks": config.vision.blocks_used, "language/blocks": config.language.depth}
+    args = (np.zeros((1, 48, 48, 3), np.float32), np.ones((1, 4), np.int32), np.ones((1, 4), bool))
+    scanned = jax.eval_shape(lambda: VLM(config, scan_layers=True).init(jax.random.key(0), *args)["params"])
+    want = jax.tree.map(lambda x: (x.shape, x.dtype), stack_layers(tiny_bundle.params, stacks))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), scanned) == want
+    assert flatten(unstack_layers(stack_layers(tiny_bundle.params, stacks), stacks)).keys() == \
+        flatten(tiny_bundle.params).keys()
+
+
+def test_stacking_refuses_uneven_layers_and_fills_masks(tiny_bundle):
+    stacks = scan_stacks(tiny_bundle.config)
+    lora = init_lora(tiny_bundle.params, LoraConfig(targets=((r"language/blocks_0/attn/q/kernel", 2),)),
+                     jax.random.key(0))
+    with pytest.raises(ValueError, match=r"cannot stack language/blocks_N/attn/q/kernel/a: layers \[1\]"):
+        stack_layers(lora, stacks)
+    kernel = np.ones((3, 5), np.float32)
+    masks = {"language": {"blocks_0": {"k": kernel > 0}, "blocks_1": {"k": None}}}
+    with pytest.raises(ValueError, match="some layers have it as None"):
+        stack_layers(masks, {"language/blocks": 2})
+    filled = stack_layers(masks, {"language/blocks": 2}, fill=lambda m: np.ones(m.shape, bool))
+    assert filled["language"]["blocks"]["k"].shape == (2, 3, 5) and filled["language"]["blocks"]["k"].all()
+
+
+def test_a_scanned_model_refuses_a_kv_cache(tiny_bundle):
+    stacked = stack_layers(tiny_bundle.params, scan_stacks(tiny_bundle.config))
+    model = VLM(tiny_bundle.config, scan_layers=True)
+    cache = [{"k": jnp.zeros((1, 30, 2, 8)), "v": jnp.zeros((1, 30, 2, 8))}] * tiny_bundle.config.language.depth
+    with pytest.raises(ValueError, match="scan_layers has no KV cache"):
+        model.apply({"params": stacked}, np.zeros((1, 48, 48, 3), np.float32), np.ones((1, 4), np.int32),
+                    np.ones((1, 4), bool), cache)
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (2, 7, 13), (5, 1)])
+def test_packed_masks_are_one_bit_per_weight_and_round_trip(shape):
+    mask = np.random.default_rng(0).random(shape) < 0.5
+    packed = pack_mask(mask)
+    assert packed.dtype == np.uint8 and packed.shape == (*shape[:-1], -(-shape[-1] // 8))
+    np.testing.assert_array_equal(np.asarray(unpack_mask(jnp.asarray(packed), shape[-1])), mask)
+    assert unpack_mask(jnp.asarray(mask), shape[-1]).dtype == jnp.bool_
+
+
+def test_restoration_holds_masks_at_an_eighth_of_a_byte_per_weight(setup):
+    bundle, masks, lora, _ = setup
+    _, packed, _ = step_inputs(bundle.params, masks, lora, scan_stacks(bundle.config))
+    weights = sum(int(np.size(m)) for m in jax.tree.leaves(masks))
+    held = sum(int(np.size(m)) * np.dtype(m.dtype).itemsize for m in jax.tree.leaves(packed))
+    assert all(m.dtype == np.uint8 for m in jax.tree.leaves(packed))
+    assert held <= weights / 8 + 8 * len(jax.tree.leaves(packed))  # ≤ 1 byte of padding per output row group
+    assert pack_masks({"a": None})["a"] is None
+
+
+def test_chunked_vocabulary_losses_equal_one_pass():
+    rng = np.random.default_rng(0)
+    batch, length, width, vocab = 3, 11, 6, 17
+    head = jnp.asarray(rng.normal(size=(width, vocab)), jnp.float32)
+    teacher_head = jnp.asarray(rng.normal(size=(width, vocab)), jnp.float32)
+    hidden = jnp.asarray(rng.normal(size=(batch, length, width)), jnp.float32)
+    teacher_hidden = jnp.asarray(rng.normal(size=(batch, length, width)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, vocab, (batch, length)))
+    loss_mask = jnp.asarray(rng.random((batch, length)) < 0.6)
+    kl_mask = jnp.asarray(rng.random((batch, length - 1)) < 0.8)
+
+    def losses(h, w, chunk):
+        sums = vocab_losses(lambda x: x @ w, h, tokens, loss_mask, lambda x: x @ teacher_head, teacher_hidden,
+                            kl_mask, 2.0, chunk)
+        return sums[0] / sums[1] + sums[2] / sums[3], sums
+
+    one_pass = losses(hidden, head, 64)[1]
+    student, teacher = hidden @ head, teacher_hidden @ teacher_head
+    want = (*token_cross_entropy(student, tokens, loss_mask),
+            *distillation_kl(student[:, :-1], teacher[:, :-1], kl_mask, 2.0))
+    np.testing.assert_allclose(np.asarray(one_pass), np.asarray(want), rtol=1e-6)
+    grad = jax.grad(lambda h, w: losses(h, w, 64)[0], argnums=(0, 1))(hidden, head)
+    for chunk in (1, 3, 4):
+        np.testing.assert_allclose(np.asarray(losses(hidden, head, chunk)[1]), np.asarray(want), rtol=1e-5)
+        chunked = jax.grad(lambda h, w: losses(h, w, chunk)[0], argnums=(0, 1))(hidden, head)
+        assert _rel(chunked, grad) <= 1e-5
+
+
+def test_restoration_loss_with_small_chunks_equals_one_pass(setup):
+    bundle, masks, lora, batch = setup
+    model = VLM(bundle.config)
+    want_loss, _, want_grads = loss_and_grads(model, lora, batch, bundle.params, masks)
+    loss, _, grads = loss_and_grads(model, lora, batch, bundle.params, masks, loss_chunk=5)
+    assert abs(loss - want_loss) <= 1e-5 * abs(want_loss) and _rel(grads, want_grads) <= 1e-5
