@@ -73,6 +73,8 @@ from typing import TYPE_CHECKING, Any, Iterator, NoReturn, Sequence
 
 import numpy as np
 
+from sparsevlm.config import REMAT_MODES
+
 if TYPE_CHECKING:
     import torch
 
@@ -180,16 +182,21 @@ class Ours(Side):
         from sparsevlm.hf.load import load_hf_model
         from sparsevlm.lora import init_lora, lora_param_count
         from sparsevlm.masks import masks_from_flat
-        from sparsevlm.models.vlm import VLM
+        from sparsevlm.models.vlm import VLM, scan_stacks
+        from sparsevlm.restoration import step_inputs
         from sparsevlm.train import TrainState, make_optimizer, make_train_step, restoration_loss
 
         from train_step import xla_memory
 
         bundle = load_hf_model(spec["dir"], spec["dtype"])
         config = bundle.config
-        params = jax.device_put(bundle.params)
-        del bundle  # the host copy: the step reads the device params only
-        masks = jax.device_put(masks_from_flat(params, load_file(work / "masks_ours.safetensors")))
+        host_masks = masks_from_flat(bundle.params, load_file(work / "masks_ours.safetensors"))
+        lora_config = RestoreConfig().lora  # the paper's targets, ranks and alpha
+        lora = init_lora(bundle.params, lora_config, jax.random.key(spec["seed"]))
+        # The step's layout: scanned stacks (with --scan-layers) and masks packed to 1 bit per weight.
+        self.stacks = scan_stacks(config) if spec["scan_layers"] else {}
+        params, masks, lora = jax.device_put(step_inputs(bundle.params, host_masks, lora, self.stacks))
+        del bundle, host_masks  # the host copies: the step reads the device arrays only
         batch = load_file(work / "batch.safetensors")
         self.batch = jax.device_put({
             "images": np.ascontiguousarray(batch["pixel_values"].transpose(0, 2, 3, 1)),  # NCHW → NHWC
@@ -197,11 +204,10 @@ class Ours(Side):
             "text_mask": batch["attention_mask"].astype(bool),
             "loss_mask": batch["loss_mask"].astype(bool),
         })
-        lora_config = RestoreConfig().lora  # the paper's targets, ranks and alpha
-        lora = init_lora(params, lora_config, jax.random.key(spec["seed"]))
         # Constant learning rate (no warm-up, end = peak), weight decay 0, clipping at GRAD_CLIP.
         optimizer = make_optimizer(spec["lr"], spec["lr"], 0, 1000, 0.0, GRAD_CLIP)
-        model = VLM(config, jnp.bfloat16 if spec["dtype"] == "bfloat16" else jnp.float32)
+        model = VLM(config, jnp.bfloat16 if spec["dtype"] == "bfloat16" else jnp.float32, spec["scan_layers"],
+                    spec["remat"])
         self.loss_fn = restoration_loss(model, lora_config.alpha, "sparselora", spec["kl_weight"],
                                         spec["temperature"])
         step = make_train_step(self.loss_fn, optimizer)
@@ -224,12 +230,14 @@ class Ours(Side):
         import jax
         from safetensors.numpy import load_file
 
+        from sparsevlm.models.stages import stack_layers, unstack_layers
         from sparsevlm.tree import flatten, unflatten
 
-        lora = unflatten(load_file(work / "lora_state_ours.safetensors"))
+        lora = stack_layers(unflatten(load_file(work / "lora_state_ours.safetensors")), self.stacks)
         grad = jax.jit(jax.value_and_grad(lambda lora: self.loss_fn(lora, self.batch, self.params, self.masks)[0]))
         loss, grads = grad(lora)
-        return float(loss), {path: np.asarray(g) for path, g in flatten(jax.device_get(grads)).items()}
+        grads = unstack_layers(jax.device_get(grads), self.stacks)
+        return float(loss), {path: np.asarray(g) for path, g in flatten(grads).items()}
 
     def memory(self) -> dict[str, Any]:
         stats = self.device.memory_stats() if self.device.platform == "gpu" else None
@@ -618,6 +626,7 @@ def prepare(directory: Path, work: Path, args: argparse.Namespace) -> dict[str, 
     save_file({p: np.asarray(m, bool) for p, m in masks.items()}, str(work / "masks_ours.safetensors"))
     save_file({n: np.ascontiguousarray(m, bool) for n, m in peer_masks.items()}, str(work / "masks_peer.safetensors"))
     spec = {"dir": str(directory), "dtype": args.dtype, "lr": args.lr, "seed": args.seed, "warmup": args.warmup,
+            "scan_layers": args.scan_layers, "remat": args.remat,
             "alpha": lora_config.alpha, "kl_weight": restore.kl_weight, "temperature": restore.temperature,
             "lora_modules": lora_modules}
     # One LoRA state with B ≠ 0 for the gradient check, the same arrays under both sides' names: A as
@@ -766,6 +775,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pattern", default="unstructured", help="mask pattern: unstructured or N:M (e.g. 2:4)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, both sides (default 1e-3)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scan-layers", action="store_true", help="ours: each tower's blocks as one scanned layer")
+    parser.add_argument("--remat", default="none", choices=REMAT_MODES, help="ours: block rematerialisation")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
     parser.add_argument("--json", default="results/peer_train_step.json")
@@ -844,6 +855,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "lr": args.lr,
         "kl_weight": setup["kl_weight"],
         "temperature": setup["temperature"],
+        "scan_layers": args.scan_layers,
+        "remat": args.remat,
         "ranks": setup["ranks"],
         "alpha": setup["alpha"],
         "sparsity": SPARSITY,

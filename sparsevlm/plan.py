@@ -96,10 +96,12 @@ def plan_config(name_or_dir: str) -> VLMConfig:
 
 def abstract_batch(config: VLMConfig, batch_size: int, seq_len: int) -> dict[str, Any]:
     """Shapes of a restoration batch whose language model sees `seq_len` positions (image tokens included)."""
-    text = seq_len if config.image_token_id is not None else seq_len - config.num_image_tokens
-    if text < 2:
-        raise ValueError(f"--seq-len {seq_len} leaves {text} text positions after the {config.num_image_tokens} image "
+    words = seq_len - config.num_image_tokens
+    if words < 2:
+        raise ValueError(f"--seq-len {seq_len} leaves {words} text positions after the {config.num_image_tokens} image "
                          "tokens; it must leave at least 2")
+    # Image tokens replace placeholder tokens in the text (LLaVA, HF BLIP) or go before it.
+    text = seq_len if config.image_token_id is not None else words
     size = config.vision.image_size
     spec = jax.ShapeDtypeStruct
     batch = {"images": spec((batch_size, size, size, config.vision.num_channels), jnp.float32),
@@ -111,16 +113,26 @@ def abstract_batch(config: VLMConfig, batch_size: int, seq_len: int) -> dict[str
     return batch
 
 
-def plan_restoration(
-    config: VLMConfig,
-    restore: RestoreConfig,
-    batch_size: int,
-    seq_len: int,
-    mesh: str | None = None,
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+    """A restoration step for a config, before anything is allocated: how to build its inputs, their
+    shapes and shardings on the mesh, and the jitted step."""
+
+    build: Callable[[], tuple[PyTree, PyTree, PyTree]]  # () -> (params, packed masks, TrainState): random init
+    params: PyTree  # abstract (ShapeDtypeStruct) trees from here on
+    masks: PyTree
+    state: PyTree
+    batch: dict[str, Any]
+    shardings: Any  # sharding.StepShardings
+    step: Callable[..., Any]
+    mesh: Any
+
+
+def restoration_setup(
+    config: VLMConfig, restore: RestoreConfig, batch_size: int, seq_len: int, mesh: Any = None,
     param_dtype: str = "bfloat16",
-) -> dict[str, Any]:
-    """Per-device bytes (params, masks, LoRA, optimizer, batch, XLA's temporaries, total) and the compile
-    seconds of `restore`'s step for `config`, on `mesh` (all local devices; None: one device)."""
+) -> StepSetup:
+    """`restore`'s step for `config` on `mesh` (all local devices; None: one device), from shapes alone."""
     from sparsevlm import sharding
     from sparsevlm.lora import init_lora
     from sparsevlm.masks import is_prunable
@@ -144,7 +156,9 @@ def plan_restoration(
         params = VLM(config).init(jax.random.key(0), jnp.zeros((1, size, size, config.vision.num_channels)),
                                   jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool), None, instruction)["params"]
         params = jax.tree.map(lambda x: x.astype(param_dtype), params)
-        masks = unflatten({p: jnp.ones(v.shape, bool) if is_prunable(p, v) else None for p, v in flatten(params).items()})
+        # Every prunable kernel masked (both towers and the connector pruned), half its weights kept.
+        masks = unflatten({p: jax.random.bernoulli(jax.random.key(i), 0.5, v.shape) if is_prunable(p, v) else None
+                           for i, (p, v) in enumerate(flatten(params).items())})
         lora = init_lora(params, restore.lora, jax.random.key(0))
         params, packed, lora = step_inputs(params, masks, lora, stacks)
         return params, packed, TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32))
@@ -154,19 +168,48 @@ def plan_restoration(
     model = VLM(config, jnp.bfloat16 if restore.bf16 else jnp.float32, restore.scan_layers, restore.remat)
     step = make_train_step(restoration_loss(model, restore.lora.alpha, restore.method, restore.kl_weight,
                                             restore.temperature), optimizer, shardings)
+    return StepSetup(build, params, masks, state, batch, shardings, step, device_mesh)
+
+
+def plan_restoration(
+    config: VLMConfig,
+    restore: RestoreConfig,
+    batch_size: int,
+    seq_len: int,
+    mesh: Any = None,
+    param_dtype: str = "bfloat16",
+) -> dict[str, Any]:
+    """Per-device bytes (params, masks, LoRA, optimizer, batch, XLA's temporaries, total) and the compile
+    seconds of `restore`'s step for `config`, on `mesh` (all local devices; None: one device)."""
+    from sparsevlm import sharding
+
+    setup = restoration_setup(config, restore, batch_size, seq_len, mesh, param_dtype)
     start = time.perf_counter()
-    compiled = sharding.compile_step(step, (state, batch, params, masks), (shardings.state, *shardings.inputs))
+    compiled = sharding.compile_step(setup.step, (setup.state, setup.batch, setup.params, setup.masks),
+                                     (setup.shardings.state, *setup.shardings.inputs))
     seconds = time.perf_counter() - start
-    memory = sharding.restore_memory(compiled, shardings, state, params, masks, batch)
+    memory = sharding.restore_memory(compiled, setup.shardings, setup.state, setup.params, setup.masks, setup.batch)
     return {
-        "model": {"family": config.family, "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))},
-        "batch_size": batch_size, "seq_len": seq_len, "mesh": dict(device_mesh.shape), "devices": len(devices),
-        "device": jax.devices()[0].device_kind, "param_dtype": param_dtype,
+        "model": {"family": config.family, "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(setup.params)))},
+        "batch_size": batch_size, "seq_len": seq_len, "mesh": dict(setup.mesh.shape),
+        "devices": int(setup.mesh.devices.size), "device": jax.devices()[0].device_kind, "param_dtype": param_dtype,
         "restore": {k: v for k, v in dataclasses.asdict(restore).items()
                     if k in ("method", "kl_weight", "bf16", "remat", "scan_layers")},
         "per_device_bytes": memory | {"total": memory["step_total"]},
         "compile_seconds": round(seconds, 2),
+        "flops": _flops(compiled),
     }
+
+
+def _flops(compiled: Any) -> float | None:
+    """XLA's FLOP count of a compiled step (None where the backend gives none)."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    flops = analysis.get("flops") if analysis else None
+    return None if flops is None else float(flops)
 
 
 def format_plan(report: Mapping[str, Any]) -> str:

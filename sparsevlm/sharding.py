@@ -229,13 +229,26 @@ def param_shardings(params: PyTree, mesh: Mesh, rules: Sequence[tuple[str, tuple
 
 
 def mask_shardings(masks: PyTree, shardings: PyTree) -> PyTree:
-    """Each mask (bool, or packed along its last axis) sharded like its kernel (None where a param has no mask)."""
+    """Each mask sharded like its kernel (None where a param has no mask); a packed mask's last axis, 8×
+    shorter than the kernel's, stays whole where the kernel's mesh axes do not divide it."""
     kernels = flatten(shardings)
     out = {}
     for path, mask in flatten(masks).items():
-        if mask is not None:
-            _check_divisible(f"{path} (mask)", np.shape(mask), kernels[path].spec, kernels[path].mesh)
-        out[path] = None if mask is None else kernels[path]
+        if mask is None:
+            out[path] = None
+            continue
+        kernel = kernels[path]
+        spec = list(kernel.spec) + [None] * (np.ndim(mask) - len(kernel.spec))
+        def ways(axes: Any) -> int:
+            return math.prod(kernel.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+        for dim, axes in enumerate(spec):
+            if np.shape(mask)[dim] % ways(axes):
+                spec[dim] = None  # a mask's layout is its own: move the axes to a dimension they divide
+                free = [d for d in range(len(spec)) if spec[d] is None and d != dim and np.shape(mask)[d] % ways(axes) == 0]
+                if free:
+                    spec[free[0]] = axes
+        out[path] = NamedSharding(kernel.mesh, PartitionSpec(*spec))
     return unflatten(out)
 
 

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                          "sparsevlm.checkpoint")),
     ("pruning", ("sparsevlm.pruning.*",)),
     ("training", ("sparsevlm.train", "sparsevlm.trainer", "sparsevlm.pretrain", "sparsevlm.restoration")),
-    ("applications", ("sparsevlm.pipeline", "sparsevlm.hub", "sparsevlm.jobs", "sparsevlm.cli")),
+    ("applications", ("sparsevlm.pipeline", "sparsevlm.plan", "sparsevlm.hub", "sparsevlm.jobs", "sparsevlm.cli")),
 ]
 PACKAGES = ("sparsevlm", "sparsevlm.data", "sparsevlm.eval", "sparsevlm.hf", "sparsevlm.models", "sparsevlm.pruning")
 

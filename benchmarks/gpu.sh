@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU checks of the Scale issues, as ONE call on one accelerator (≤ 8 min on an H200):
+#   1. peer_train_step.py --config 1b --batch-size 8 (ours scanned + block remat, bf16, vs transformers + PEFT);
+#   2. preset_step.py: the LLaVA-1.5-7B preset's SparseLoRA + KL step from random init (time, MFU, peak memory);
+#   3. sparsevlm plan for the same step (compile time, XLA's per-device figures);
+#   4. peer_prune.py --config 1b (the whole-model pruning benchmark).
+# JSON goes under $OUT (the device tool's output folder) or results/gpu/; nothing is committed by this script:
+# copy the files into benchmarks/measured/ with the date and device. SMALL=1 runs tiny configs (a CPU try-out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=. XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
+OUT_DIR="${OUT:-results/gpu}"
+mkdir -p "$OUT_DIR"
+if [ "${SMALL:-0}" = 1 ]; then
+  CFG=quick BATCH=2 REPEATS=2 PRESET_ARGS=(--model "$OUT_DIR/tiny-preset" --batch-size 2 --seq-len 40 --repeats 2)
+  python - "$OUT_DIR/tiny-preset" <<'PY'
+import json, pathlib, sys
+from sparsevlm.config import VLMConfig
+d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True)
+(d / "config.json").write_text(json.dumps(VLMConfig().to_dict()))
+PY
+else
+  CFG=1b BATCH=8 REPEATS=8 PRESET_ARGS=(--model llava-1.5-7b --batch-size 8 --seq-len 624 --repeats 5)
+fi
+status=0
+run() {  # name, time limit (s), command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name"
+  local started=$SECONDS
+  timeout "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT_DIR/$name.log"
+  echo "== $name: exit $rc after $((SECONDS - started)) s"
+  [ $rc = 0 ] || status=1
+}
+python -c "import jax; print(jax.devices())" | tee "$OUT_DIR/devices.txt"
+run peer_train_step 180 python benchmarks/peer_train_step.py --config $CFG --batch-size $BATCH --repeats $REPEATS \
+  --dtype bfloat16 --scan-layers --remat block --json "$OUT_DIR/peer_train_step.json"
+run preset_step 120 python benchmarks/preset_step.py "${PRESET_ARGS[@]}" --json "$OUT_DIR/preset_step.json"
+run plan 60 python -m sparsevlm.cli plan "${PRESET_ARGS[@]:0:2}" --method sparselora --batch-size $BATCH --bf16 \
+  --scan-layers --remat block --json "$OUT_DIR/plan.json"
+run peer_prune 120 python benchmarks/peer_prune.py --config $CFG --json "$OUT_DIR/peer_prune.json"
+exit $status
