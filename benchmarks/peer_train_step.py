@@ -234,8 +234,9 @@ class Ours(Side):
         from sparsevlm.tree import flatten, unflatten
 
         lora = stack_layers(unflatten(load_file(work / "lora_state_ours.safetensors")), self.stacks)
-        grad = jax.jit(jax.value_and_grad(lambda lora: self.loss_fn(lora, self.batch, self.params, self.masks)[0]))
-        loss, grads = grad(lora)
+        # Params and masks as arguments, not closure constants (which XLA would fold into the executable).
+        grad = jax.jit(jax.value_and_grad(lambda lora, batch, params, masks: self.loss_fn(lora, batch, params, masks)[0]))
+        loss, grads = grad(lora, self.batch, self.params, self.masks)
         grads = unstack_layers(jax.device_get(grads), self.stacks)
         return float(loss), {path: np.asarray(g) for path, g in flatten(grads).items()}
 
@@ -452,6 +453,7 @@ def child(side: str, work: Path) -> None:
     info["peak_reset"] = reset_peak()
     held_mib = status_mib("VmRSS")
     emit("ready", info | {"first_loss": losses[0]})
+    steps_peak_mib, steps_memory = None, None  # the timed steps' peaks, read before the gradient check
     for line in sys.stdin:
         request = line.strip()
         if request == "step":
@@ -459,6 +461,7 @@ def child(side: str, work: Path) -> None:
             loss = trainer.step()
             emit("step", {"seconds": time.perf_counter() - start, "loss": loss})
         elif request == "gradients":
+            steps_peak_mib, steps_memory = status_mib("VmHWM"), trainer.memory()
             loss, grads = trainer.gradients(work)
             from safetensors.numpy import save_file
 
@@ -466,11 +469,11 @@ def child(side: str, work: Path) -> None:
                       str(work / f"grads_{side}.safetensors"))
             emit("gradients", {"loss": loss, "factors": len(grads)})
         elif request == "finish":
-            peak_mib = status_mib("VmHWM")
+            peak_mib = steps_peak_mib if steps_peak_mib is not None else status_mib("VmHWM")
             emit("done", {"rss": {"imports_mib": round(imports_mib, 1), "held_mib": round(held_mib - imports_mib, 1),
                                   "step_peak_mib": round(peak_mib - imports_mib, 1),
                                   "step_growth_mib": round(peak_mib - held_mib, 1)},
-                          "device_memory": trainer.memory()})
+                          "device_memory": steps_memory if steps_memory is not None else trainer.memory()})
             return
         else:
             raise ValueError(f"unknown request {request!r}")

@@ -16,11 +16,13 @@ the global array.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import os
 import re
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -65,6 +67,37 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mlp", ("tensor", "fsdp")),
     ("vocab", ("tensor", "fsdp")),
 )
+
+
+# The mesh a train step is being traced for (set by `train.make_train_step`), read by `constrain_batch`.
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None) -> Iterator[None]:
+    """While tracing inside this context, `constrain_batch` pins activations to `mesh`'s batch axes."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain_batch(x: Any) -> Any:
+    """`x` with its leading (batch) axis split over `data`×`fsdp` while a step traces on a mesh (else unchanged).
+
+    Without it XLA may keep activations whole and all-reduce partial matmuls over an `fsdp`-sharded
+    contraction; pinned, it gathers each layer's weights instead (FSDP), so activations stay split.
+    """
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or np.ndim(x) == 0:
+        return x
+    spec = logical_to_spec(("batch",), mesh)
+    axes = spec[0] if spec else None
+    names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    if not names or np.shape(x)[0] % math.prod(mesh.shape[a] for a in names):
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(axes, *([None] * (np.ndim(x) - 1)))))
 
 
 class ShardingError(ValueError):

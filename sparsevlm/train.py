@@ -19,7 +19,7 @@ from sparsevlm.data.batch import Batch
 from sparsevlm.lora import adapter_variables, lora_scope
 from sparsevlm.losses import LOSS_CHUNK, model_inputs, task_loss, vocab_losses
 from sparsevlm.models.vlm import VLM, prediction_mask
-from sparsevlm.sharding import StepShardings
+from sparsevlm.sharding import StepShardings, activation_mesh
 from sparsevlm.tree import flatten, unflatten
 
 PyTree = Any
@@ -92,8 +92,11 @@ def make_train_step(
     in order) the step's layout is pinned on a mesh (`sparsevlm.sharding`).
     """
 
+    mesh = None if shardings is None else jax.tree.leaves(shardings.state)[0].mesh
+
     def step(state: TrainState, batch: dict[str, Any], *inputs: PyTree) -> tuple[TrainState, dict[str, Array]]:
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, *inputs)
+        with activation_mesh(mesh):  # traced on the mesh: activations pinned to the batch axes
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, *inputs)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = metrics | {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -101,7 +104,7 @@ def make_train_step(
 
     if shardings is None:
         return jax.jit(step)
-    metrics = NamedSharding(jax.tree.leaves(shardings.state)[0].mesh, PartitionSpec())
+    metrics = NamedSharding(mesh, PartitionSpec())
     return jax.jit(step, in_shardings=(shardings.state, *shardings.inputs), out_shardings=(shardings.state, metrics))
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsevlm.config import REMAT_MODES
+from sparsevlm.sharding import constrain_batch
 from sparsevlm.tree import flatten, unflatten
 
 PyTree = Any
@@ -111,7 +112,8 @@ def scanned_stacks(stages: Sequence[Stage]) -> dict[str, int]:
 
 def _block_fn(fn: StageFn, layer: int | None, remat: str) -> Callable[[nn.Module, Carry], Carry]:
     def body(module: nn.Module, carry: Carry) -> Carry:
-        return fn(functools.partial(_call_bound, module), carry, layer)
+        carry = fn(functools.partial(_call_bound, module), carry, layer)
+        return carry | {"x": constrain_batch(carry["x"])}  # activations stay split over the batch (FSDP)
 
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat {remat!r} is not one of {', '.join(REMAT_POLICIES)}")
