@@ -467,6 +467,7 @@ def measure_model(directory: Path, methods: Sequence[str], patterns: Sequence[st
             worst = min(agreement, key=agreement.get)
             rows.append(compare_row("model", method, pattern, ours_timing, peer_timing) | {
                 "layers": len(linears), "calib_samples": samples, "calib_tokens": int(tokens.size),
+                "ours_phase_s": result.phases,  # seconds per phase of our last timed call (`calibrate.PHASES`)
                 "mask_agreement": round(equal / total, 6),
                 "min_layer_agreement": round(agreement[worst], 6), "min_agreement_layer": worst,
                 "layer_agreement": {path: round(value, 6) for path, value in agreement.items()},

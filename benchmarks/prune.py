@@ -116,6 +116,7 @@ def measure_model(bundle: ModelBundle, methods: Sequence[str], patterns: Sequenc
                 "calib_text_tokens": int(carry["text_mask"].sum()) if calibration is not None else 0,
                 "calib_data_s": round(calib_data_seconds, 4) if calibration is not None else 0.0,
                 "measured_sparsity": {tower: round(measured[tower], 4) for tower in ("vision", "language")},
+                "phase_s": result.phases,  # the last timed call's seconds per phase (`calibrate.PHASES`)
             })
     return rows
 

@@ -147,6 +147,7 @@ class Pipeline:
             },
             "seed": config.seed,
             "prune_seconds": round(result.seconds, 2),
+            "prune_phase_seconds": result.phases,
             "allocation_seconds": round(allocation_seconds, 2),
             "mesh": dict(self.mesh.shape) if self.mesh is not None else None,
         }

@@ -10,8 +10,10 @@ calibration set are alive at a time, and each stage function is jit-compiled onc
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Callable, Mapping, Sequence
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +89,22 @@ def _capturing(module: Any, fn: Any, need_hessian: bool) -> Callable[[PyTree, Ca
     return jax.jit(run)
 
 
+# The phases of a calibrated prune, as `prune_blockwise` times them.
+PHASES = ("pass_through", "capture", "solve", "refresh")
+
+
+@contextlib.contextmanager
+def _timed(phases: dict[str, float] | None, name: str, result: Callable[[], Any]) -> Iterator[None]:
+    """Add the block's seconds to `phases[name]`, waiting for `result()` to be computed (async backends)."""
+    if phases is None:
+        yield
+        return
+    started = time.perf_counter()
+    yield
+    jax.block_until_ready(result())
+    phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
+
+
 def _chunks(carry: Carry, size: int) -> list[Carry]:
     total = carry_batch_size(carry)
     return [{k: v if is_shared(v, total) else v[i : i + size] for k, v in carry.items()} for i in range(0, total, size)]
@@ -113,11 +131,15 @@ def prune_blockwise(
     mode: str = "sequential",
     batch_size: int = 32,
     progress: bool = False,
+    phases: dict[str, float] | None = None,
 ) -> tuple[PyTree, dict[str, Array]]:
     """Run `stages` over the calibration set, pruning every linear in `targets` with `prune_layer`.
 
     `prune_layer(path, kernel, stats) -> (new kernel, keep-mask)`. Returns the new params and the
-    masks as `{path: bool array}`. Stages after the last one holding a target are never run.
+    masks as `{path: bool array}`. Stages after the last one holding a target are never run. With
+    `phases`, the seconds of each phase (`PHASES`: running stages without targets, capturing
+    statistics, solving layers, re-running a pruned stage) are added to it; each phase then waits
+    for its results, which costs a little overlap on asynchronous backends.
     """
     if mode not in CALIBRATION_MODES:
         raise ValueError(f"calibration mode {mode!r} is not one of {', '.join(CALIBRATION_MODES)}")
@@ -133,24 +155,28 @@ def prune_blockwise(
         sub = subtree(params, stage.prefix)
         apply = _jit(stage.module, stage.fn)
         if index not in owners:
-            stream = [apply(sub, chunk) for chunk in stream]
+            with _timed(phases, "pass_through", lambda: stream):
+                stream = [apply(sub, chunk) for chunk in stream]
             continue
         capture = _capturing(stage.module, stage.fn, need_hessian)
         outputs, total = [], None
-        for chunk in stream:
-            out, stats = capture(sub, chunk)
-            outputs.append(out)
-            total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+        with _timed(phases, "capture", lambda: (outputs, total)):
+            for chunk in stream:
+                out, stats = capture(sub, chunk)
+                outputs.append(out)
+                total = stats if total is None else jax.tree.map(jnp.add, total, stats)
         pruned_any = False
-        for name, stats in (total or {}).items():
-            path = "/".join(filter(None, (stage.prefix, name, "kernel")))
-            if path not in targets:
-                continue
-            flat[path], masks[path] = prune_layer(path, jnp.asarray(flat[path]), stats)
-            pruned_any = True
+        with _timed(phases, "solve", lambda: masks):
+            for name, stats in (total or {}).items():
+                path = "/".join(filter(None, (stage.prefix, name, "kernel")))
+                if path not in targets:
+                    continue
+                flat[path], masks[path] = prune_layer(path, jnp.asarray(flat[path]), stats)
+                pruned_any = True
         if mode == "sequential" and pruned_any:
-            new_sub = subtree(unflatten(flat), stage.prefix)
-            stream = [apply(new_sub, chunk) for chunk in stream]
+            with _timed(phases, "refresh", lambda: stream):
+                new_sub = subtree(unflatten(flat), stage.prefix)
+                stream = [apply(new_sub, chunk) for chunk in stream]
         else:
             stream = outputs
     missing = sorted(set(targets) - set(masks))

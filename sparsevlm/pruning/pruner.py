@@ -33,6 +33,7 @@ class PruneResult:
     masks: PyTree
     ratios: dict[str, float]
     seconds: float
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per phase (`calibrate.PHASES`)
 
 
 def prune_layer(
@@ -104,10 +105,12 @@ def prune(
     def layer(path: str, kernel: Array, stats: LayerStats | None) -> tuple[Array, Array]:
         return prune_layer(method, kernel, stats, pattern, ratios[path], _layer_key(key, path), options)
 
+    phases: dict[str, float] = {}
     if entry.needs_calibration:
         new_params, flat_masks = prune_blockwise(
             params, forward_stages(config), calibration, ratios, layer,
             need_hessian=entry.hessian(options), mode=calibration_mode, batch_size=batch_size, progress=progress,
+            phases=phases,
         )
     else:
         flat = dict(flatten(params))
@@ -115,6 +118,10 @@ def prune(
         for path in ratios:
             flat[path], flat_masks[path] = layer(path, jnp.asarray(flat[path]), None)
         new_params = unflatten(flat)
+        phases["solve"] = time.perf_counter() - started
+    fetched = time.perf_counter()
     new_params = jax.device_get(new_params)
     flat_masks = jax.device_get(flat_masks)
-    return PruneResult(new_params, masks_from_flat(new_params, flat_masks), dict(ratios), time.perf_counter() - started)
+    phases["to_host"] = time.perf_counter() - fetched
+    return PruneResult(new_params, masks_from_flat(new_params, flat_masks), dict(ratios), time.perf_counter() - started,
+                       {name: round(seconds, 4) for name, seconds in phases.items()})

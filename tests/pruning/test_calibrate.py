@@ -154,3 +154,14 @@ def test_calibrated_methods_prune_to_the_exact_target(tiny_bundle, calib, method
         per_row_kept = mask.sum(axis=0)
         assert (per_row_kept == mask.shape[0] - int(mask.shape[0] * target)).all(), path
         assert (np.asarray(flat[path])[~mask] == 0).all(), path
+
+
+def test_prune_reports_where_its_time_goes(tiny_bundle):
+    data = load_examples("shapes-captions", tiny_bundle.tokenizer, 8)
+    carry = calibration_carry(data, 8, tiny_bundle.tokenizer.pad_token_id, tiny_bundle.config.vision)
+    result = prune(tiny_bundle.params, tiny_bundle.config, SparsitySpec.same(0.5), "wanda", carry)
+    assert set(result.phases) == {"capture", "solve", "refresh", "to_host"} | ({"pass_through"} & set(result.phases))
+    assert all(seconds >= 0 for seconds in result.phases.values())
+    assert sum(result.phases.values()) <= result.seconds + 1e-3
+    magnitude = prune(tiny_bundle.params, tiny_bundle.config, SparsitySpec.same(0.5), "magnitude")
+    assert set(magnitude.phases) == {"solve", "to_host"}
