@@ -15,7 +15,8 @@ import jax
 
 from sparsevlm import hub
 from sparsevlm.config import ECOFLAP_BATCHES, PruneConfig, SparsitySpec
-from sparsevlm.data.tasks import BUILTIN_SETS, DATA_HELP, parse_data_spec
+from sparsevlm.cli import data_flag
+from sparsevlm.data.tasks import BUILTIN_SETS, DATA_HELP
 from sparsevlm.integrity import write_atomic
 from sparsevlm.pipeline import Pipeline, Pruned
 from sparsevlm.pruning.registry import METHODS
@@ -64,15 +65,6 @@ class Study:
         """Prune, evaluate and describe one setting as a table row."""
         report = self.prune(spec, method, allocation=allocation).report
         return labels | {k: report[k] for k in ("accuracy", "target", "measured", "pattern", "method", "allocation")}
-
-
-def data_flag(text: str) -> str:
-    """argparse `type=` for a data flag: the value, or a usage error saying what is allowed."""
-    try:
-        parse_data_spec(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

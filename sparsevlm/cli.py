@@ -47,7 +47,8 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _data(text: str) -> str:
+def data_flag(text: str) -> str:
+    """argparse `type=` for a data flag: the value, or a usage error saying what is allowed."""
     try:
         parse_data_spec(text)
     except ValueError as err:
@@ -65,7 +66,7 @@ def _mesh(text: str) -> Any:
 
 
 KINDS: dict[str, Callable[[str], Any]] = {
-    "positive_int": _positive_int, "non_negative_int": _non_negative_int, "fraction": _fraction, "data": _data,
+    "positive_int": _positive_int, "non_negative_int": _non_negative_int, "fraction": _fraction, "data": data_flag,
 }
 
 
