@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsevlm.config import Pattern, num_pruned
-from sparsevlm.pruning.patterns import select
+from sparsevlm.pruning.patterns import _lowest_device, lowest, lowest_in_groups, select
 
 # Every new shape or sparsity is a fresh jit compile of `select`, so keep the example counts modest.
 PROPERTY = settings(max_examples=30, deadline=None)
@@ -141,3 +143,39 @@ def test_n_of_m_rejects_input_dim_not_divisible_by_m(fan_in, m):
 def test_select_rejects_non_matrix_scores():
     with pytest.raises(ValueError, match="2-D"):
         select(np.zeros((4, 4, 4), np.float32), Pattern("unstructured"), 0.5)
+
+
+def _stable_lowest(scores: np.ndarray, count: int, axis: int) -> np.ndarray:
+    """The `count` lowest along `axis` by a stable argsort (the references' rule)."""
+    order = np.argsort(scores, axis=axis, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(scores.shape[axis]).reshape([-1 if a == axis else 1
+                                                                           for a in range(scores.ndim)]), axis=axis)
+    return ranks < count
+
+
+@PROPERTY
+@given(rows=st.integers(1, 9), length=st.integers(1, 40), levels=st.integers(1, 6), axis=st.integers(0, 1),
+       seed=seeds, data=st.data())
+def test_lowest_on_both_backends_matches_a_stable_sort_with_heavy_ties(rows, length, levels, axis, seed, data):
+    # Few distinct values: most rows have a tie straddling the budget, the case the threshold rule must split.
+    scores = np.random.default_rng(seed).integers(0, levels, (rows, length) if axis else (length, rows))
+    scores = scores.astype(np.float32)
+    count = data.draw(st.integers(0, length))
+    want = _stable_lowest(scores, count, axis)
+    # The CPU path (NumPy partition in a host callback), with the count traced as SparseGPT passes it.
+    got = jax.jit(lambda s, c: lowest(s, c, axis))(scores, jnp.int32(count))
+    np.testing.assert_array_equal(np.asarray(got), want)
+    # The GPU/TPU path (XLA sort), run here on the CPU.
+    moved = np.moveaxis(scores, axis, -1)
+    device = np.moveaxis(np.asarray(jax.jit(_lowest_device)(moved, jnp.int32(count))), -1, axis)
+    np.testing.assert_array_equal(device, want)
+
+
+def test_lowest_never_chooses_nan_and_groups_rank_like_a_stable_sort():
+    scores = np.array([[np.nan, 1.0, 0.0, np.nan, 2.0]], np.float32)
+    np.testing.assert_array_equal(np.asarray(lowest(scores, 3, axis=1)), [[False, True, True, False, True]])
+    groups = np.array([[3, 1, 1, 0], [2, 2, 2, 2], [0, 1, 2, 3]], np.float32)
+    for count in range(5):
+        np.testing.assert_array_equal(np.asarray(lowest_in_groups(groups, count, axis=1)),
+                                      _stable_lowest(groups, count, axis=1))

@@ -76,14 +76,15 @@ def layer_problem():
     return kernel, x.T @ x
 
 
+@pytest.mark.parametrize("block_size", [16, 48])  # 48: three in-block tiles; 64 inputs end in a part-block
 @pytest.mark.parametrize(
     ("pattern", "prune_n", "prune_m"),
     [(Pattern.n_of_m(2, 4), 2, 4), (Pattern.n_of_m(1, 4), 3, 4), (Pattern.n_of_m(4, 8), 4, 8), (Pattern("unstructured-layer"), 0, 0)],
 )
-def test_matches_the_reference_loop(layer_problem, pattern, prune_n, prune_m):
+def test_matches_the_reference_loop(layer_problem, pattern, prune_n, prune_m, block_size):
     kernel, hessian = layer_problem
-    want_w, want_keep = reference_sparsegpt(kernel.T, hessian, 0.5, prune_n, prune_m, blocksize=16)
-    got_kernel, got_keep = sparsegpt(kernel, hessian, pattern, 0.5, block_size=16)
+    want_w, want_keep = reference_sparsegpt(kernel.T, hessian, 0.5, prune_n, prune_m, blocksize=block_size)
+    got_kernel, got_keep = sparsegpt(kernel, hessian, pattern, 0.5, block_size=block_size)
     np.testing.assert_array_equal(np.asarray(got_keep), want_keep.T)
     np.testing.assert_allclose(np.asarray(got_kernel), want_w.T, rtol=2e-3, atol=2e-3)
 
