@@ -5,7 +5,9 @@ runs the calibration set through it in chunks, accumulating per-linear statistic
 (padding tokens excluded), prunes the stage's linears, and hands the next stage either the
 *pruned* stage's outputs (`sequential`, as Wanda and SparseGPT do) or the dense outputs (`dense`,
 the alternative the paper's restoration code used). Only one boundary's activations for the
-calibration set are alive at a time, and each stage function is jit-compiled once per shape.
+calibration set are alive at a time, and each stage function is jit-compiled once per shape. Params
+kept on the host visit the device one stage at a time, so a model larger than the device prunes in
+the memory of one block.
 """
 
 from __future__ import annotations
@@ -89,8 +91,8 @@ def _capturing(module: Any, fn: Any, need_hessian: bool) -> Callable[[PyTree, Ca
     return jax.jit(run)
 
 
-# The phases of a calibrated prune, as `prune_blockwise` times them.
-PHASES = ("pass_through", "capture", "solve", "refresh")
+# The phases of a calibrated prune, as `prune_blockwise` times them; `to_host` also covers `prune`'s final copy.
+PHASES = ("pass_through", "capture", "solve", "refresh", "to_host")
 
 
 @contextlib.contextmanager
@@ -121,6 +123,29 @@ def _owners(stages: Sequence[Stage], targets: Mapping[str, Any]) -> set[int]:
     return owners
 
 
+def own_params(params: PyTree, stages: Sequence[Stage], index: int) -> PyTree:
+    """Stage `index`'s params subtree without the subtrees of the stages nested under it.
+
+    The splice stage at `language` runs only the embedding; handing it the blocks as well would put
+    the whole tower on the device.
+    """
+    prefix = stages[index].prefix
+    below = prefix + "/" if prefix else ""
+    nested = {s.prefix[len(below):].split("/")[0] for s in stages if s.prefix.startswith(below) and s.prefix != prefix}
+    sub = subtree(params, prefix)
+    return {k: v for k, v in sub.items() if k not in nested} if nested else sub
+
+
+def to_device(tree: PyTree) -> PyTree:
+    """Host (NumPy) leaves copied to the default device; device arrays, sharded or not, left where they are."""
+    return jax.tree.map(lambda x: jax.device_put(x) if isinstance(x, np.ndarray) else x, tree)
+
+
+def to_host(x: Array) -> np.ndarray:
+    """A host copy that owns its memory, so the device buffer is freed (on a CPU, `np.asarray` would alias it)."""
+    return np.array(x, copy=True)
+
+
 def prune_blockwise(
     params: PyTree,
     stages: Sequence[Stage],
@@ -136,10 +161,14 @@ def prune_blockwise(
     """Run `stages` over the calibration set, pruning every linear in `targets` with `prune_layer`.
 
     `prune_layer(path, kernel, stats) -> (new kernel, keep-mask)`. Returns the new params and the
-    masks as `{path: bool array}`. Stages after the last one holding a target are never run. With
-    `phases`, the seconds of each phase (`PHASES`: running stages without targets, capturing
-    statistics, solving layers, re-running a pruned stage) are added to it; each phase then waits
-    for its results, which costs a little overlap on asynchronous backends.
+    masks as `{path: array}`. Stages after the last one holding a target are never run.
+
+    Params held on the host (NumPy leaves, as a loaded model's are) are copied to the device one
+    stage at a time, and that stage's pruned kernels and masks come back to the host when it is done,
+    so the device holds one block's weights, its statistics and the calibration activations, never
+    the whole model. Params already on a device (sharded or not) stay there, and so do the results.
+    With `phases`, the seconds of each phase (`PHASES`) are added to it; each phase then waits for
+    its results, which costs a little overlap on asynchronous backends.
     """
     if mode not in CALIBRATION_MODES:
         raise ValueError(f"calibration mode {mode!r} is not one of {', '.join(CALIBRATION_MODES)}")
@@ -152,7 +181,7 @@ def prune_blockwise(
     owners = _owners(stages, targets)
     for index, stage in enumerate(tqdm(stages[: max(owners, default=-1) + 1], desc="prune", disable=not progress,
                                        leave=False)):
-        sub = subtree(params, stage.prefix)
+        sub = to_device(own_params(params, stages, index))
         apply = _jit(stage.module, stage.fn)
         if index not in owners:
             with _timed(phases, "pass_through", lambda: stream):
@@ -165,20 +194,26 @@ def prune_blockwise(
                 out, stats = capture(sub, chunk)
                 outputs.append(out)
                 total = stats if total is None else jax.tree.map(jnp.add, total, stats)
-        pruned_any = False
-        with _timed(phases, "solve", lambda: masks):
+        own = dict(flatten(sub))
+        pruned: dict[str, tuple[Array, Array]] = {}
+        with _timed(phases, "solve", lambda: pruned):
             for name, stats in (total or {}).items():
                 path = "/".join(filter(None, (stage.prefix, name, "kernel")))
-                if path not in targets:
-                    continue
-                flat[path], masks[path] = prune_layer(path, jnp.asarray(flat[path]), stats)
-                pruned_any = True
-        if mode == "sequential" and pruned_any:
+                if path in targets:
+                    pruned[name + "/kernel"] = prune_layer(path, own[name + "/kernel"], stats)
+        total = stats = None  # the block's statistics (Hessians) go before the next block's arrive
+        if mode == "sequential" and pruned:
             with _timed(phases, "refresh", lambda: stream):
-                new_sub = subtree(unflatten(flat), stage.prefix)
+                new_sub = unflatten(own | {name: kernel for name, (kernel, _) in pruned.items()})
                 stream = [apply(new_sub, chunk) for chunk in stream]
         else:
             stream = outputs
+        with _timed(phases, "to_host", lambda: None):
+            for name, (kernel, mask) in pruned.items():
+                path = "/".join(filter(None, (stage.prefix, name)))
+                if isinstance(flat[path], np.ndarray):
+                    kernel, mask = to_host(kernel), to_host(mask)
+                flat[path], masks[path] = kernel, mask
     missing = sorted(set(targets) - set(masks))
     if missing:
         raise ValueError(f"these layers were never reached by the calibration stages: {missing[:5]}")

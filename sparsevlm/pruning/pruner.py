@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sparsevlm.config import CALIBRATION_MODES, Pattern, SparsitySpec, VLMConfig
@@ -17,7 +18,7 @@ from sparsevlm.models.stages import Carry
 from sparsevlm.models.vlm import forward_stages
 from sparsevlm.pruning import registry
 from sparsevlm.pruning.allocation import check_ratios, uniform_ratios
-from sparsevlm.pruning.calibrate import prune_blockwise
+from sparsevlm.pruning.calibrate import prune_blockwise, to_host
 from sparsevlm.pruning.criteria import LayerStats
 from sparsevlm.tree import flatten, unflatten
 
@@ -116,12 +117,16 @@ def prune(
         flat = dict(flatten(params))
         flat_masks = {}
         for path in ratios:
-            flat[path], flat_masks[path] = layer(path, jnp.asarray(flat[path]), None)
+            # One layer on the device at a time when the params live on the host.
+            new, mask = layer(path, jnp.asarray(flat[path]), None)
+            if isinstance(flat[path], np.ndarray):
+                new, mask = to_host(new), to_host(mask)
+            flat[path], flat_masks[path] = new, mask
         new_params = unflatten(flat)
         phases["solve"] = time.perf_counter() - started
     fetched = time.perf_counter()
     new_params = jax.device_get(new_params)
     flat_masks = jax.device_get(flat_masks)
-    phases["to_host"] = time.perf_counter() - fetched
+    phases["to_host"] = phases.get("to_host", 0.0) + time.perf_counter() - fetched
     return PruneResult(new_params, masks_from_flat(new_params, flat_masks), dict(ratios), time.perf_counter() - started,
                        {name: round(seconds, 4) for name, seconds in phases.items()})

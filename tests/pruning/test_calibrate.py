@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from sparsevlm.models.vlm import VLM, forward_stages
 from sparsevlm.pruning import prune, uniform_ratios
 from sparsevlm.pruning.calibrate import calibration_carry, prune_blockwise
 from sparsevlm.tree import flatten
+from tests.conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +168,41 @@ def test_prune_reports_where_its_time_goes(tiny_bundle):
     assert sum(result.phases.values()) <= result.seconds + 1e-3
     magnitude = prune(tiny_bundle.params, tiny_bundle.config, SparsitySpec.same(0.5), "magnitude")
     assert set(magnitude.phases) == {"solve", "to_host"}
+
+
+def _peak_device_bytes_while_pruning(tokenizer, depth: int, calib, on_host: bool) -> tuple[int, int]:
+    """(peak growth of live device bytes seen by the layer solves, one language block's param bytes)."""
+    config = tiny_config(len(tokenizer))
+    config = dataclasses.replace(config, language=dataclasses.replace(config.language, width=64, mlp_dim=256,
+                                                                       depth=depth))
+    params = VLM(config).init(jax.random.key(0), np.zeros((1, 48, 48, 3), np.float32), np.ones((1, 4), np.int32),
+                              np.ones((1, 4), bool))["params"]
+    params = jax.tree.map(np.asarray, params) if on_host else params
+    block = sum(x.nbytes for x in jax.tree.leaves(params["language"]["blocks_0"]))
+    live = lambda: sum(x.nbytes for x in jax.live_arrays())  # noqa: E731
+    base, peak = live(), [0]
+
+    def layer(path, kernel, stats):
+        peak[0] = max(peak[0], live() - base)
+        keep = jnp.abs(kernel) >= jnp.median(jnp.abs(kernel), axis=0, keepdims=True)
+        return kernel * keep, keep
+
+    spec = SparsitySpec.language_only(0.5)
+    new_params, masks = prune_blockwise(params, forward_stages(config), calib, uniform_ratios(params, spec), layer,
+                                        need_hessian=True)
+    assert len(masks) == 7 * depth
+    # The results live where the params did.
+    kind = np.ndarray if on_host else jax.Array
+    assert all(isinstance(m, kind) for m in masks.values())
+    assert all(isinstance(new_params["language"][f"blocks_{i}"]["mlp"]["up"]["kernel"], kind) for i in range(depth))
+    return peak[0], block
+
+
+def test_host_params_go_to_the_device_one_block_at_a_time(tokenizer, calib):
+    # Device memory while pruning must not grow with depth: one block's weights, its statistics and the
+    # activations, not the tower. With the params already on the device, all of them are there.
+    shallow, block = _peak_device_bytes_while_pruning(tokenizer, 2, calib, on_host=True)
+    deep, _ = _peak_device_bytes_while_pruning(tokenizer, 10, calib, on_host=True)
+    assert deep - shallow < block, (shallow, deep, block)
+    # Params already on the device stay there, and so do the results.
+    _peak_device_bytes_while_pruning(tokenizer, 2, calib, on_host=False)
