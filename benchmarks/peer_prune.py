@@ -37,13 +37,14 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 import torch
-from prune import CompileMeter, layer_inputs, layer_stats, parse_layer_size
+from prune import CompileMeter, layer_inputs, layer_stats, parse_layer_size, time_calls
 
 from sparsevlm.config import Pattern, SparsitySpec
 from sparsevlm.data.batch import preprocess_images
 from sparsevlm.hf.load import Naming, conversion_rules, load_hf_model
-from sparsevlm.masks import flat_masks
+from sparsevlm.masks import flat_masks, prunable_paths
 from sparsevlm.pruning import prune, prune_layer
+from sparsevlm.pruning.importance import ECOFLAP_ORDERS, allocation_ratios, importance_scores
 from sparsevlm.tree import flatten
 
 from common import positive_int, write_results
@@ -51,7 +52,11 @@ from llava import build_checkpoint
 from llava import sizes as llava_sizes
 
 SPARSITY = 0.5
-METHODS = ("wanda", "sparsegpt")
+PEERED = ("wanda", "sparsegpt")  # the methods with a PyTorch peer here
+# Ours alone, on the same model and data: DSnoT (from Wanda's mask) and Wanda under ECoFLaP's layer-wise
+# allocation, whose importance pass (zeroth- or first-order) is timed apart as well.
+OURS_ONLY = ("dsnot", "ecoflap-first", "ecoflap-zeroth")
+METHODS = PEERED + OURS_ONLY
 PATTERNS = ("unstructured", "2:4")
 SCOPES = ("layer", "model")
 # The reference's (prune_n, prune_m): prune_n weights *pruned* in every group of prune_m inputs; 0 = unstructured.
@@ -60,7 +65,10 @@ PEER_NM = {"unstructured": (0, 0), "2:4": (2, 4)}
 # each 128-column block over all rows together, which is our `unstructured-layer` (our `unstructured`
 # would balance every row, a different selection).
 OURS_PATTERN = {("wanda", "unstructured"): "unstructured", ("sparsegpt", "unstructured"): "unstructured-layer",
-                ("wanda", "2:4"): "2:4", ("sparsegpt", "2:4"): "2:4"}
+                ("wanda", "2:4"): "2:4", ("sparsegpt", "2:4"): "2:4",
+                ("dsnot", "unstructured"): "unstructured", ("dsnot", "2:4"): "2:4",
+                # A global allocation needs an unstructured pattern: no ECoFLaP row under 2:4.
+                ("ecoflap-first", "unstructured"): "unstructured", ("ecoflap-zeroth", "unstructured"): "unstructured"}
 FULL = {"config": "small", "layer_size": "4096", "layer_tokens": 2048, "calib_samples": 32, "text_tokens": 47,
         "batch_size": 16, "repeats": 3}
 QUICK = {"config": "quick", "layer_size": "512", "layer_tokens": 256, "calib_samples": 4, "text_tokens": 15,
@@ -417,7 +425,9 @@ def measure_model(directory: Path, methods: Sequence[str], patterns: Sequence[st
     modules = {path: decoder_layers(model)[index].get_submodule(name) for path, (index, name) in linears.items()}
     original = {path: m.weight.detach().clone() for path, m in modules.items()}
     images, tokens = calibration_inputs(bundle, samples, text_tokens, seed)
-    carry = {"images": images, "tokens": tokens, "text_mask": np.ones(tokens.shape, bool)}
+    # The loss ECoFLaP's importance differentiates: next-token prediction over the text after the image.
+    carry = {"images": images, "tokens": tokens, "text_mask": np.ones(tokens.shape, bool),
+             "target_mask": tokens >= FIRST_TEXT_ID}
     batches = [(torch.from_numpy(tokens[i : i + batch_size]).long().to(device),
                 torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size].transpose(0, 3, 1, 2))).to(device))
                for i in range(0, samples, batch_size)]
@@ -428,14 +438,48 @@ def measure_model(directory: Path, methods: Sequence[str], patterns: Sequence[st
                 m.weight.copy_(weights[path])
 
     dense = last_hidden(model, batches)
+
+    def error_of(weights: dict[str, torch.Tensor]) -> float:
+        """The relative change of the last hidden state with `weights` loaded (the originals restored after)."""
+        load(weights)
+        error = float(torch.linalg.norm(last_hidden(model, batches) - dense) / torch.linalg.norm(dense))
+        load(original)
+        return error
+
     rows = []
     for pattern in patterns:
         for method in methods:
+            if (method, pattern) not in OURS_PATTERN:
+                continue
             spec = SparsitySpec.language_only(SPARSITY, OURS_PATTERN[method, pattern])
+            importance: dict[str, float] = {}
 
             def ours_call(spec: SparsitySpec = spec, method: str = method) -> Any:
                 # `prune` copies its results to host (NumPy), so they are ready when it returns.
-                return prune(params, bundle.config, spec, method, carry, batch_size=batch_size)
+                if method not in ECOFLAP_ORDERS:
+                    return prune(params, bundle.config, spec, method, carry, batch_size=batch_size)
+                started = time.perf_counter()
+                scores = importance_scores(params, bundle.config, carry, prunable_paths(params), ECOFLAP_ORDERS[method],
+                                           jax.random.key(seed))
+                importance["seconds"] = time.perf_counter() - started
+                ratios = allocation_ratios(method, params, bundle.config, spec, None, scores=scores)
+                return prune(params, bundle.config, spec, "wanda", carry, batch_size=batch_size, ratios=ratios)
+
+            if method in OURS_ONLY:
+                timing, result = time_calls(ours_call, repeats, meter)
+                ours_flat = flatten(result.params)
+                ours_weights = {path: torch.from_numpy(np.ascontiguousarray(np.asarray(ours_flat[path]).T)).to(device)
+                                for path in linears}
+                kept = sum(int(np.asarray(flat_masks(result.masks)[path]).sum()) for path in linears)
+                total = sum(int(np.prod(np.shape(ours_flat[path]))) for path in linears)
+                rows.append({
+                    "scope": "model", "method": method, "pattern": pattern, "ours_pattern": OURS_PATTERN[method, pattern],
+                    "ours_s": timing["median_s"], "peer_s": None, "ratio": None, "ours": timing,
+                    "layers": len(linears), "calib_samples": samples, "calib_tokens": int(tokens.size),
+                    "ours_phase_s": result.phases | ({"importance": round(importance["seconds"], 4)} if importance else {}),
+                    "ours_sparsity": round(1 - kept / total, 6), "ours_error": error_of(ours_weights),
+                })
+                continue
 
             def peer_call(method: str = method, pattern: str = pattern) -> dict[tuple[int, str], torch.Tensor]:
                 keeps = peer_prune_model(model, batches, method, pattern, SPARSITY)
@@ -448,13 +492,11 @@ def measure_model(directory: Path, methods: Sequence[str], patterns: Sequence[st
                 raise RuntimeError(f"the two sides pruned different linears: ours {sorted(flat_masks(result.masks))}, "
                                    f"the peer's {sorted(peer_keeps)}, mapped by the HF rules as {linears}")
             peer_weights = {path: m.weight.detach().clone() for path, m in modules.items()}
-            peer_error = float(torch.linalg.norm(last_hidden(model, batches) - dense) / torch.linalg.norm(dense))
+            peer_error = error_of(peer_weights)
             ours_flat, ours_masks = flatten(result.params), flat_masks(result.masks)
             ours_weights = {path: torch.from_numpy(np.ascontiguousarray(np.asarray(ours_flat[path]).T)).to(device)
                             for path in linears}
-            load(ours_weights)
-            ours_error = float(torch.linalg.norm(last_hidden(model, batches) - dense) / torch.linalg.norm(dense))
-            load(original)
+            ours_error = error_of(ours_weights)
             agreement, equal, total, diff, norm, ours_kept, peer_kept = {}, 0, 0, 0.0, 0.0, 0, 0
             for path, key in linears.items():
                 ours_keep, peer_keep = np.asarray(ours_masks[path]).T, peer_keeps[key].cpu().numpy()
@@ -486,16 +528,17 @@ def measure_model(directory: Path, methods: Sequence[str], patterns: Sequence[st
 
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
     """One line per (scope, method, pattern)."""
-    print(f"{'scope':<6}{'size':>11}{'method':>11}{'pattern':>14}{'ours s':>10}{'peer s':>10}{'x peer':>8}"
+    print(f"{'scope':<6}{'size':>11}{'method':>15}{'pattern':>14}{'ours s':>10}{'peer s':>10}{'x peer':>8}"
           f"{'mask agree':>12}{'min layer':>11}{'W rel diff':>12}{'err ours':>10}{'err peer':>10}"
           f"{'vs f64 ours/peer':>19}")
     for r in rows:
         size = "x".join(map(str, r["shape"])) if r["scope"] == "layer" else f"{r['layers']} lin"
         worst = f"{r['min_layer_agreement']:.4f}" if "min_layer_agreement" in r else "-"
         exact = f"{r['ours_vs_float64']:.4f}/{r['peer_vs_float64']:.4f}" if "ours_vs_float64" in r else "-"
-        print(f"{r['scope']:<6}{size:>11}{r['method']:>11}{r['pattern']:>14}{r['ours_s']:>10.3f}{r['peer_s']:>10.3f}"
-              f"{r['ratio']:>8.2f}{r['mask_agreement']:>12.4f}{worst:>11}{r['weight_rel_diff']:>12.2e}"
-              f"{r['ours_error']:>10.4f}{r['peer_error']:>10.4f}{exact:>19}")
+        cell = lambda key, width, spec: f"{'-' if r.get(key) is None else format(r[key], spec):>{width}}"  # noqa: E731
+        print(f"{r['scope']:<6}{size:>11}{r['method']:>15}{r['pattern']:>14}{r['ours_s']:>10.3f}"
+              f"{cell('peer_s', 10, '.3f')}{cell('ratio', 8, '.2f')}{cell('mask_agreement', 12, '.4f')}{worst:>11}"
+              f"{cell('weight_rel_diff', 12, '.2e')}{r['ours_error']:>10.4f}{cell('peer_error', 10, '.4f')}{exact:>19}")
 
 
 def device_name(device: torch.device) -> str:
@@ -569,7 +612,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     load_before = os.getloadavg()
     rows, model_info, built = [], None, False
     if "layer" in args.scopes:
-        rows += measure_layer(fan_in, fan_out, tokens, args.methods, args.patterns, repeats, meter, device, args.seed)
+        peered = [m for m in args.methods if m in PEERED]  # the other methods are timed on the whole model only
+        rows += measure_layer(fan_in, fan_out, tokens, peered, args.patterns, repeats, meter, device, args.seed)
     if "model" in args.scopes:
         with tempfile.TemporaryDirectory(prefix="peer_prune_") as tmp:
             directory = Path(args.dir) if args.dir else Path(tmp) / "llava"

@@ -34,8 +34,18 @@ def test_peer_prune_benchmark_quick_agrees_with_the_reference_loops(tmp_path):
     assert report["peer"]["threads"] == 1
     assert {"platform", "device", "cpu_count", "jax", "load_average_1m"} <= set(report)
     rows = {(r["scope"], r["method"], r["pattern"]): r for r in report["results"]}
+    alone = {key: rows.pop(key) for key in list(rows) if rows[key]["peer_s"] is None}
     assert set(rows) == {(s, m, p) for s in ("layer", "model") for m in ("wanda", "sparsegpt")
                          for p in ("unstructured", "2:4")}
+    # Ours alone, whole model: DSnoT at both patterns, ECoFLaP (Wanda under its allocation) unstructured only.
+    assert set(alone) == {("model", "dsnot", "unstructured"), ("model", "dsnot", "2:4"),
+                          ("model", "ecoflap-first", "unstructured"), ("model", "ecoflap-zeroth", "unstructured")}
+    for (_, method, pattern), r in alone.items():
+        assert r["ours_s"] > 0 and r["ratio"] is None and 0 < r["ours_error"] < 1
+        # DSnoT keeps Wanda's count in every row; ECoFLaP spends a global budget, each layer's rounded down per row.
+        assert r["ours_sparsity"] == 0.5 if method == "dsnot" else 0.49 <= r["ours_sparsity"] <= 0.5, r
+        assert r["ours"]["compile_s"] == 0, r  # compiled on the warm-up call only, importance pass included
+        assert ("importance" in r["ours_phase_s"]) == method.startswith("ecoflap")
     for (scope, method, pattern), r in rows.items():
         assert r["ours_s"] > 0 and r["peer_s"] > 0
         assert r["ratio"] == pytest.approx(r["ours_s"] / r["peer_s"], rel=1e-2)

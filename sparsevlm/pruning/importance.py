@@ -10,6 +10,7 @@ with each |∂L/∂W_ij| replaced by the matrix's estimated RMS gradient.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -53,34 +54,42 @@ def _loss(config: VLMConfig) -> Callable[[PyTree, dict[str, Array]], Array]:
     return lambda params, batch: task_loss(model, params, batch)[0]
 
 
+@functools.lru_cache(maxsize=8)
+def _first_order(config: VLMConfig, paths: tuple[str, ...]) -> Callable[..., dict[str, Array]]:
+    """A jitted `scores(chosen, rest, batch)`: Σ_ij |W_ij|·|∂L/∂W_ij| per matrix of `chosen`; one per model."""
+    loss = _loss(config)
+
+    @jax.jit
+    def scores(chosen: dict[str, Array], rest: dict[str, Array], batch: dict[str, Array]) -> dict[str, Array]:
+        grads = jax.grad(lambda c: loss(unflatten(rest | c), batch))(chosen)
+        return {p: jnp.sum(jnp.abs(chosen[p]) * jnp.abs(grads[p])) for p in paths}
+
+    return scores
+
+
 def first_order_scores(params: PyTree, config: VLMConfig, batches: Sequence[dict[str, Array]],
                        paths: Sequence[str]) -> dict[str, float]:
     """`{path: Σ_b Σ_ij |W_ij|·|∂L_b/∂W_ij|}` for the weight matrices at `paths`."""
-    loss = _loss(config)
-    flat = dict(flatten(params))
+    scores = _first_order(config, tuple(paths))
+    flat = jax.device_put(dict(flatten(params)))  # once, not once per batch
     chosen = {p: flat[p] for p in paths}
     rest = {p: v for p, v in flat.items() if p not in chosen}
-
-    @jax.jit
-    def scores(chosen: dict[str, Array], batch: dict[str, Array]) -> dict[str, Array]:
-        grads = jax.grad(lambda c: loss(unflatten(rest | c), batch))(chosen)
-        return {p: jnp.sum(jnp.abs(chosen[p]) * jnp.abs(grads[p])) for p in chosen}
-
     total = {p: 0.0 for p in paths}
     for batch in batches:
-        for p, value in jax.device_get(scores(chosen, batch)).items():
+        for p, value in jax.device_get(scores(chosen, rest, batch)).items():
             total[p] += float(value)
     return total
 
 
-def _projection(config: VLMConfig, paths: Sequence[str]) -> Callable[..., Array]:
+@functools.lru_cache(maxsize=8)
+def _projection(config: VLMConfig, paths: tuple[str, ...]) -> Callable[..., Array]:
     """A jitted `g(flat, batch, key, index, eps)`: (L(W + εz) − L(W − εz)) / 2ε for matrix `paths[index]`.
 
     z ~ N(0, I) is drawn from `fold_in(key, index)` for that matrix alone (`lax.switch`), so one
-    compilation serves every matrix and only one matrix's noise is generated per call.
+    compilation serves every matrix (and every later call on the same model) and only one matrix's
+    noise is generated per call.
     """
     loss = _loss(config)
-    paths = list(paths)
 
     def noise(i: int) -> Callable[[dict[str, Array], Array], dict[str, Array]]:
         def draw(flat: dict[str, Array], key: Array) -> dict[str, Array]:
@@ -109,8 +118,8 @@ def zeroth_order_projections(params: PyTree, config: VLMConfig, batches: Sequenc
     """
     if not eps > 0:
         raise ValueError(f"perturbation size {eps!r} must be positive")
-    g = _projection(config, paths)
-    flat = dict(flatten(params))
+    g = _projection(config, tuple(paths))
+    flat = jax.device_put(dict(flatten(params)))  # once, not once per matrix and batch
     rows = []
     for b, batch in enumerate(batches):
         batch_key = jax.random.fold_in(key, b)
