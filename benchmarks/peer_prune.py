@@ -9,6 +9,10 @@ calibration token ids and images; ours is `load_hf_model` + `sparsevlm.pruning.p
 mode `sequential`). The one-layer case prunes one `--layer-size` kernel from `--layer-tokens`
 inputs; each side builds its own statistics inside the timed call.
 
+DSnoT (from Wanda's mask) and ECoFLaP (Wanda under its layer-wise allocation; its zeroth- or
+first-order importance pass is timed as the `importance` phase) have no peer here: their whole-model
+rows time ours alone and give the error each leaves.
+
 After one warm-up call of each, `--repeats` rounds of one ours call and one peer call are timed
 (alternating, so the host's load hits both alike); `x peer` = ours' median / the peer's. The same
 run checks that the two agree: the fraction of equal mask entries, the relative difference of the
