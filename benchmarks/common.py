@@ -67,3 +67,23 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
     return value
+
+
+def calibration_inputs(config: Any, samples: int, text_tokens: int, seed: int, bos_id: int,
+                       first_text_id: int) -> tuple[Any, Any]:
+    """Random images (normalised, `[B, H, W, C]` float32) and token ids `[BOS, <image> × N, text …]`, no padding.
+
+    Text ids are drawn from `[first_text_id, vocab)`, so none is a special token.
+    """
+    import numpy as np
+
+    from sparsevlm.data.batch import preprocess_images
+
+    rng = np.random.default_rng(seed)
+    size = config.vision.image_size
+    images = preprocess_images(rng.integers(0, 256, (samples, size, size, 3), dtype=np.uint8), config.vision)
+    image_tokens = config.num_image_tokens
+    tokens = rng.integers(first_text_id, config.language.vocab_size, (samples, 1 + image_tokens + text_tokens))
+    tokens[:, 0] = bos_id
+    tokens[:, 1 : 1 + image_tokens] = config.image_token_id
+    return images.astype(np.float32), tokens.astype(np.int32)

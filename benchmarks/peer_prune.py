@@ -44,14 +44,13 @@ import torch
 from prune import CompileMeter, layer_inputs, layer_stats, parse_layer_size, time_calls
 
 from sparsevlm.config import Pattern, SparsitySpec
-from sparsevlm.data.batch import preprocess_images
 from sparsevlm.hf.load import Naming, conversion_rules, load_hf_model
 from sparsevlm.masks import flat_masks, prunable_paths
 from sparsevlm.pruning import prune, prune_layer
 from sparsevlm.pruning.importance import ECOFLAP_ORDERS, allocation_ratios, importance_scores
 from sparsevlm.tree import flatten
 
-from common import positive_int, write_results
+from common import calibration_inputs, positive_int, write_results
 from llava import build_checkpoint
 from llava import sizes as llava_sizes
 
@@ -396,19 +395,6 @@ def language_linears(bundle: Any) -> dict[str, tuple[int, str]]:
     return linears
 
 
-def calibration_inputs(bundle: Any, samples: int, text_tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random images (normalised, `[B, H, W, C]`) and token ids `[BOS, <image> × N, text …]`, no padding."""
-    config = bundle.config
-    rng = np.random.default_rng(seed)
-    size = config.vision.image_size
-    images = preprocess_images(rng.integers(0, 256, (samples, size, size, 3), dtype=np.uint8), config.vision)
-    image_tokens = config.num_image_tokens
-    tokens = rng.integers(FIRST_TEXT_ID, config.language.vocab_size, (samples, 1 + image_tokens + text_tokens))
-    tokens[:, 0] = BOS_ID
-    tokens[:, 1 : 1 + image_tokens] = config.image_token_id
-    return images.astype(np.float32), tokens.astype(np.int32)
-
-
 @torch.no_grad()
 def last_hidden(model: Any, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """The language model's last hidden state over all calibration batches."""
@@ -428,7 +414,7 @@ def measure_model(directory: Path, methods: Sequence[str], patterns: Sequence[st
     linears = language_linears(bundle)
     modules = {path: decoder_layers(model)[index].get_submodule(name) for path, (index, name) in linears.items()}
     original = {path: m.weight.detach().clone() for path, m in modules.items()}
-    images, tokens = calibration_inputs(bundle, samples, text_tokens, seed)
+    images, tokens = calibration_inputs(bundle.config, samples, text_tokens, seed, BOS_ID, FIRST_TEXT_ID)
     # The loss ECoFLaP's importance differentiates: next-token prediction over the text after the image.
     carry = {"images": images, "tokens": tokens, "text_mask": np.ones(tokens.shape, bool),
              "target_mask": tokens >= FIRST_TEXT_ID}
