@@ -429,6 +429,10 @@ def measure_model(directory: Path, methods: Sequence[str], patterns: Sequence[st
 
     dense = last_hidden(model, batches)
 
+    def torch_weights(flat: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Our pruned kernels as the peer's `[out, in]` weights, on its device."""
+        return {path: torch.from_numpy(np.ascontiguousarray(np.asarray(flat[path]).T)).to(device) for path in linears}
+
     def error_of(weights: dict[str, torch.Tensor]) -> float:
         """The relative change of the last hidden state with `weights` loaded (the originals restored after)."""
         load(weights)
@@ -458,8 +462,7 @@ def measure_model(directory: Path, methods: Sequence[str], patterns: Sequence[st
             if method in OURS_ONLY:
                 timing, result = time_calls(ours_call, repeats, meter)
                 ours_flat = flatten(result.params)
-                ours_weights = {path: torch.from_numpy(np.ascontiguousarray(np.asarray(ours_flat[path]).T)).to(device)
-                                for path in linears}
+                ours_weights = torch_weights(ours_flat)
                 kept = sum(int(np.asarray(flat_masks(result.masks)[path]).sum()) for path in linears)
                 total = sum(int(np.prod(np.shape(ours_flat[path]))) for path in linears)
                 rows.append({
@@ -484,8 +487,7 @@ def measure_model(directory: Path, methods: Sequence[str], patterns: Sequence[st
             peer_weights = {path: m.weight.detach().clone() for path, m in modules.items()}
             peer_error = error_of(peer_weights)
             ours_flat, ours_masks = flatten(result.params), flat_masks(result.masks)
-            ours_weights = {path: torch.from_numpy(np.ascontiguousarray(np.asarray(ours_flat[path]).T)).to(device)
-                            for path in linears}
+            ours_weights = torch_weights(ours_flat)
             ours_error = error_of(ours_weights)
             agreement, equal, total, diff, norm, ours_kept, peer_kept = {}, 0, 0, 0.0, 0.0, 0, 0
             for path, key in linears.items():
