@@ -11,7 +11,8 @@ Reported per run: the first call's seconds and the compile time inside it, secon
 bytes in use (GPU/TPU; a CPU has no device allocator, so null there), the peak of the live JAX arrays'
 bytes (sampled every 20 ms, any backend), and the sizes that should bound the peak: the largest
 language block's weights, its linears' input Hessians (SparseGPT), the calibration hidden states, and
-the whole tower's weights for contrast.
+its keep-masks (a byte per weight, on the device until the block is done) and the whole tower's weights
+for contrast.
 
     python benchmarks/prune_scale.py [--model llava-1.5-7b] [--methods wanda sparsegpt] [--json results/prune_scale.json]
     python benchmarks/prune_scale.py --quick   # 2 language blocks, 2 vision blocks (1 runs), 2 samples: a CPU try-out
@@ -130,6 +131,7 @@ def bound_sizes(config: Any, params: Any, method: str, samples: int, sequence: i
     return {
         "block_weight_bytes": int(sum(flat[p].nbytes for p in largest)),
         "block_hessian_bytes": int(hessians),
+        "block_mask_bytes": int(sum(flat[p].size for p in linears)),  # one byte per weight until they go to the host
         "hidden_state_bytes": int(samples * sequence * config.language.width * 4),
         "tower_weight_bytes": int(sum(v.nbytes for p, v in flat.items() if p.startswith("language/"))),
     }
@@ -180,13 +182,13 @@ def gib(value: int | None) -> str:
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
     """One line per run: times, peaks and the bound's parts, in GiB."""
     print(f"{'method':>10}{'pattern':>14}{'first s':>9}{'compile':>9}{'warm s':>8}{'peak GiB':>10}{'live GiB':>10}"
-          f"{'block':>8}{'hessians':>10}{'hidden':>8}{'tower':>8}")
+          f"{'block':>8}{'masks':>7}{'hessians':>10}{'hidden':>8}{'tower':>8}")
     for r in rows:
         first, warm = r["calls"][0], (r["calls"][1]["seconds"] if len(r["calls"]) > 1 else None)
         live = max(call["live_array_peak_bytes"] for call in r["calls"])
         print(f"{r['method']:>10}{r['pattern']:>14}{first['seconds']:>9.1f}{first['compile_s']:>9.1f}"
               f"{'-' if warm is None else f'{warm:.1f}':>8}{gib(r['device_peak_bytes']):>10}{gib(live):>10}"
-              f"{gib(r['block_weight_bytes']):>8}{gib(r['block_hessian_bytes']):>10}{gib(r['hidden_state_bytes']):>8}"
+              f"{gib(r['block_weight_bytes']):>8}{gib(r['block_mask_bytes']):>7}{gib(r['block_hessian_bytes']):>10}{gib(r['hidden_state_bytes']):>8}"
               f"{gib(r['tower_weight_bytes']):>8}")
 
 

@@ -6,8 +6,9 @@ runs the calibration set through it in chunks, accumulating per-linear statistic
 *pruned* stage's outputs (`sequential`, as Wanda and SparseGPT do) or the dense outputs (`dense`,
 the alternative the paper's restoration code used). Only one boundary's activations for the
 calibration set are alive at a time, and each stage function is jit-compiled once per shape. Params
-kept on the host visit the device one stage at a time, so a model larger than the device prunes in
-the memory of one block.
+kept on the host visit the device one stage at a time, and only the leaves the stage reads (the
+embedding step does not take the LM head along), so a model larger than the device prunes in the
+memory of one block.
 """
 
 from __future__ import annotations
@@ -62,15 +63,26 @@ def _input_stats(x: Array, weight: Array | None, need_hessian: bool) -> LayerSta
     return LayerStats(jnp.einsum("t,ti->i", w, features**2), hessian, w.sum(), jnp.einsum("t,ti->i", w, features))
 
 
+Absent = tuple[tuple[str, tuple[int, ...], Any], ...]  # (path, shape, dtype) of leaves a stage does not read
+
+
+def _filled(params: PyTree, absent: Absent) -> PyTree:
+    # Flax's `setup` fetches every declared param, read or not; zeros stand in for the unread ones
+    # inside the jitted function, where XLA drops them unused, so they never take device memory.
+    if not absent:
+        return params
+    return unflatten(flatten(params) | {path: jnp.zeros(shape, dtype) for path, shape, dtype in absent})
+
+
 @functools.lru_cache(maxsize=64)
-def _jit(module: Any, fn: Any) -> Callable[[PyTree, Carry], Carry]:
+def _jit(module: Any, fn: Any, absent: Absent = ()) -> Callable[[PyTree, Carry], Carry]:
     # One jitted function per stage kind (module, step), so every block of a stack (and every later
     # pruning run of the same model) reuses one compilation.
-    return jax.jit(lambda params, carry: Stage("", module, fn).apply(params, carry))
+    return jax.jit(lambda params, carry: Stage("", module, fn).apply(_filled(params, absent), carry))
 
 
 @functools.lru_cache(maxsize=64)
-def _capturing(module: Any, fn: Any, need_hessian: bool) -> Callable[[PyTree, Carry], tuple[Carry, dict]]:
+def _capturing(module: Any, fn: Any, need_hessian: bool, absent: Absent = ()) -> Callable[[PyTree, Carry], tuple[Carry, dict]]:
     """A stage kind, jitted, that also returns `{module path: LayerStats}` of every `Linear` it calls."""
 
     def run(params: PyTree, carry: Carry) -> tuple[Carry, dict[str, LayerStats]]:
@@ -85,7 +97,7 @@ def _capturing(module: Any, fn: Any, need_hessian: bool) -> Callable[[PyTree, Ca
             return call(x)
 
         with intercept_linears(record):
-            out = Stage("", module, fn).apply(params, carry)
+            out = Stage("", module, fn).apply(_filled(params, absent), carry)
         return out, stats
 
     return jax.jit(run)
@@ -136,6 +148,35 @@ def own_params(params: PyTree, stages: Sequence[Stage], index: int) -> PyTree:
     return {k: v for k, v in sub.items() if k not in nested} if nested else sub
 
 
+@functools.lru_cache(maxsize=256)
+def _read_leaves(module: Any, fn: Any, params_def: Any, params_avals: tuple, carry_def: Any,
+                 carry_avals: tuple) -> tuple[bool, ...]:
+    # Which params leaves the stage's jaxpr consumes: the splice stage at `language` owns the embedding
+    # *and* the LM head but reads only the embedding, and a Llama's position stage reads nothing.
+    # Traced without jit, so a leaf counts as read only where an operation takes it (or returns it).
+    params = jax.tree.unflatten(params_def, [jax.ShapeDtypeStruct(*a) for a in params_avals])
+    carry = jax.tree.unflatten(carry_def, [jax.ShapeDtypeStruct(*a) for a in carry_avals])
+    jaxpr = jax.make_jaxpr(lambda p, c: Stage("", module, fn).apply(p, c))(params, carry).jaxpr
+    read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+    return tuple(id(v) in read for v in jaxpr.invars[: len(params_avals)])
+
+
+def _avals(tree: PyTree) -> tuple[Any, tuple]:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in leaves)
+
+
+def read_params(stage: Stage, params: PyTree, carry: Carry) -> tuple[PyTree, Absent]:
+    """The leaves of `params` (a stage's own subtree) that the stage reads on `carry`, and the others'
+    `(path, shape, dtype)`, for the stage's jitted functions to stand in for."""
+    leaves = [("/".join(str(k.key) for k in path), value) for path, value in jax.tree.leaves_with_path(params)]
+    if not leaves:
+        return params, ()
+    read = _read_leaves(stage.module, stage.fn, *_avals(params), *_avals(carry))
+    absent = tuple((path, tuple(np.shape(v)), jnp.result_type(v)) for (path, v), used in zip(leaves, read) if not used)
+    return unflatten({path: v for (path, v), used in zip(leaves, read) if used}), absent
+
+
 def to_device(tree: PyTree) -> PyTree:
     """Host (NumPy) leaves copied to the default device; device arrays, sharded or not, left where they are."""
     return jax.tree.map(lambda x: jax.device_put(x) if isinstance(x, np.ndarray) else x, tree)
@@ -181,13 +222,16 @@ def prune_blockwise(
     owners = _owners(stages, targets)
     for index, stage in enumerate(tqdm(stages[: max(owners, default=-1) + 1], desc="prune", disable=not progress,
                                        leave=False)):
-        sub = to_device(own_params(params, stages, index))
-        apply = _jit(stage.module, stage.fn)
+        # Only the leaves the stage reads travel, and the last stage's are gone before these arrive.
+        sub, absent = read_params(stage, own_params(params, stages, index), stream[0])
+        sub = to_device(sub)
+        apply = _jit(stage.module, stage.fn, absent)
         if index not in owners:
             with _timed(phases, "pass_through", lambda: stream):
                 stream = [apply(sub, chunk) for chunk in stream]
+            del sub
             continue
-        capture = _capturing(stage.module, stage.fn, need_hessian)
+        capture = _capturing(stage.module, stage.fn, need_hessian, absent)
         outputs, total = [], None
         with _timed(phases, "capture", lambda: (outputs, total)):
             for chunk in stream:
@@ -195,25 +239,28 @@ def prune_blockwise(
                 outputs.append(out)
                 total = stats if total is None else jax.tree.map(jnp.add, total, stats)
         own = dict(flatten(sub))
-        pruned: dict[str, tuple[Array, Array]] = {}
-        with _timed(phases, "solve", lambda: pruned):
+        del sub  # `own` holds the block now: each dense kernel is freed as its pruned one replaces it
+        pruned: dict[str, Array] = {}  # {name: keep-mask}
+        with _timed(phases, "solve", lambda: (own, pruned)):
             for name, stats in (total or {}).items():
                 path = "/".join(filter(None, (stage.prefix, name, "kernel")))
                 if path in targets:
-                    pruned[name + "/kernel"] = prune_layer(path, own[name + "/kernel"], stats)
+                    own[name + "/kernel"], pruned[name + "/kernel"] = prune_layer(path, own[name + "/kernel"], stats)
         total = stats = None  # the block's statistics (Hessians) go before the next block's arrive
         if mode == "sequential" and pruned:
             with _timed(phases, "refresh", lambda: stream):
-                new_sub = unflatten(own | {name: kernel for name, (kernel, _) in pruned.items()})
-                stream = [apply(new_sub, chunk) for chunk in stream]
+                stream = [apply(unflatten(own), chunk) for chunk in stream]
         else:
             stream = outputs
+        outputs = None
         with _timed(phases, "to_host", lambda: None):
-            for name, (kernel, mask) in pruned.items():
+            for name, mask in pruned.items():
                 path = "/".join(filter(None, (stage.prefix, name)))
+                kernel = own[name]
                 if isinstance(flat[path], np.ndarray):
                     kernel, mask = to_host(kernel), to_host(mask)
                 flat[path], masks[path] = kernel, mask
+        own = pruned = None  # this block's device arrays go before the next block's arrive
     missing = sorted(set(targets) - set(masks))
     if missing:
         raise ValueError(f"these layers were never reached by the calibration stages: {missing[:5]}")

@@ -16,7 +16,7 @@ from sparsevlm.models.layers import Linear
 from sparsevlm.models.stages import subtree
 from sparsevlm.models.vlm import VLM, forward_stages
 from sparsevlm.pruning import prune, uniform_ratios
-from sparsevlm.pruning.calibrate import calibration_carry, prune_blockwise
+from sparsevlm.pruning.calibrate import _jit, calibration_carry, own_params, prune_blockwise, read_params
 from sparsevlm.tree import flatten
 from tests.conftest import tiny_config
 
@@ -206,3 +206,22 @@ def test_host_params_go_to_the_device_one_block_at_a_time(tokenizer, calib):
     assert deep - shallow < block, (shallow, deep, block)
     # Params already on the device stay there, and so do the results.
     _peak_device_bytes_while_pruning(tokenizer, 2, calib, on_host=False)
+
+
+def test_each_stage_receives_only_the_params_it_reads(tiny_bundle, calib):
+    # The splice stage at `language` owns the embedding and the LM head but runs the embedding only:
+    # handing it the head too put a vocabulary-sized matrix (twice, for a 7B) on the device for nothing.
+    params, stages = tiny_bundle.params, forward_stages(tiny_bundle.config)
+    carry = jax.device_put(dict(calib))
+    read = {}
+    for index, stage in enumerate(stages[:-1]):  # the head stage needs no run
+        own = own_params(params, stages, index)
+        sub, absent = read_params(stage, own, carry)
+        read[(stage.prefix, stage.fn.__name__)] = set(flatten(sub))
+        assert set(flatten(sub)) | {path for path, _, _ in absent} == set(flatten(own))
+        expected = _jit(stage.module, stage.fn)(own, carry)
+        carry = _jit(stage.module, stage.fn, absent)(sub, carry)  # zeros stand in for the leaves not sent
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), carry, expected)
+    assert read[("language", "splice")] == {"embed/embedding"}
+    assert read[("language", "positions")] == set()  # rotary: no params
+    assert read[("language/blocks_0", "layer_step")] == set(flatten(params["language"]["blocks_0"]))
