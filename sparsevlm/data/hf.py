@@ -138,7 +138,7 @@ def load_task(
     raw = datasets.load_dataset(opened.path, split=split_name, streaming=streaming or limit is not None,
                                 cache_dir=cache_dir, **kwargs)  # fmt: skip
     if isinstance(raw, datasets.IterableDataset):
-        raw = _materialise(raw, limit, _image_key if spec.groups_references else None,
+        raw = _materialise(raw, limit, _image_key if spec.groups_references else None, split_name,
                            f"{task}: reading {source} [{split_name}]")  # fmt: skip
     if len(raw) == 0:
         raise ValueError(f"{task}: source {source!r} split {split_name!r} has no rows")
@@ -168,7 +168,7 @@ def from_dataset(
     spec = TASK_SPECS[task]
     kind = spec.kind
     present = list(dataset.column_names)
-    columns = _columns(task, spec, present, source, images is not None or images_by_id is not None)
+    columns = _columns(task, spec, present, source, images is not None, images_by_id is not None)
     roots = [root for root in (images, base_dir) if root is not None]
     for name in (columns.image, columns.url):
         if name is not None and isinstance(dataset.features.get(name), datasets.Image):
@@ -257,11 +257,12 @@ class _Columns:
     type: str | None
 
 
-def _columns(task: str, spec: TaskSpec, present: Sequence[str], source: str, has_images: bool) -> _Columns:
+def _columns(task: str, spec: TaskSpec, present: Sequence[str], source: str, has_folder: bool,
+             joined: bool) -> _Columns:
     """The source columns of each common field; a ValueError naming what is missing (and what is there)."""
     image = _column(present, IMAGE_COLUMNS, "image", task, source)
     url = _column(present, URL_COLUMNS, "url", task, source)
-    if image is None and (url is None or not has_images):
+    if image is None and not joined and (url is None or not has_folder):
         if url is not None:
             raise ValueError(f"{task}: source {source!r} holds no images, only their URLs (column {url!r}); sparsevlm "
                              f"does not download images: fetch them into a folder and pass --images DIR")
@@ -405,7 +406,7 @@ def _has_rows(path: str) -> bool:
 
 
 def _materialise(stream: datasets.IterableDataset, limit: int | None,
-                 group_key: Callable[[dict[str, Any]], str | None] | None, desc: str) -> datasets.Dataset:
+                 group_key: Callable[[dict[str, Any]], str | None] | None, split: str, desc: str) -> datasets.Dataset:
     """The first `limit` rows of a stream (all of them without a limit) as an in-memory dataset.
 
     With `group_key` the limit counts images, not rows: every row of the first `limit` images is read (their rows
@@ -420,8 +421,8 @@ def _materialise(stream: datasets.IterableDataset, limit: int | None,
     rows = list(tqdm(_head(stream, limit, group_key) if limit is not None else stream, desc=desc, unit="row",
                      total=limit if group_key is None else None))  # fmt: skip
     if not rows:
-        return datasets.Dataset.from_dict({name: [] for name in (features or {})}, features=features)
-    return datasets.Dataset.from_list(rows, features=features)
+        return datasets.Dataset.from_dict({name: [] for name in (features or {})}, features=features, split=split)
+    return datasets.Dataset.from_list(rows, features=features, split=split)
 
 
 def _head(rows: Iterable[dict[str, Any]], limit: int,
