@@ -59,7 +59,7 @@ def evaluate_job(model: str, task: str, data: str | None, split: str | None, lim
 
     if task == "shapes":
         if data is not None or source != DataSource():
-            raise ValueError("--data (and --dataset-config, --streaming, --images) are for benchmark tasks; "
+            raise ValueError("--data is for benchmark tasks (so are --dataset-config, --streaming and --images); "
                              "--task shapes uses the built-in dataset")
         split = split or "test"
         if split not in shapes.SPLITS:

@@ -14,7 +14,7 @@ so `sparsevlm.data.batch.encode_vqa(dataset, tokenizer, with_targets=...)` consu
 Tasks (`TASKS`; default split in brackets, the paper's use after it):
 
   vqav2                [validation]  evaluation: VQAv2 val
-  okvqa                [test]        evaluation: OK-VQA test
+  okvqa                [val2014]     evaluation: OK-VQA test (its questions on COCO val2014)
   gqa                  [testdev]     evaluation: GQA balanced test-dev
   nocaps               [validation]  evaluation: NoCaps val, prompt `CAPTION_PROMPT`
   coco_caption         [test]        evaluation: COCO captions (Karpathy test), prompt `CAPTION_PROMPT`
@@ -35,27 +35,31 @@ Columns read from a source (the first present name of each list wins):
 
   | common field  | tasks              | source columns, in order of preference                        |
   |---------------|--------------------|---------------------------------------------------------------|
-  | image         | all (required)     | image, img, jpg, png, image_path, file_name, filepath         |
-  | image_id      | all (optional)     | image_id, imageId, img_id, __key__                            |
+  | image         | all (required)     | image, img, jpg, png, image_path, file_name, filename         |
+  |               |                    | (a `filepath` folder in front; else a URL's file, `--images`) |
+  | image_id      | all (optional)     | image_id, imageId, cocoid, img_id, __key__                    |
   | question      | vqa (required)     | question                                                      |
   | answers       | vqa (required)     | answers, direct_answers, answer, multiple_choice_answer       |
   | answer        | vqa (optional)     | multiple_choice_answer, answer  (else the first of answers)   |
-  | answers       | caption (required) | captions, caption, sentences, annotations_captions, regions,  |
+  | answers       | caption (required) | conversations, captions, caption, sentences,                  |
+  |               |                    | annotations_captions, regions,                                |
   |               |                    | phrases, phrase, text, txt, answers, answer                   |
   | question_type | all (optional)     | question_type, types (its `structural` entry), structural     |
 
 An answers / captions cell may be a string, a list of strings, a list of records (VQAv2 / OK-VQA
 `{"answer", "answer_confidence", "answer_id"}`, Karpathy `{"raw", ...}`, Visual Genome regions
-`{"phrase", ...}`) or the dict-of-lists form `datasets` gives a sequence of records; the text is read from
-the first of the keys `TEXT_KEYS`. An image cell may be a `datasets.Image`, `{"bytes", "path"}`, raw
-bytes, a PIL image (streamed) or a path string; relative paths resolve against the directory of the
-parquet / JSON-lines file (or the imagefolder directory).
+`{"phrase", ...}`), LLaVA conversations `[{"from", "value"}]` (the assistant's turns) or the dict-of-lists
+form `datasets` gives a sequence of records; the text is read from the first of the keys `TEXT_KEYS`.
+An image cell may be a `datasets.Image`, `{"bytes", "path"}`, raw bytes, a PIL image (streamed) or a path
+string; relative paths resolve against `images`, then the directory of the data file (or the local copy).
 
-Sources: an HF hub name (`datasets.load_dataset(name, config, split=..., streaming=...)`), or a local
-path: a directory in `imagefolder` form (images + `metadata.jsonl` with `file_name`), a `.parquet` file,
-or a `.jsonl` / `.json` file of JSON lines. A local source without split folders is one split: the
-default split falls back to it; an explicitly requested split must exist. Streaming sources are
-materialised up to `limit` rows.
+Sources: an HF hub name or a local copy of a hub repo (data files and README `configs`), read alike by
+`datasets.load_dataset(path, config, split=..., data_files=<the split's files>, streaming=...)`; or a local
+imagefolder (images + `metadata.jsonl` with `file_name`), a `.parquet` file, or a `.jsonl` / `.json` file
+(JSON lines or one JSON array). The split's data files are resolved first and only they are read; a limit
+always streams. A source with one split serves the task's default split. GQA's hub form (questions in
+`…_instructions`, images in `…_images`) is joined by `imageId`; evaluation caption tasks group the rows
+of one image (`group_references`).
 """
 
 from __future__ import annotations

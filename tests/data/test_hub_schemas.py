@@ -446,3 +446,38 @@ def test_loading_script_repo_is_refused_with_the_parquet_copies(tmp_path):
 def test_local_single_file_takes_no_config(flat_karpathy, tmp_path):
     with pytest.raises(ValueError, match=r"config='x': the local source .* is a single data set \(one file\)"):
         _load("coco_caption", flat_karpathy[0], tmp_path, config="x")
+
+
+# --- through the command line ---------------------------------------------------------------------------------------
+
+
+def test_hub_copies_evaluate_through_the_cli(tiny_bundle, gqa_copy, karpathy_copy, flat_karpathy, tmp_path):
+    """`sparsevlm evaluate` on the copies: the config and image-folder flags reach the loader, scores are the metric's."""
+    from sparsevlm.checkpoint import save_model
+    from sparsevlm.cli import main
+    from sparsevlm.eval.metrics import gqa_accuracy
+
+    model = str(save_model(tmp_path / "model", tiny_bundle))
+    copy, coco, rows = karpathy_copy
+    runs = {"gqa": ["--task", "gqa", "--data", gqa_copy, "--dataset-config", "testdev_balanced_instructions"],
+            "karpathy": ["--task", "coco_caption", "--data", copy, "--images", coco, "--streaming"],
+            "flat": ["--task", "coco_caption", "--data", flat_karpathy[0]]}  # fmt: skip
+    results = {}
+    for name, argv in runs.items():
+        out = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--model", model, *argv, "--limit", "4", "--max-new-tokens", "3", "--batch-size", "4",
+                     "--json", str(out)]) == 0  # fmt: skip
+        results[name] = json.loads(out.read_text())
+    gqa = results["gqa"]
+    assert (gqa["metric"], gqa["n"], gqa["split"]) == ("gqa_accuracy", 4, "testdev")
+    assert gqa["score"] == pytest.approx(gqa_accuracy([r["prediction"] for r in gqa["predictions"]],
+                                                      [r["references"][0] for r in gqa["predictions"]]))
+    karpathy = results["karpathy"]
+    assert (karpathy["metric"], karpathy["n"], karpathy["split"]) == ("cider_d", 4, "test")
+    assert [r["references"] for r in karpathy["predictions"]] == rows["sentences"][:4]
+    flat = results["flat"]  # 4 images (20 rows), each scored against its 5 references
+    assert flat["n"] == 4 and all(len(r["references"]) == 5 for r in flat["predictions"])
+    for result in (karpathy, flat):
+        rows_ = result["predictions"]
+        expected, _ = cider_d({r["image_id"]: r["prediction"] for r in rows_}, {r["image_id"]: r["references"] for r in rows_})
+        assert result["score"] == pytest.approx(expected)
