@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import jax
 
 from sparsevlm import hub
-from sparsevlm.config import ECOFLAP_BATCHES, PruneConfig, SparsitySpec
-from sparsevlm.cli import data_flag
+from sparsevlm.config import ECOFLAP_BATCHES, DataSource, PruneConfig, SparsitySpec
+from sparsevlm.cli import add_config_flags, config_from_args, data_flag
 from sparsevlm.data.tasks import BUILTIN_SETS, DATA_HELP
 from sparsevlm.integrity import write_atomic
 from sparsevlm.pipeline import Pipeline, Pruned
@@ -73,10 +73,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="wanda", choices=tuple(METHODS))
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-data", default=BUILTIN_SETS[0], type=data_flag, help=DATA_HELP)
+    add_config_flags(parser, DataSource)  # --dataset-config, --streaming, --images: how TASK=SOURCE data is read
     parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N test images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results")
     parser.add_argument("--quick", action="store_true", help="small budgets, for CI")
+
+
+def data_source(args: argparse.Namespace) -> DataSource:
+    """How the study reads its `TASK=SOURCE` data flags (`--dataset-config`, `--streaming`, `--images`)."""
+    return config_from_args(DataSource, args)
 
 
 def load_study(args: argparse.Namespace) -> Study:
@@ -85,7 +91,8 @@ def load_study(args: argparse.Namespace) -> Study:
     eval_images = args.eval_images if args.eval_images else (40 if args.quick else None)
     # --quick: 16 calibration samples, and ECoFLaP sums its importance over 4 batches instead of 32.
     settings = {"calib_data": args.calib_data, "calib_samples": min(args.calib_samples, 16) if args.quick
-                else args.calib_samples, "seed": args.seed, "importance_batches": 4 if args.quick else ECOFLAP_BATCHES}
+                else args.calib_samples, "seed": args.seed, "importance_batches": 4 if args.quick else ECOFLAP_BATCHES,
+                "calib_source": data_source(args)}
     return Study(Pipeline(bundle, eval_images, progress=False), args.method, settings)
 
 

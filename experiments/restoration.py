@@ -25,7 +25,7 @@ from sparsevlm.config import RestoreConfig, SparsitySpec  # noqa: E402
 from sparsevlm.data.tasks import DATA_HELP  # noqa: E402
 from sparsevlm.masks import apply_masks, measure_sparsity  # noqa: E402
 
-from common import Study, add_arguments, data_flag, load_study, markdown_table, write_outputs  # noqa: E402
+from common import Study, add_arguments, data_flag, data_source, load_study, markdown_table, write_outputs  # noqa: E402
 
 STEM = "restoration"
 SETTINGS = {"2:4": SparsitySpec.same(0.5, "2:4"), "70%": SparsitySpec.same(0.7)}
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         steps=4 if args.quick else args.steps, warmup_steps=1 if args.quick else defaults.warmup_steps,
         batch_size=8 if args.quick else defaults.batch_size, train_images=40 if args.quick else defaults.train_images,
         learning_rate=args.learning_rate, kl_weight=args.kl_weight, temperature=args.temperature,
-        train_data=args.train_data, seed=args.seed,
+        train_data=args.train_data, train_source=data_source(args), seed=args.seed,
     )
     # --quick: the other pruners at 70% only.
     rows = run(study, config, ("70%",) if args.quick else tuple(SETTINGS))

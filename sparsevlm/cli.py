@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sparsevlm.config import PLAN_PRESETS, PretrainConfig, PruneConfig, RestoreConfig
+from sparsevlm.config import PLAN_PRESETS, DataSource, PretrainConfig, PruneConfig, RestoreConfig
 from sparsevlm.data.tasks import EVAL_TASKS, parse_data_spec
 
 
@@ -145,7 +145,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="the task's data: an HF dataset name or a local imagefolder/parquet/jsonl")
     p.add_argument("--split", default=None, help="shapes: train, validation or test (default test); else the data's split")
     p.add_argument("--limit", type=_positive_int, default=None,
-                   help="shapes: the first N images; other tasks: the first N rows")
+                   help="shapes: the first N images; other tasks: the first N rows (caption tasks: images), streamed")
+    add_config_flags(p, DataSource)
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--num-beams", type=_positive_int, default=1, help="beam search width (1: greedy; paper: 5)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=None,
@@ -236,7 +237,7 @@ def _run(args: argparse.Namespace) -> int:
                                  args.force)
     if args.command == "evaluate":
         return jobs.evaluate_job(args.model, args.task, args.data, args.split, args.limit, args.batch_size,
-                                 args.num_beams, args.max_new_tokens, args.json)
+                                 args.num_beams, args.max_new_tokens, args.json, config_from_args(DataSource, args))
     if args.command == "prune":
         config = config_from_args(PruneConfig, args)
         jobs.check_out(Path(args.out), args.force)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import numbers
+import os
 import re
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
@@ -271,6 +272,29 @@ class VLMConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataSource:
+    """How a `TASK=SOURCE` data flag is read: the dataset's configuration, streaming, and where image files are."""
+
+    dataset_config: str | None = dataclasses.field(default=None, metadata=cli(
+        "TASK=SOURCE data: the dataset's configuration name (default: the task's, where the source has it)"))
+    streaming: bool = dataclasses.field(default=False, metadata=cli(
+        "TASK=SOURCE data: stream the rows instead of downloading the split (a row limit always streams)"))
+    images: str | None = dataclasses.field(default=None, metadata=cli(
+        "TASK=SOURCE data: a folder of the image files a source names but does not hold (COCO Karpathy "
+        "filepath/filename, LLaVA chat.json image)"))
+
+    def __post_init__(self) -> None:
+        if self.dataset_config is not None and not self.dataset_config:
+            raise ValueError("dataset_config='' is empty: give a configuration name or leave it out")
+        if self.images is not None and not os.path.isdir(self.images):
+            raise ValueError(f"--images {self.images!r} is not a directory")
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `sparsevlm.data.hf.load_task` this source sets."""
+        return {"config": self.dataset_config, "streaming": self.streaming, "images": self.images}
+
+
+@dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     """Pretraining of the default model on built-in shapes VQA: a vision stage, then the whole VLM."""
 
@@ -386,6 +410,8 @@ class RestoreConfig:
     temperature: float = dataclasses.field(default=1.0, metadata=cli("KL temperature (paper: 1)"))
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig, metadata=cli("LoRA targets", prefix=""))
     train_data: str = dataclasses.field(default="shapes-mix", metadata=cli(DATA_HELP, "data"))
+    train_source: DataSource = dataclasses.field(default_factory=DataSource, metadata=cli(
+        "how --train-data TASK=SOURCE is read", prefix=""))
     train_images: int = dataclasses.field(default=2000, metadata=cli("training images (rows, for TASK=SOURCE)",
                                                                      "positive_int"))
     bf16: bool = dataclasses.field(default=False, metadata=cli("compute in bfloat16 (params and LoRA stay float32)"))
@@ -618,6 +644,8 @@ class PruneConfig:
     calib_samples: int = dataclasses.field(default=128, metadata=cli("calibration examples (paper: 128)",
                                                                      "positive_int"))
     calib_data: str = dataclasses.field(default="shapes-captions", metadata=cli(DATA_HELP, "data"))
+    calib_source: DataSource = dataclasses.field(default_factory=DataSource, metadata=cli(
+        "how --calib-data TASK=SOURCE is read", prefix=""))
     calibration_mode: str = dataclasses.field(default="sequential", metadata=cli(
         "sequential: each block sees the pruned blocks before it; dense: statistics of the dense model",
         choices=CALIBRATION_MODES))

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from sparsevlm import hub
 from sparsevlm.checkpoint import export_safetensors, is_model_dir, load_model_dir, save_model
-from sparsevlm.config import PretrainConfig, PruneConfig, RestoreConfig
+from sparsevlm.config import DataSource, PretrainConfig, PruneConfig, RestoreConfig
 from sparsevlm.integrity import write_atomic
 from sparsevlm.pipeline import Pipeline
 from sparsevlm.pruning.verify import claimed_pruning, format_verify, verify_params
@@ -51,14 +51,16 @@ def pretrain_job(config: PretrainConfig, out: Path | None, force: bool = False) 
 
 
 def evaluate_job(model: str, task: str, data: str | None, split: str | None, limit: int | None, batch_size: int,
-                 num_beams: int, max_new_tokens: int | None, json_path: str | None) -> int:
+                 num_beams: int, max_new_tokens: int | None, json_path: str | None,
+                 source: DataSource = DataSource()) -> int:
     """Evaluate a model on shapes VQA or a benchmark task; print the score and optionally write the result JSON."""
     from sparsevlm.data import shapes
     from sparsevlm.eval.evaluate import evaluate_task
 
     if task == "shapes":
-        if data is not None:
-            raise ValueError("--data is for benchmark tasks; --task shapes uses the built-in dataset")
+        if data is not None or source != DataSource():
+            raise ValueError("--data is for benchmark tasks (so are --dataset-config, --streaming and --images); "
+                             "--task shapes uses the built-in dataset")
         split = split or "test"
         if split not in shapes.SPLITS:
             raise ValueError(f"--split {split!r} is not a split; allowed: {', '.join(shapes.SPLITS)}")
@@ -70,7 +72,7 @@ def evaluate_job(model: str, task: str, data: str | None, split: str | None, lim
     else:
         from sparsevlm.data.hf import load_task
 
-        dataset = load_task(task, data, split, limit)
+        dataset = load_task(task, data, split, limit, **source.load_kwargs())
     result = evaluate_task(bundle, task, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            num_beams=num_beams)
     if task == "shapes":

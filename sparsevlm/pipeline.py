@@ -81,12 +81,12 @@ class Pipeline:
 
     def calibration(self, config: PruneConfig) -> Carry:
         """The calibration carry `config` asks for: its data, number of samples and seed."""
-        key = (config.calib_data, config.calib_samples, config.seed)
+        key = (config.calib_data, config.calib_source, config.calib_samples, config.seed)
         if key not in self._calibration:
             bundle = self.bundle
             data = load_examples(config.calib_data, bundle.tokenizer, config.calib_samples, config.seed,
                                  bundle.config.vision.image_size, bundle_format(bundle.metadata),
-                                 bundle.instruction_tokenizer, bundle.image_processor)
+                                 bundle.instruction_tokenizer, bundle.image_processor, config.calib_source)
             self._calibration[key] = calibration_carry(data, config.calib_samples, bundle.tokenizer.pad_token_id,
                                                        bundle.config.vision, config.seed)
         return self._calibration[key]
@@ -100,7 +100,8 @@ class Pipeline:
         scores = None
         if config.allocation != "uniform":
             order = ECOFLAP_ORDERS[config.allocation]
-            key = (order, config.importance_batches, config.seed, config.calib_data, config.calib_samples)
+            key = (order, config.importance_batches, config.seed, config.calib_data, config.calib_source,
+                   config.calib_samples)
             if key not in self._scores:
                 self._scores[key] = importance_scores(
                     self.bundle.params, self.bundle.config, self.calibration(config), prunable_paths(self.bundle.params),

@@ -104,7 +104,8 @@ def restore(
     check_masks(base_params, masks)
     lora = init_lora(base_params, config.lora, jax.random.key(config.seed))
     data = load_examples(config.train_data, tokenizer, config.train_images, config.seed,
-                         model_config.vision.image_size, fmt, instruction_tokenizer, image_processor)
+                         model_config.vision.image_size, fmt, instruction_tokenizer, image_processor,
+                         config.train_source)
     hosts = jax.process_count() if mesh is not None else 1
     if config.batch_size % hosts:
         raise ValueError(f"batch size {config.batch_size} is not divisible by the {hosts} hosts")

@@ -8,7 +8,7 @@ name or a local imagefolder / parquet / JSON-lines path (`sparsevlm.data.tasks` 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -16,6 +16,9 @@ from sparsevlm.data import shapes
 from sparsevlm.data.batch import EncodedSet, encode_vqa
 from sparsevlm.data.prompts import BUILTIN, PromptFormat, caption_format
 from sparsevlm.data.tasks import TASK_SPECS, parse_data_spec
+
+if TYPE_CHECKING:
+    from sparsevlm.config import DataSource
 
 
 def load_examples(
@@ -27,19 +30,21 @@ def load_examples(
     fmt: PromptFormat = BUILTIN,
     instruction_tokenizer: PreTrainedTokenizerBase | None = None,
     image_processor: Any = None,
+    source: DataSource | None = None,
 ) -> EncodedSet:
     """Encoded examples (prompt + target text) from `num_images` training images (rows, for `TASK=SOURCE`).
 
     `shapes-captions` has one caption per image, `shapes-vqa` every question, `shapes-mix` both.
-    Caption tasks are prompted with the family's captioning format, not its question template.
+    Caption tasks are prompted with the family's captioning format, not its question template; `source` says how
+    `TASK=SOURCE` is read (configuration, streaming, image folder).
     """
     if num_images <= 0:
         raise ValueError(f"calibration samples {num_images} must be positive")
-    task, source = parse_data_spec(name)
-    if source is not None:
+    task, location = parse_data_spec(name)
+    if location is not None:
         from sparsevlm.data.hf import load_task
 
-        dataset = load_task(task, source, limit=num_images, seed=seed)
+        dataset = load_task(task, location, limit=num_images, seed=seed, **(source.load_kwargs() if source else {}))
         if TASK_SPECS[task].kind != "vqa":
             fmt = caption_format(fmt)
         return encode_vqa(dataset, tokenizer, with_targets=True, fmt=fmt, instruction_tokenizer=instruction_tokenizer,

@@ -15,24 +15,38 @@ KINDS = ("vqa", "caption", "prefix_caption")
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    """How a task reads its source: the row kind, the default split and what the paper uses it for."""
+    """How a task reads its source: the row kind, the default split, what the paper uses it for, and hub defaults.
+
+    `config` and `data_files` are used only when the source has them (and none is passed);
+    `min_answers` is what the task's metric needs per question; `hub` the hub dataset tested for it.
+    """
 
     kind: str
     split: str
     purpose: str
+    hub: str
+    config: str | None = None
+    data_files: str | None = None
+    min_answers: int = 1
+
+    @property
+    def groups_references(self) -> bool:
+        """Whether rows of one image are merged into one row with every reference (CIDEr-D scores per image)."""
+        return self.kind == "caption" and self.purpose == "evaluation"
 
 
 TASK_SPECS: dict[str, TaskSpec] = {
-    "vqav2": TaskSpec("vqa", "validation", "evaluation"),
-    "okvqa": TaskSpec("vqa", "test", "evaluation"),
-    "gqa": TaskSpec("vqa", "testdev", "evaluation"),
-    "nocaps": TaskSpec("caption", "validation", "evaluation"),
-    "coco_caption": TaskSpec("caption", "test", "evaluation"),
-    "coco_caption_train": TaskSpec("caption", "train", "restoration"),
-    "cc3m_instruct": TaskSpec("caption", "train", "restoration"),
-    "cc3m": TaskSpec("prefix_caption", "train", "calibration"),
-    "coco_caption_prefix": TaskSpec("prefix_caption", "train", "calibration"),
-    "visual_genome": TaskSpec("prefix_caption", "train", "calibration"),
+    "vqav2": TaskSpec("vqa", "validation", "evaluation", "lmms-lab/VQAv2", min_answers=2),
+    "okvqa": TaskSpec("vqa", "val2014", "evaluation", "lmms-lab/OK-VQA", min_answers=2),
+    "gqa": TaskSpec("vqa", "testdev", "evaluation", "lmms-lab/GQA", config="testdev_balanced_instructions"),
+    "nocaps": TaskSpec("caption", "validation", "evaluation", "lmms-lab/NoCaps"),
+    "coco_caption": TaskSpec("caption", "test", "evaluation", "yerevann/coco-karpathy"),
+    "coco_caption_train": TaskSpec("caption", "train", "restoration", "yerevann/coco-karpathy"),
+    "cc3m_instruct": TaskSpec("caption", "train", "restoration", "liuhaotian/LLaVA-CC3M-Pretrain-595K",
+                              data_files="chat.json"),
+    "cc3m": TaskSpec("prefix_caption", "train", "calibration", "pixparse/cc3m-wds"),
+    "coco_caption_prefix": TaskSpec("prefix_caption", "train", "calibration", "yerevann/coco-karpathy"),
+    "visual_genome": TaskSpec("prefix_caption", "train", "calibration", "ranjaykrishna/visual_genome (parquet copy)"),
 }
 TASKS = tuple(TASK_SPECS)
 EVAL_TASKS = ("shapes", "vqav2", "okvqa", "gqa", "nocaps", "coco_caption")

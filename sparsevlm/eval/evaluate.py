@@ -119,6 +119,10 @@ def evaluate_task(
                               num_beams, length_penalty, progress, params)
         return result | {"task": task, "metric": "exact_match", "score": result["accuracy"]}
     kind = TASK_SPECS[task].kind
+    if kind == "caption" and len(set(dataset["image_id"])) < len(dataset):
+        # CIDEr-D scores one caption per image against all of that image's references: rows must be images.
+        raise ValueError(f"{task}: {len(dataset) - len(set(dataset['image_id']))} rows repeat another row's image id; "
+                         "group each image's references into one row (sparsevlm.data.hf.group_references)")
     fmt = bundle_format(bundle.metadata)
     if kind == "caption":
         fmt = caption_format(fmt)

@@ -262,15 +262,28 @@ def test_hub_name_goes_to_load_dataset_and_streams_are_materialised(monkeypatch,
         "answers": [{"answer": r["answers"], "answer_confidence": ["yes"] * 3, "answer_id": [1, 2, 3]} for r in rows],
     }, features=features)  # fmt: skip
     calls = []
+    files = {"validation": ["hf://datasets/someone/VQAv2/data/validation-00000-of-00002.parquet"],
+             "train": ["hf://datasets/someone/VQAv2/data/train-00000-of-00009.parquet"]}
 
-    def fake_load_dataset(name, config=None, **kwargs):
-        calls.append((name, config, kwargs))
+    class Builder:  # what `load_dataset_builder` knows from the repo's file list alone, before any download
+        config = type("Config", (), {"data_files": files})
+
+    def fake_builder(path, cache_dir=None, **kwargs):
+        calls.append(("builder", path, kwargs))
+        return Builder()
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append(("load", path, kwargs))
         return hub.to_iterable_dataset()
 
+    monkeypatch.setattr(hf.datasets, "load_dataset_builder", fake_builder)
     monkeypatch.setattr(hf.datasets, "load_dataset", fake_load_dataset)
-    data = _load("vqav2", "someone/VQAv2", tmp_path, streaming=True, limit=6, config="default")
-    assert calls == [("someone/VQAv2", "default", {"split": "validation", "streaming": True,
-                                                   "cache_dir": str(tmp_path / "cache")})]  # fmt: skip
+    data = _load("vqav2", "someone/VQAv2", tmp_path, limit=6, config="default")
+    # A limit streams, and only the split's own files are named: nothing of the train split is fetched.
+    assert calls == [("builder", "someone/VQAv2", {"name": "default"}),
+                     ("load", "someone/VQAv2", {"split": "validation", "streaming": True,
+                                                "cache_dir": str(tmp_path / "cache"), "name": "default",
+                                                "data_files": {"validation": files["validation"]}})]  # fmt: skip
     assert len(data) == 6 and list(data["answers"]) == [r["answers"] for r in rows[:6]]
     assert list(data["image_id"]) == [str(r["image_id"]) for r in rows[:6]]
     _check_encodes(data)
@@ -290,7 +303,7 @@ def test_missing_column_names_it_and_the_columns_present(vqa_jsonl, tmp_path):
     for row in rows:
         del row["answers"]
     _write_jsonl(path, rows)
-    with pytest.raises(ValueError, match=r"no 'captions' column \(looked for captions, caption, .*\); columns present: "
+    with pytest.raises(ValueError, match=r"no 'captions' column \(looked for conversations, captions, caption, .*\); columns present: "
                                          r"image_id, question_type, image"):  # fmt: skip
         _load("coco_caption", path, tmp_path)
 
@@ -341,5 +354,6 @@ def test_unknown_task_missing_split_and_unknown_file_type(vqa_jsonl, tmp_path):
     other.write_text("image,question\n")
     with pytest.raises(ValueError, match=r"extension '.csv' is not one of .parquet, .jsonl, .json"):
         _load("vqav2", other, tmp_path)
-    with pytest.raises(ValueError, match=r"has no metadata.jsonl"):
+    # A folder of images without metadata is read as `datasets` reads it: images only, so no questions.
+    with pytest.raises(ValueError, match=r"has no 'question' column \(looked for question\); columns present: image$"):
         _load("vqav2", tmp_path / "vqa_jsonl" / "images", tmp_path)
