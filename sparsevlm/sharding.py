@@ -286,15 +286,23 @@ def mask_shardings(masks: PyTree, shardings: PyTree) -> PyTree:
 
 
 def lora_shardings(lora: PyTree, shardings: PyTree) -> PyTree:
-    """LoRA A `[r, in]` along its kernel's input axis, B `[out, r]` along its output axis."""
+    """LoRA A `[r, in]` along its kernel's input axis, B `[out, r]` along its output axis; a factor whose own
+    axis the kernel leaves whole takes the kernel's other mesh axes (where they divide it), so no factor is
+    replicated on a mesh that splits its kernel."""
     kernels = flatten(shardings)
     out = {}
     for path, factor_value in flatten(lora).items():
         kernel_path, factor = path.rsplit(SEP, 1)
+        kernel = kernels[kernel_path]
         lead = np.ndim(factor_value) - 2  # 1 for a scanned stack's layer axis (never sharded)
-        spec = tuple(kernels[kernel_path].spec) + (None,) * 3  # [(layers,) in, out], padded for unsharded kernels
-        inner = (None, spec[lead]) if factor == "a" else (spec[lead + 1], None)
-        out[path] = NamedSharding(kernels[kernel_path].mesh, PartitionSpec(*(None,) * lead, *inner))
+        spec = tuple(kernel.spec) + (None,) * 3  # [(layers,) in, out], padded for unsharded kernels
+        own, other = (spec[lead], spec[lead + 1]) if factor == "a" else (spec[lead + 1], spec[lead])
+        size = np.shape(factor_value)[lead + 1 if factor == "a" else lead]
+        if own is None and other is not None:
+            names = (other,) if isinstance(other, str) else other
+            own = other if size % math.prod(kernel.mesh.shape[a] for a in names) == 0 else None
+        inner = (None, own) if factor == "a" else (own, None)
+        out[path] = NamedSharding(kernel.mesh, PartitionSpec(*(None,) * lead, *inner))
     return unflatten(out)
 
 

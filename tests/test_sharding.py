@@ -132,6 +132,16 @@ def test_params_masks_and_lora_follow_the_logical_rules(setup):
     q = "language/blocks_0/attn/q/kernel"
     assert lora_sh[f"{q}/a"].spec == P(None, "fsdp") and lora_sh[f"{q}/b"].spec == P("tensor", None)
     assert {path.rsplit("/", 1)[0] for path in lora_sh} <= set(shardings)
+    # With fsdp alone the kernel's output axis stays whole; B then takes fsdp too rather than being replicated
+    # (a 7B's LoRA + Adam state was 5x its fair share per device), where fsdp divides it.
+    fsdp = sh.make_mesh("fsdp=8")
+    lora_sh = flatten(sh.lora_shardings(lora, sh.param_shardings(params, fsdp)))
+    assert lora_sh[f"{q}/a"].spec == P(None, "fsdp") and lora_sh[f"{q}/b"].spec == P("fsdp", None)
+    for path, factor in flatten(lora).items():
+        for size, axes in zip(np.shape(factor), lora_sh[path].spec):
+            assert axes is None or size % 8 == 0, (path, np.shape(factor), lora_sh[path].spec)
+        if max(np.shape(factor)) % 8 == 0:  # every factor has a dimension fsdp divides: none replicated
+            assert lora_sh[path].spec != P(None, None), path
 
 
 @pytest.fixture(scope="module")
