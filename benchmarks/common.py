@@ -73,7 +73,8 @@ def calibration_inputs(config: Any, samples: int, text_tokens: int, seed: int, b
                        first_text_id: int) -> tuple[Any, Any]:
     """Random images (normalised, `[B, H, W, C]` float32) and token ids `[BOS, <image> × N, text …]`, no padding.
 
-    Text ids are drawn from `[first_text_id, vocab)`, so none is a special token.
+    Text ids are drawn from `[first_text_id, vocab)`, so none is a special token. A model without an
+    image placeholder token (its image tokens go before the text) gets `[BOS, text …]`.
     """
     import numpy as np
 
@@ -82,8 +83,9 @@ def calibration_inputs(config: Any, samples: int, text_tokens: int, seed: int, b
     rng = np.random.default_rng(seed)
     size = config.vision.image_size
     images = preprocess_images(rng.integers(0, 256, (samples, size, size, 3), dtype=np.uint8), config.vision)
-    image_tokens = config.num_image_tokens
+    image_tokens = config.num_image_tokens if config.image_token_id is not None else 0
     tokens = rng.integers(first_text_id, config.language.vocab_size, (samples, 1 + image_tokens + text_tokens))
     tokens[:, 0] = bos_id
-    tokens[:, 1 : 1 + image_tokens] = config.image_token_id
+    if image_tokens:
+        tokens[:, 1 : 1 + image_tokens] = config.image_token_id
     return images.astype(np.float32), tokens.astype(np.int32)

@@ -3,7 +3,10 @@
 #   1. peer_train_step.py --config 1b --batch-size 8 (ours scanned + block remat, bf16, vs transformers + PEFT);
 #   2. preset_step.py: the LLaVA-1.5-7B preset's SparseLoRA + KL step from random init (time, MFU, peak memory);
 #   3. sparsevlm plan for the same step (compile time, XLA's per-device figures);
-#   4. peer_prune.py --config 1b (the whole-model pruning benchmark).
+#   4. peer_prune.py --config 1b: whole-model Wanda and SparseGPT at 50% and 2:4 against the PyTorch reference
+#      loops, then DSnoT and ECoFLaP (ours alone) at 50%;
+#   5. prune_scale.py: the LLaVA-1.5-7B preset's language tower pruned block by block from random host
+#      weights (Wanda and SparseGPT, 50%): time per phase and the device allocator's peak.
 # JSON goes under $OUT (the device tool's output folder) or results/gpu/; nothing is committed by this script:
 # copy the files into benchmarks/measured/ with the date and device. SMALL=1 runs tiny configs (a CPU try-out).
 set -uo pipefail
@@ -13,6 +16,7 @@ OUT_DIR="${OUT:-results/gpu}"
 mkdir -p "$OUT_DIR"
 if [ "${SMALL:-0}" = 1 ]; then
   CFG=quick BATCH=2 REPEATS=2 PRESET_ARGS=(--model "$OUT_DIR/tiny-preset" --batch-size 2 --seq-len 40 --repeats 2)
+  SCALE_ARGS=(--model "$OUT_DIR/tiny-preset" --quick)
   python - "$OUT_DIR/tiny-preset" <<'PY'
 import json, pathlib, sys
 from sparsevlm.config import VLMConfig
@@ -21,23 +25,32 @@ d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True)
 PY
 else
   CFG=1b BATCH=8 REPEATS=8 PRESET_ARGS=(--model llava-1.5-7b --batch-size 8 --seq-len 624 --repeats 5)
+  SCALE_ARGS=(--model llava-1.5-7b)
 fi
 status=0
 run() {  # name, time limit (s), command...
   local name=$1 limit=$2; shift 2
-  echo "== $name"
+  echo "== $name" | tee -a "$LOG"
   local started=$SECONDS
-  timeout "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+  # One log for all steps: the device tool brings back at most 8 files (this log + the six JSON files).
+  timeout "$limit" "$@" > "$LOG.part" 2>&1
   local rc=$?
-  tail -n 25 "$OUT_DIR/$name.log"
-  echo "== $name: exit $rc after $((SECONDS - started)) s"
+  cat "$LOG.part" >> "$LOG"; tail -n 25 "$LOG.part"; rm -f "$LOG.part"
+  echo "== $name: exit $rc after $((SECONDS - started)) s" | tee -a "$LOG"
   [ $rc = 0 ] || status=1
 }
-python -c "import jax; print(jax.devices())" | tee "$OUT_DIR/devices.txt"
-run peer_train_step 180 python benchmarks/peer_train_step.py --config $CFG --batch-size $BATCH --repeats $REPEATS \
+LOG="$OUT_DIR/gpu.log"
+: > "$LOG"
+python -c "import jax; print(jax.devices())" | tee -a "$LOG"
+run peer_train_step 120 python benchmarks/peer_train_step.py --config $CFG --batch-size $BATCH --repeats $REPEATS \
   --dtype bfloat16 --scan-layers --remat block --json "$OUT_DIR/peer_train_step.json"
-run preset_step 120 python benchmarks/preset_step.py "${PRESET_ARGS[@]}" --json "$OUT_DIR/preset_step.json"
-run plan 60 python -m sparsevlm.cli plan "${PRESET_ARGS[@]:0:2}" --method sparselora --batch-size $BATCH --bf16 \
+run preset_step 80 python benchmarks/preset_step.py "${PRESET_ARGS[@]}" --json "$OUT_DIR/preset_step.json"
+run plan 40 python -m sparsevlm.cli plan "${PRESET_ARGS[@]:0:2}" --method sparselora --batch-size $BATCH --bf16 \
   --scan-layers --remat block --json "$OUT_DIR/plan.json"
-run peer_prune 120 python benchmarks/peer_prune.py --config $CFG --json "$OUT_DIR/peer_prune.json"
+run peer_prune 100 python benchmarks/peer_prune.py --config $CFG --methods wanda sparsegpt --repeats 1 \
+  --json "$OUT_DIR/peer_prune.json"
+run peer_prune_ours 60 python benchmarks/peer_prune.py --config $CFG --methods dsnot ecoflap-first ecoflap-zeroth \
+  --patterns unstructured --scopes model --repeats 1 --json "$OUT_DIR/peer_prune_ours.json"
+run prune_scale 80 python benchmarks/prune_scale.py "${SCALE_ARGS[@]}" --patterns unstructured \
+  --json "$OUT_DIR/prune_scale.json"
 exit $status
