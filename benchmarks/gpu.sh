@@ -3,7 +3,8 @@
 #   1. peer_train_step.py --config 1b --batch-size 8 (ours scanned + block remat, bf16, vs transformers + PEFT);
 #   2. preset_step.py: the LLaVA-1.5-7B preset's SparseLoRA + KL step from random init (time, MFU, peak memory);
 #   3. sparsevlm plan for the same step (compile time, XLA's per-device figures);
-#   4. peer_prune.py --config 1b (the whole-model pruning benchmark).
+#   4. peer_prune.py --config 1b (the whole-model pruning benchmark);
+#   5. sparse_speedup.py --config 1b: 2:4 semi-structured vs dense matmuls and LM prefill (issue 22).
 # JSON goes under $OUT (the device tool's output folder) or results/gpu/; nothing is committed by this script:
 # copy the files into benchmarks/measured/ with the date and device. SMALL=1 runs tiny configs (a CPU try-out).
 set -uo pipefail
@@ -40,4 +41,6 @@ run preset_step 120 python benchmarks/preset_step.py "${PRESET_ARGS[@]}" --json 
 run plan 60 python -m sparsevlm.cli plan "${PRESET_ARGS[@]:0:2}" --method sparselora --batch-size $BATCH --bf16 \
   --scan-layers --remat block --json "$OUT_DIR/plan.json"
 run peer_prune 120 python benchmarks/peer_prune.py --config $CFG --json "$OUT_DIR/peer_prune.json"
+run sparse_speedup 60 python benchmarks/sparse_speedup.py --config $CFG --repeats $((REPEATS * 2)) --e2e-layers 8 \
+  --json "$OUT_DIR/sparse_speedup.json"
 exit $status
