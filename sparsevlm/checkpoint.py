@@ -22,7 +22,8 @@ from safetensors.numpy import save_file
 from sparsevlm.bundle import ModelBundle
 from sparsevlm.config import VLMConfig
 from sparsevlm.data.tokenize import tokenizer_from_json, tokenizer_to_json
-from sparsevlm.hf.safetensors_io import SINGLE_NAME, iter_file
+from sparsevlm.hf.compressed import BITMASK_MIN_SPARSITY, SPARSITY_CONFIG, CompressedWriter, open_checkpoint
+from sparsevlm.hf.safetensors_io import SINGLE_NAME, write_file
 from sparsevlm.integrity import (
     CorruptCheckpointError,
     listed_files,
@@ -168,21 +169,52 @@ def _bundle(restored: Any, has_masks: bool) -> ModelBundle:
 
 def export_safetensors(bundle: ModelBundle, out_dir: str | os.PathLike) -> Path:
     """Write `model.safetensors` (flat `/`-joined names), `config.json` and `tokenizer.json` to `out_dir`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {name: np.ascontiguousarray(np.asarray(value)) for name, value in flatten(bundle.params).items()}
-    write_atomic(out_dir / "model.safetensors",
-                 lambda tmp: save_file(tensors, str(tmp), metadata={"format": "sparsevlm"}))
+    return _export(bundle, Path(out_dir), lambda tmp: save_file(tensors, str(tmp), metadata={"format": "sparsevlm"}))
+
+
+def export_safetensors_compressed(bundle: ModelBundle, out_dir: str | os.PathLike,
+                                  min_sparsity: float = BITMASK_MIN_SPARSITY) -> dict[str, Any]:
+    """`export_safetensors` with every masked kernel written 2:4, bitmask or dense by its zeros; the formats chosen.
+
+    A compressed kernel is stored as its `[out, in]` transpose (a torch `Linear`'s layout, the one the
+    compressed-tensors formats group along); the file's metadata also carries the `sparsity_config`.
+    """
+    if bundle.masks is None:
+        raise ValueError("the model has no masks: compressed export writes the weights that pruning masked "
+                         "(export a pruned or restored model, or use --format dense)")
+    flat = flatten(bundle.params)
+    pruned = set(flat_masks(bundle.masks))
+    writer = CompressedWriter(pruned, min_sparsity)
+
+    def tensors() -> Any:
+        for name, value in flat.items():
+            value = np.asarray(value)
+            yield name, np.ascontiguousarray(value.T if name in pruned else value)
+
+    specs = writer.plan(tensors())
+    metadata = {"format": "sparsevlm", **writer.metadata(), SPARSITY_CONFIG: json.dumps(writer.sparsity_config())}
+    _export(bundle, Path(out_dir), lambda tmp: write_file(tmp, specs, writer.tensors(tensors()), metadata=metadata))
+    return writer.report()
+
+
+def _export(bundle: ModelBundle, out_dir: Path, write_weights: Any) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "model.safetensors", write_weights)
     write_atomic(out_dir / "config.json", bundle.config.to_json())
     write_atomic(out_dir / "tokenizer.json", tokenizer_to_json(bundle.tokenizer))
     return out_dir
 
 
 def import_safetensors(directory: str | os.PathLike) -> ModelBundle:
-    """Read back a directory written by `export_safetensors`; a damaged file is a ValueError naming it."""
+    """Read back a directory written by `export_safetensors` (or compressed); a damaged file is a ValueError naming it."""
     directory = Path(directory)
     # Our reader, not `safetensors.numpy.load_file`: its errors (SafetensorError, not a ValueError) name no file.
-    params = unflatten(dict(iter_file(directory / SINGLE_NAME)))
+    checkpoint = open_checkpoint(directory)
+    compressed = getattr(checkpoint, "formats", {})
+    # A compressed kernel is stored `[out, in]`: transposed back to Flax's `[in, out]`.
+    params = unflatten({name: checkpoint.read(name).T.copy() if name in compressed else checkpoint.read(name)
+                        for name in checkpoint.keys()})
     config_path, tokenizer_path = directory / "config.json", directory / "tokenizer.json"
     for file in (config_path, tokenizer_path):
         if not file.is_file():

@@ -185,13 +185,18 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write model.safetensors + config.json (HF format for HF-loaded models)")
     p.add_argument("--model", required=True, help="'default' or a saved model directory")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="HF export dtype (default: as stored)")
+    p.add_argument("--format", default="dense", choices=("dense", "compressed-tensors"),
+                   help="dense: zeros stored as zeros; compressed-tensors: each pruned linear as sparse-24-bitmask, "
+                        "sparse-bitmask or dense by its zeros, with a sparsity_config in config.json (needs masks)")
+    p.add_argument("--json", default=None, help="with --format compressed-tensors: write each layer's format here")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="write into an existing non-empty directory")
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="recompute a saved model's sparsity and N:M validity from its weights alone")
-    p.add_argument("--model", required=True, help="a saved model directory (from prune or restore)")
+    p.add_argument("--model", required=True, help="a saved model directory (from prune or restore) or a compressed "
+                                                  "export (its sparsity_config is checked too)")
     p.add_argument("--json", default=None, help="write the full report (per layer) here")
 
 
@@ -250,7 +255,7 @@ def _run(args: argparse.Namespace) -> int:
         return jobs.plan_job(args.model, config_from_args(RestoreConfig, args), args.seq_len, args.mesh,
                              args.param_dtype, args.json)
     if args.command == "export":
-        return jobs.export_job(args.model, Path(args.out), args.dtype, args.force)
+        return jobs.export_job(args.model, Path(args.out), args.dtype, args.force, args.format, args.json)
     return jobs.verify_job(args.model, args.json)
 
 

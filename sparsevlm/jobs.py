@@ -13,11 +13,16 @@ from typing import Any
 from jax.sharding import Mesh
 
 from sparsevlm import hub
-from sparsevlm.checkpoint import export_safetensors, is_model_dir, load_model_dir, save_model
+from sparsevlm.checkpoint import (
+    export_safetensors, export_safetensors_compressed, is_model_dir, load_model_dir, save_model,
+)
 from sparsevlm.config import DataSource, PretrainConfig, PruneConfig, RestoreConfig
 from sparsevlm.integrity import write_atomic
 from sparsevlm.pipeline import Pipeline
 from sparsevlm.pruning.verify import claimed_pruning, format_verify, verify_params
+
+
+EXPORT_FORMATS = ("dense", "compressed-tensors")
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -142,18 +147,40 @@ def restore_job(model: str, config: RestoreConfig, out: Path, teacher: str | Non
     return 0
 
 
-def export_job(model: str, out: Path, dtype: str | None = None, force: bool = False) -> int:
-    """Export a model as safetensors (in Hugging Face's layout for a model loaded from an HF checkpoint)."""
+def export_job(model: str, out: Path, dtype: str | None = None, force: bool = False, fmt: str = "dense",
+               json_path: str | None = None) -> int:
+    """Export a model as safetensors (in Hugging Face's layout for a model loaded from an HF checkpoint).
+
+    `fmt="compressed-tensors"` writes each pruned linear 2:4, bitmask or dense by its zeros and
+    prints which layers are not 2:4; a model without masks is refused before anything is written.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"--format {fmt!r} is not supported; allowed: {', '.join(EXPORT_FORMATS)}")
     check_out(out, force)
     bundle = hub.load_model(model)
+    compressed = fmt == "compressed-tensors"
     if "hf" in bundle.metadata:
-        from sparsevlm.hf.load import export_hf
+        from sparsevlm.hf.load import export_hf, export_hf_compressed
 
-        written = export_hf(bundle, out, dtype)
-        print(f"exported in Hugging Face format ({bundle.metadata['hf']['config']['model_type']}) to {written}")
+        if compressed:
+            report = export_hf_compressed(bundle, out, dtype)
+        else:
+            export_hf(bundle, out, dtype)
+        where = f"in Hugging Face format ({bundle.metadata['hf']['config']['model_type']}) to {out}"
     else:
-        written = export_safetensors(bundle, out)
-        print(f"exported to {written}")
+        report = export_safetensors_compressed(bundle, out) if compressed else None
+        if not compressed:
+            export_safetensors(bundle, out)
+        where = f"to {out}"
+    if not compressed:
+        print(f"exported {where}")
+        return 0
+    counts = ", ".join(f"{n} {f}" for f, n in report["formats"].items())
+    print(f"exported compressed ({counts}; {(out / 'model.safetensors').stat().st_size} bytes) {where}")
+    for name in report["not_2_4"]:
+        print(f"  not 2:4, written as a bitmask: {name}")
+    if json_path:
+        write_json(json_path, report | {"model": model, "out": str(out)})
     return 0
 
 
@@ -164,13 +191,31 @@ def verify_model(path: str | Path) -> dict[str, Any]:
     return verify_params(bundle.params, bundle.masks, claimed) | {"model": str(path), "note": note}
 
 
+def verify_compressed(path: str | Path) -> dict[str, Any]:
+    """Verify a compressed export: sparsity and N:M from its decompressed weights, and its `sparsity_config`'s claims."""
+    from sparsevlm.hf.compressed import check_declared
+    from sparsevlm.hf.load import load_hf_model
+
+    bundle = load_hf_model(path)  # masks: the stored bitmasks, so nonzeros outside them would be flagged
+    report = verify_params(bundle.params, bundle.masks) | {"model": str(path), "note": "compressed export"}
+    declared = check_declared(path)
+    failures = [f"sparsity_config claims {c['claim']}: {'; '.join(c['problems'])}" for c in declared if not c["ok"]]
+    return report | {"declared": declared, "failures": report["failures"] + failures,
+                     "ok": report["ok"] and not failures}
+
+
 def verify_job(model: str, json_path: str | None = None) -> int:
-    """Verify a saved model's sparsity claims from its weights; 1 if one fails."""
+    """Verify a saved model's (or compressed export's) sparsity claims from its weights; 1 if one fails."""
     path = hub.resolve_model_path(model)
     if hub.is_hf_dir(path):
-        raise ValueError(f"--model {model} is a Hugging Face checkpoint; verify reads saved sparsevlm models "
-                         "(prune or restore output)")
-    report = verify_model(path)
+        from sparsevlm.hf.compressed import declared_sparsity
+
+        if declared_sparsity(path) is None:
+            raise ValueError(f"--model {model} is a Hugging Face checkpoint without a sparsity_config; verify reads "
+                             "saved sparsevlm models (prune or restore output) and compressed exports")
+        report = verify_compressed(path)
+    else:
+        report = verify_model(path)
     print(format_verify(report))
     if json_path:
         write_json(json_path, report)

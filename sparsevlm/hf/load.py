@@ -26,8 +26,12 @@ from sparsevlm.data.prompts import family_format
 from sparsevlm.hf import llama, vision
 from sparsevlm.hf.processor import load_processor, processor_files, write_processor_files
 from sparsevlm.hf.rules import UNUSED, Rule, linear_rules, to_hf, to_ours
-from sparsevlm.hf.safetensors_io import Checkpoint, write_file
+from sparsevlm.hf.compressed import (
+    BITMASK_MIN_SPARSITY, DENSE, QUANTIZATION_CONFIG, CompressedCheckpoint, CompressedWriter, open_checkpoint,
+)
+from sparsevlm.hf.safetensors_io import write_file
 from sparsevlm.integrity import write_atomic
+from sparsevlm.masks import masks_from_flat
 from sparsevlm.tree import flatten, unflatten
 
 PyTree = Any
@@ -189,7 +193,7 @@ def load_hf_model(directory: str | os.PathLike, dtype: str = "float32") -> Model
         raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     directory = Path(directory)
     raw, hf_config = _read_config(directory)
-    checkpoint = Checkpoint(directory)
+    checkpoint = open_checkpoint(directory)  # a compressed export reads back as its dense tensors
     processor = load_processor(directory)
     image_processor = processor.image_processor
     try:
@@ -201,12 +205,27 @@ def load_hf_model(directory: str | os.PathLike, dtype: str = "float32") -> Model
     rules = conversion_rules(config, hf_config.text_config.model_type, names)
     expected = expected_shapes(config)
     flat = _convert(rules, checkpoint, expected, DTYPES[dtype], directory)
+    masks = _stored_masks(rules, checkpoint, flat) if isinstance(checkpoint, CompressedCheckpoint) else None
     fmt = family_format(config.family, config.image_token_id, config.num_image_tokens,
                         encoder_decoder=config.language.arch == "t5")
     metadata = {"prompt_format": dataclasses.asdict(fmt), "hf": {"config": raw, "naming": dataclasses.asdict(names),
                        "text_model_type": hf_config.text_config.model_type, "source": str(directory.resolve()),
                        "processor_files": processor_files(processor)}}
-    return ModelBundle(config, unflatten(flat), processor.tokenizer, metadata, processor=processor)
+    params = unflatten(flat)
+    return ModelBundle(config, params, processor.tokenizer, metadata, processor=processor,
+                       masks=None if masks is None else masks_from_flat(params, masks))
+
+
+def _stored_masks(rules: list[Rule], checkpoint: CompressedCheckpoint, flat: dict[str, np.ndarray]) -> dict:
+    """Masks of a compressed checkpoint's sparse weights, from their stored bitmasks (in our layout and paths)."""
+    masks = {}
+    for r in rules:
+        if r.layout == "linear" and checkpoint.format(r.hf) != DENSE:
+            kept = checkpoint.kept(r.hf).T
+            for path, part in zip(r.ours, np.split(kept, len(r.ours), axis=-1)):
+                if path in flat and not path.startswith(f"{UNUSED}/"):
+                    masks[path] = np.ascontiguousarray(part)
+    return masks
 
 
 def _check_image_size(config: VLMConfig, image_processor: Any) -> None:
@@ -224,7 +243,7 @@ def _check_image_size(config: VLMConfig, image_processor: Any) -> None:
 
 
 def _convert(
-    rules: list[Rule], checkpoint: Checkpoint, expected: dict[str, tuple[int, ...]], dtype: np.dtype, directory: Path
+    rules: list[Rule], checkpoint: Any, expected: dict[str, tuple[int, ...]], dtype: np.dtype, directory: Path
 ) -> dict[str, np.ndarray]:
     covered = {r.hf for r in rules if r.layout != "zeros"}
     unexpected = sorted(set(checkpoint.keys()) - covered)
@@ -260,9 +279,22 @@ def _rules_for(bundle: ModelBundle) -> list[Rule]:
 
 def export_hf(bundle: ModelBundle, out_dir: str | os.PathLike, dtype: str | None = None) -> Path:
     """Write `model.safetensors`, `config.json` and the processor files of an HF-loaded model to `out_dir`."""
+    return _export_hf(bundle, Path(out_dir), dtype, None)
+
+
+def export_hf_compressed(bundle: ModelBundle, out_dir: str | os.PathLike, dtype: str | None = None,
+                         min_sparsity: float = BITMASK_MIN_SPARSITY) -> dict[str, Any]:
+    """`export_hf` with every pruned linear written 2:4, bitmask or dense by its zeros; the formats chosen.
+
+    `config.json` carries the `sparsity_config` (`sparsevlm.hf.compressed`); a model without masks is refused.
+    """
+    writer = CompressedWriter(pruned_hf_names(_rules_for(bundle), bundle.masks), min_sparsity)
+    _export_hf(bundle, Path(out_dir), dtype, writer)
+    return writer.report()
+
+
+def _export_hf(bundle: ModelBundle, out_dir: Path, dtype: str | None, writer: CompressedWriter | None) -> Path:
     rules = _rules_for(bundle)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     flat = flatten(jax.device_get(bundle.params))
     target = None if dtype is None else DTYPES[dtype]
 
@@ -270,15 +302,34 @@ def export_hf(bundle: ModelBundle, out_dir: str | os.PathLike, dtype: str | None
         for name, value in to_hf(rules, flat):
             yield name, value if target is None or name.startswith(UNUSED) else value.astype(target)
 
-    specs = {name: (value.dtype, value.shape) for name, value in tensors()}
-    write_atomic(out_dir / "model.safetensors", lambda tmp: write_file(tmp, specs, tensors(), metadata={"format": "pt"}))
+    if writer is None:
+        specs, stream, metadata = {n: (v.dtype, v.shape) for n, v in tensors()}, tensors(), {}
+    else:
+        specs, metadata = writer.plan(tensors()), writer.metadata()
+        stream = writer.tensors(tensors())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "model.safetensors",
+                 lambda tmp: write_file(tmp, specs, stream, metadata={"format": "pt", **metadata}))
     hf = bundle.metadata["hf"]
-    config = dict(hf["config"])
+    config = {k: v for k, v in hf["config"].items() if k != QUANTIZATION_CONFIG}  # a compressed source's claim
     if dtype is not None:
         config["dtype"] = dtype
+    if writer is not None:
+        from sparsevlm.hf.compressed import quantization_config
+
+        config[QUANTIZATION_CONFIG] = quantization_config(writer.sparsity_config())
     write_atomic(out_dir / "config.json", json.dumps(config, indent=2))
     write_processor_files(out_dir, hf.get("processor_files", {}))
     return out_dir
+
+
+def pruned_hf_names(rules: Iterable[Rule], masks: PyTree | None) -> list[str]:
+    """The HF linear weights behind our masked kernels (a fused one counts if any of its parts is masked)."""
+    if masks is None:
+        raise ValueError("the model has no masks: compressed export writes the weights that pruning masked "
+                         "(export a pruned or restored model, or use --format dense)")
+    masked = {path for path, mask in flatten(masks).items() if mask is not None}
+    return [r.hf for r in rules if r.layout == "linear" and masked & set(r.ours)]
 
 
 def hf_modules(bundle: ModelBundle, paths: Iterable[str]) -> set[str]:
@@ -287,4 +338,4 @@ def hf_modules(bundle: ModelBundle, paths: Iterable[str]) -> set[str]:
     return {r.hf.rsplit(".", 2)[-2] for r in _rules_for(bundle) if wanted & set(r.ours)}
 
 
-__all__ = ["MODEL_TYPES", "export_hf", "expected_shapes", "hf_modules", "load_hf_model", "vlm_config"]
+__all__ = ["MODEL_TYPES", "export_hf", "export_hf_compressed", "pruned_hf_names", "expected_shapes", "hf_modules", "load_hf_model", "vlm_config"]

@@ -199,6 +199,10 @@ class Checkpoint:
             raise ValueError(f"{shard.path} does not contain tensor {name!r}, though {INDEX_NAME} says it does")
         return shard.read(name, order)
 
+    def file_metadata(self) -> dict[str, dict[str, str]]:
+        """Each file's safetensors `__metadata__`, by file name."""
+        return {name: self._file(name).metadata for name in sorted(set(self._location.values()))}
+
     def nbytes(self) -> int:
         """Total bytes of tensor data (from the headers)."""
         total = 0

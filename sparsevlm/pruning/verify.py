@@ -200,6 +200,7 @@ def format_verify(report: Mapping[str, Any]) -> str:
         if claim["ok"]:
             lines.append(f"OK      {claim['tower']} claims {claim['pattern']} at sparsity {claim['claimed']:g} "
                          f"(measured {claim['measured']:.4f})")
+    lines.extend(f"OK      sparsity_config claims {c['claim']}" for c in report.get("declared", []) if c["ok"])
     lines.extend(f"FAILED  {failure}" for failure in report["failures"])
     lines.append("verify: OK" if report["ok"] else f"verify: FAILED ({len(report['failures'])} problems)")
     return "\n".join(lines)
