@@ -218,13 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run as every process of a multi-process run (the others run on each process alone).
+DISTRIBUTED = ("pretrain", "prune", "restore", "export")
+
+
+def _join(argv: Sequence[str]) -> None:
+    """Join a multi-process run when the environment describes one, and check every process runs `argv`."""
+    from sparsevlm.sharding import check_same_command, initialize_distributed
+
+    if initialize_distributed():
+        check_same_command(argv)
+
+
 def _mesh_for(config: Any) -> Any:
-    """The device mesh a `--mesh` flag asks for (joining a multi-host run first), or None."""
+    """The device mesh a `--mesh` flag asks for (over every process's devices), or None."""
     if config is None:
         return None
-    from sparsevlm.sharding import initialize_distributed, make_mesh
+    from sparsevlm.sharding import make_mesh
 
-    initialize_distributed()
     return make_mesh(config)  # checked against the device count before anything loads
 
 
@@ -257,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sparsevlm` console script."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command in DISTRIBUTED:
+            _join(list(sys.argv[1:] if argv is None else argv))
         return _run(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         print(f"sparsevlm {args.command}: error: {error}", file=sys.stderr)

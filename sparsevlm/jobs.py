@@ -18,6 +18,7 @@ from sparsevlm.config import PretrainConfig, PruneConfig, RestoreConfig
 from sparsevlm.integrity import write_atomic
 from sparsevlm.pipeline import Pipeline
 from sparsevlm.pruning.verify import claimed_pruning, format_verify, verify_params
+from sparsevlm.sharding import is_primary
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -32,8 +33,9 @@ def check_out(out: Path, force: bool) -> None:
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write `payload` as indented JSON, atomically."""
-    write_atomic(path, json.dumps(payload, indent=2))
+    """Write `payload` as indented JSON, atomically (in a run of several processes: process 0 only)."""
+    if is_primary():
+        write_atomic(path, json.dumps(payload, indent=2))
 
 
 def pretrain_job(config: PretrainConfig, out: Path | None, force: bool = False) -> int:
@@ -144,6 +146,8 @@ def export_job(model: str, out: Path, dtype: str | None = None, force: bool = Fa
     """Export a model as safetensors (in Hugging Face's layout for a model loaded from an HF checkpoint)."""
     check_out(out, force)
     bundle = hub.load_model(model)
+    if not is_primary():  # one writer: process 0 of a run of several
+        return 0
     if "hf" in bundle.metadata:
         from sparsevlm.hf.load import export_hf
 

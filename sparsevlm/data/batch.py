@@ -242,15 +242,17 @@ class BatchStream:
 
     Each epoch draws a permutation from `rng` when its first batch is needed; `state()` holds that
     permutation, the position in it and the generator's state (several streams may share one
-    generator: restoring any of their states restores it).
+    generator: restoring any of their states restores it). With `rows` only those rows of each
+    batch are collated (a process's share of a global batch); which examples a batch holds, and the
+    state, do not depend on it.
     """
 
     def __init__(self, data: EncodedSet, batch_size: int, length: int, pad_id: int, vision: VisionConfig,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, rows: slice | None = None) -> None:
         if batch_size > len(data):
             raise ValueError(f"batch size {batch_size} is larger than the {len(data)} examples")
         self.data, self.batch_size, self.length, self.pad_id, self.vision = data, batch_size, length, pad_id, vision
-        self.rng = rng
+        self.rng, self.rows = rng, rows if rows is not None else slice(0, batch_size)
         self.order: np.ndarray | None = None
         self.position = 0
 
@@ -262,11 +264,11 @@ class BatchStream:
             self.order, self.position = self.rng.permutation(len(self.data)), 0
         chosen = self.order[self.position : self.position + self.batch_size]
         self.position += self.batch_size
-        return self.data.collate(chosen, self.length, self.pad_id, self.vision)
+        return self.data.collate(chosen[self.rows], self.length, self.pad_id, self.vision)
 
     def example(self) -> Batch:
         """A batch of the first examples, shaped like every batch of the stream (its position unmoved)."""
-        return self.data.collate(np.arange(self.batch_size), self.length, self.pad_id, self.vision)
+        return self.data.collate(np.arange(self.batch_size)[self.rows], self.length, self.pad_id, self.vision)
 
     def state(self) -> dict[str, Any]:
         """The current epoch's order, the position in it and the generator's state, JSON-serialisable."""
