@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from transformers import PreTrainedTokenizerBase
 
@@ -151,9 +150,7 @@ def restore(
         checkpoints=checkpoints, checkpoint_every=config.checkpoint_every, skip_nonfinite=config.skip_nonfinite,
         log_every=10, desc=f"restore ({config.method})", progress=progress,
     )
-    # All hosts get the whole factors (on one host this is a device_get).
-    trained = result.state.params
-    lora = multihost_utils.process_allgather(trained, tiled=True) if mesh is not None else jax.device_get(trained)
-    lora = unstack_layers(lora, stacks)
+    # Every process gets the whole factors (on one process this is a device_get).
+    lora = unstack_layers(sharding.to_host(result.state.params), stacks)
     merged = jax.device_get(merge(base_params, lora, masks, config.lora.alpha, config.method))
     return RestoreResult(lora, merged, result.history, result.seconds, memory, result.skipped)

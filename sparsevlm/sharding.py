@@ -458,6 +458,19 @@ def global_batch(local: Mapping[str, Any], mesh: Mesh, batch_size: int | None = 
     return out
 
 
+def to_host(tree: PyTree) -> PyTree:
+    """`tree` as host (NumPy) arrays; an array spread over several processes is gathered from all of them
+    (a collective: every process calls this with the same tree)."""
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)
+
+
 def bytes_per_device(tree: PyTree, shardings: PyTree) -> int:
     """Bytes one device holds of `tree` laid out by `shardings` (its shard of every leaf)."""
     leaves = jax.tree.leaves(tree)

@@ -242,3 +242,37 @@ def test_a_bad_multi_process_run_fails_on_every_process_with_one_line(number, ca
         assert code == 2 and lines, f"row {number}, process {index}: exit {code}, {text[-1500:]!r}"
         assert re.match(r"sparsevlm( restore)?: error: ", lines[0]), lines[0]
     assert time.monotonic() - started < 90 and not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,pattern", [("magnitude", "unstructured"), ("wanda", "2:4"), ("sparsegpt", "2:4")])
+def test_two_processes_prune_as_one_process_on_the_same_mesh(method, pattern, pruned_dir, tmp_path):
+    import jax
+
+    from sparsevlm.config import PruneConfig
+    from sparsevlm.jobs import prune_job
+    from sparsevlm.masks import flat_masks
+    from sparsevlm.pruning.verify import verify_params
+    from sparsevlm.sharding import make_mesh
+    from sparsevlm.tree import flatten
+
+    dense = pruned_dir.with_name("dense")
+    flags = ["--method", method, "--pattern", pattern, "--language-sparsity", "0.5", "--calib-samples", "8",
+             "--eval-images", "2"]
+    results, _ = _run(["prune", "--model", str(dense), *flags, "--mesh", "fsdp=-1", "--out", str(tmp_path / "two")])
+    for index, (code, out) in enumerate(results):
+        assert code == 0, f"process {index}: {out[-3000:]}"
+    # The reference: this process, on a mesh of 4 of its 8 devices, the same fsdp=4 layout.
+    config = PruneConfig(method=method, sparsity=SparsitySpec(language=0.5, pattern=pattern), calib_samples=8)
+    assert prune_job(str(dense), config, tmp_path / "one", 2, make_mesh("fsdp=-1", jax.devices()[:4])) == 0
+    one, two = load_model_dir(tmp_path / "one"), load_model_dir(tmp_path / "two")
+    masks_one, masks_two = flat_masks(one.masks), flat_masks(two.masks)
+    assert masks_one.keys() == masks_two.keys() and len(masks_one) > 0
+    if method == "sparsegpt":  # its column updates reduce in another order: masks may differ, N:M may not
+        report = verify_params(two.params, two.masks, two.metadata["pruning"])
+        assert report["ok"], report
+        assert _max_diff(flatten(one.params), flatten(two.params)) <= 1e-4
+    else:
+        assert all(np.array_equal(masks_one[p], masks_two[p]) for p in masks_one)
+        assert _max_diff(flatten(one.params), flatten(two.params)) == 0.0
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
