@@ -134,6 +134,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="train the default model on built-in shapes VQA")
     p.add_argument("--out", default=None, help="output model directory (default: $SPARSEVLM_HOME/default)")
     add_config_flags(p, PretrainConfig)
+    p.add_argument("--mesh", type=_mesh, default=None,
+                   help="train sharded over a device mesh, e.g. 'fsdp=-1' (see restore); needed as several processes")
+    p.add_argument("--eval-images", type=_positive_int, default=None, help="evaluate on the first N test images")
     p.add_argument("--force", action="store_true", help="retrain even if the output model exists")
 
 
@@ -244,7 +247,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "pretrain":
         return jobs.pretrain_job(config_from_args(PretrainConfig, args), Path(args.out) if args.out else None,
-                                 args.force)
+                                 args.force, _mesh_for(args.mesh), args.eval_images)
     if args.command == "evaluate":
         return jobs.evaluate_job(args.model, args.task, args.data, args.split, args.limit, args.batch_size,
                                  args.num_beams, args.max_new_tokens, args.json)

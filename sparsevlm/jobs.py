@@ -38,8 +38,9 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
         write_atomic(path, json.dumps(payload, indent=2))
 
 
-def pretrain_job(config: PretrainConfig, out: Path | None, force: bool = False) -> int:
-    """Train (or keep) the default model at `out` (default: `$SPARSEVLM_HOME/default`)."""
+def pretrain_job(config: PretrainConfig, out: Path | None, force: bool = False, mesh: Mesh | None = None,
+                 eval_images: int | None = None) -> int:
+    """Train (or keep) the default model at `out` (default: `$SPARSEVLM_HOME/default`), on `mesh` if given."""
     from sparsevlm.pretrain import pretrain  # the training recipe, only when training
 
     out = out if out is not None else hub.default_model_dir()
@@ -48,7 +49,8 @@ def pretrain_job(config: PretrainConfig, out: Path | None, force: bool = False) 
         return 0
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a directory")
-    pretrain(config, out, checkpoint_dir=checkpoint_dir(out) if config.checkpoint_every else None)
+    pretrain(config, out, eval_images=eval_images, checkpoint_dir=checkpoint_dir(out) if config.checkpoint_every else None,
+             mesh=mesh)
     return 0
 
 

@@ -321,19 +321,29 @@ class MixedStream:
 
 
 class RandomRows:
-    """Batches of rows drawn uniformly with replacement from aligned arrays (`{name: array}`)."""
+    """Batches of rows drawn uniformly with replacement from aligned arrays (`{name: array}`).
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, rng: np.random.Generator) -> None:
+    With `rows` only those rows of each drawn batch are returned (a process's share of a global batch).
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, rng: np.random.Generator,
+                 rows: slice | None = None) -> None:
         sizes = {len(v) for v in arrays.values()}
         if len(sizes) != 1:
             raise ValueError(f"arrays have different lengths {sorted(sizes)}")
         self.arrays, self.batch_size, self.rng, self.size = dict(arrays), batch_size, rng, sizes.pop()
+        self.rows = rows if rows is not None else slice(0, batch_size)
 
     def __iter__(self) -> "RandomRows":
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        index = self.rng.integers(0, self.size, self.batch_size)
+        index = self.rng.integers(0, self.size, self.batch_size)[self.rows]
+        return {name: value[index] for name, value in self.arrays.items()}
+
+    def example(self) -> dict[str, np.ndarray]:
+        """A batch shaped like every batch of the stream (its position unmoved)."""
+        index = np.arange(self.batch_size)[self.rows] % self.size
         return {name: value[index] for name, value in self.arrays.items()}
 
     def state(self) -> dict[str, Any]:
