@@ -419,9 +419,20 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, state: PyTree, 
 
 
 def shard(tree: PyTree, shardings: PyTree) -> PyTree:
-    """`tree` placed on the mesh with `shardings` (None leaves stay None)."""
-    return jax.tree.map(lambda x, s: x if s is None else jax.device_put(x, s), tree, shardings,
-                        is_leaf=lambda x: x is None)
+    """`tree` placed on the mesh with `shardings` (None leaves stay None).
+
+    Over several processes every process holds the same whole values and places only its own
+    shards of them (`device_put` would compare every leaf across the processes first: one collective each).
+    """
+    def place(x: Any, sharding: Any) -> Any:
+        if sharding is None:
+            return x
+        if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return jax.device_put(x, sharding)
+        value = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(place, tree, shardings, is_leaf=lambda x: x is None)
 
 
 def host_rows(mesh: Mesh, batch_size: int) -> slice:
@@ -459,16 +470,17 @@ def global_batch(local: Mapping[str, Any], mesh: Mesh, batch_size: int | None = 
 
 
 def to_host(tree: PyTree) -> PyTree:
-    """`tree` as host (NumPy) arrays; an array spread over several processes is gathered from all of them
+    """`tree` as host (NumPy) arrays; arrays spread over several processes are gathered from all of them
     (a collective: every process calls this with the same tree)."""
-    def one(x: Any) -> Any:
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return jax.device_get(x)
-
-    return jax.tree.map(one, tree)
+    leaves, structure = jax.tree.flatten(tree)
+    spread = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable]
+    if spread:
+        # One program replicates them all (not one collective per leaf); each process reads its own copy.
+        whole = [NamedSharding(leaves[i].sharding.mesh, PartitionSpec()) for i in spread]
+        gathered = jax.jit(lambda xs: xs, out_shardings=whole)([leaves[i] for i in spread])
+        for i, x in zip(spread, gathered):
+            leaves[i] = np.asarray(x.addressable_data(0))
+    return jax.tree.unflatten(structure, [x if isinstance(x, np.ndarray) else jax.device_get(x) for x in leaves])
 
 
 def bytes_per_device(tree: PyTree, shardings: PyTree) -> int:
