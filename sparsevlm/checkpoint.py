@@ -49,11 +49,18 @@ def is_model_dir(path: str | os.PathLike) -> bool:
 
 
 def _options(reading: bool = False) -> ocp.CheckpointManagerOptions:
+    # A model directory is read by each process on its own and written by one (`save_model`): its
+    # manager spans this process only, so orbax never waits for the others at a barrier.
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
     if reading:
         # Not orbax's read_only mode, which logs a warning on every read: a manager that is never asked
         # to save and does not create the directory writes nothing.
-        return ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=False)
-    return ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True)
+        return ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=False,
+                                            multiprocessing_options=alone)
+    # The (staging) directory already exists: orbax cannot create it for a subset of the processes.
+    return ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=False,
+                                        multiprocessing_options=alone)
 
 
 def save_model(path: str | os.PathLike, bundle: ModelBundle, overwrite: bool = False) -> Path:
@@ -61,9 +68,22 @@ def save_model(path: str | os.PathLike, bundle: ModelBundle, overwrite: bool = F
 
     The new model is written to a sibling temporary directory and renamed into place, so a crash
     mid-save leaves any previous model at `path` intact. Its `checksums.json` is written last, inside
-    that directory, so the rename publishes the model and its manifest together.
+    that directory, so the rename publishes the model and its manifest together. In a run of several
+    processes every process calls this with the same bundle; process 0 writes, the others wait for it.
     """
     path = Path(path).resolve()
+    if jax.process_count() > 1:
+        from sparsevlm.sharding import barrier, is_primary
+
+        if is_primary():
+            _save_model(path, bundle, overwrite)
+        barrier(f"save_model {path}")
+        return path
+    return _save_model(path, bundle, overwrite)
+
+
+def _save_model(path: Path, bundle: ModelBundle, overwrite: bool) -> Path:
+    """`save_model`'s writing, by the one process that writes."""
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"model directory {path} already exists and is not empty (pass overwrite)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +253,8 @@ def import_safetensors(directory: str | os.PathLike) -> ModelBundle:
 class TrainingCheckpoints:
     """Resumable training checkpoints in one directory: the train state, and JSON for the data position etc.
 
-    Each save is an orbax step directory, written under a temporary name and renamed when complete,
+    Each save is an orbax step directory (one for all processes of a multi-process run, on a file
+    system they share), written under a temporary name and renamed when complete,
     so a kill mid-save leaves the previous checkpoint as the latest; a sha256 manifest is added to
     each, and checked before a resume. `run` identifies the run (config, model): resuming a
     directory written by a different run is an error naming what differs.
@@ -288,7 +309,11 @@ class TrainingCheckpoints:
         return step, jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(state)), meta.get("extra", {})
 
     def save(self, step: int, state: PyTree, extra: Mapping[str, Any]) -> None:
-        """Write step `step` (state arrays + JSON extras) and its manifest; older ones beyond `keep` go."""
+        """Write step `step` (state arrays + JSON extras) and its manifest; older ones beyond `keep` go.
+
+        Every process of a multi-process run calls it: each writes its own shards (orbax), process 0
+        the JSON and the manifest. The extras must be the same on every process.
+        """
         meta = {"run": self.run, "step": step, "extra": dict(extra)}
         self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          meta=ocp.args.JsonSave(meta)), force=True)

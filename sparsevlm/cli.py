@@ -134,6 +134,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="train the default model on built-in shapes VQA")
     p.add_argument("--out", default=None, help="output model directory (default: $SPARSEVLM_HOME/default)")
     add_config_flags(p, PretrainConfig)
+    p.add_argument("--mesh", type=_mesh, default=None,
+                   help="train sharded over a device mesh, e.g. 'fsdp=-1' (see restore); needed as several processes")
+    p.add_argument("--eval-images", type=_positive_int, default=None, help="evaluate on the first N test images")
     p.add_argument("--force", action="store_true", help="retrain even if the output model exists")
 
 
@@ -224,13 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run as every process of a multi-process run (the others run on each process alone).
+DISTRIBUTED = ("pretrain", "prune", "restore", "export")
+
+
+def _join(argv: Sequence[str]) -> None:
+    """Join a multi-process run when the environment describes one, and check every process runs `argv`."""
+    from sparsevlm.sharding import check_same_command, initialize_distributed
+
+    if initialize_distributed():
+        check_same_command(argv)
+
+
 def _mesh_for(config: Any) -> Any:
-    """The device mesh a `--mesh` flag asks for (joining a multi-host run first), or None."""
+    """The device mesh a `--mesh` flag asks for (over every process's devices), or None."""
     if config is None:
         return None
-    from sparsevlm.sharding import initialize_distributed, make_mesh
+    from sparsevlm.sharding import make_mesh
 
-    initialize_distributed()
     return make_mesh(config)  # checked against the device count before anything loads
 
 
@@ -239,7 +253,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "pretrain":
         return jobs.pretrain_job(config_from_args(PretrainConfig, args), Path(args.out) if args.out else None,
-                                 args.force)
+                                 args.force, _mesh_for(args.mesh), args.eval_images)
     if args.command == "evaluate":
         return jobs.evaluate_job(args.model, args.task, args.data, args.split, args.limit, args.batch_size,
                                  args.num_beams, args.max_new_tokens, args.json, config_from_args(DataSource, args))
@@ -263,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sparsevlm` console script."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command in DISTRIBUTED:
+            _join(list(sys.argv[1:] if argv is None else argv))
         return _run(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         print(f"sparsevlm {args.command}: error: {error}", file=sys.stderr)

@@ -20,6 +20,7 @@ from sparsevlm.config import DataSource, PretrainConfig, PruneConfig, RestoreCon
 from sparsevlm.integrity import write_atomic
 from sparsevlm.pipeline import Pipeline
 from sparsevlm.pruning.verify import claimed_pruning, format_verify, verify_params
+from sparsevlm.sharding import is_primary
 
 
 EXPORT_FORMATS = ("dense", "compressed-tensors")
@@ -37,12 +38,14 @@ def check_out(out: Path, force: bool) -> None:
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write `payload` as indented JSON, atomically."""
-    write_atomic(path, json.dumps(payload, indent=2))
+    """Write `payload` as indented JSON, atomically (in a run of several processes: process 0 only)."""
+    if is_primary():
+        write_atomic(path, json.dumps(payload, indent=2))
 
 
-def pretrain_job(config: PretrainConfig, out: Path | None, force: bool = False) -> int:
-    """Train (or keep) the default model at `out` (default: `$SPARSEVLM_HOME/default`)."""
+def pretrain_job(config: PretrainConfig, out: Path | None, force: bool = False, mesh: Mesh | None = None,
+                 eval_images: int | None = None) -> int:
+    """Train (or keep) the default model at `out` (default: `$SPARSEVLM_HOME/default`), on `mesh` if given."""
     from sparsevlm.pretrain import pretrain  # the training recipe, only when training
 
     out = out if out is not None else hub.default_model_dir()
@@ -51,7 +54,8 @@ def pretrain_job(config: PretrainConfig, out: Path | None, force: bool = False) 
         return 0
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a directory")
-    pretrain(config, out, checkpoint_dir=checkpoint_dir(out) if config.checkpoint_every else None)
+    pretrain(config, out, eval_images=eval_images, checkpoint_dir=checkpoint_dir(out) if config.checkpoint_every else None,
+             mesh=mesh)
     return 0
 
 
@@ -158,6 +162,8 @@ def export_job(model: str, out: Path, dtype: str | None = None, force: bool = Fa
         raise ValueError(f"--format {fmt!r} is not supported; allowed: {', '.join(EXPORT_FORMATS)}")
     check_out(out, force)
     bundle = hub.load_model(model)
+    if not is_primary():  # one writer: process 0 of a run of several
+        return 0
     compressed = fmt == "compressed-tensors"
     if "hf" in bundle.metadata:
         from sparsevlm.hf.load import export_hf, export_hf_compressed

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from sparsevlm import sharding
@@ -120,8 +121,11 @@ class Pipeline:
         params = bundle.params
         if self.mesh is not None:
             params = sharding.shard(params, sharding.param_shardings(params, self.mesh))
-            if calibration is not None:
-                calibration = sharding.shard(calibration, sharding.batch_shardings(calibration, self.mesh))
+            if calibration is not None:  # each process places only its rows of the calibration examples
+                count = len(next(v for v in calibration.values() if v is not None))
+                rows = sharding.host_rows(self.mesh, count)
+                calibration = sharding.global_batch(
+                    {k: None if v is None else np.asarray(v)[rows] for k, v in calibration.items()}, self.mesh, count)
         result = prune(params, bundle.config, config.sparsity, config.method, calibration, config.calibration_mode,
                        key=jax.random.key(config.seed), ratios=ratios, progress=self.progress,
                        options=config.method_options)

@@ -13,7 +13,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from sparsevlm import trainer
+from jax.sharding import Mesh
+
+from sparsevlm import sharding, trainer
 from sparsevlm.bundle import ModelBundle
 from sparsevlm.checkpoint import TrainingCheckpoints, save_model
 from sparsevlm.config import PretrainConfig, VisionConfig, VLMConfig, default_vlm_config
@@ -63,9 +65,22 @@ def pool_to_grid(features: jax.Array, grid: int) -> jax.Array:
     return pooled.reshape(batch, grid * grid, width)
 
 
+def _placed(loss_fn: Any, optimizer: optax.GradientTransformation, state: TrainState, example: dict[str, Any],
+            mesh: Mesh | None, batch_size: int) -> tuple[Any, TrainState, Any]:
+    """The jit step, the placed state and the batch placement of a full-parameter run on `mesh` (or one device).
+
+    On a mesh each process's batches are its rows of the global batch (`sharding.host_rows`).
+    """
+    if mesh is None:
+        return make_train_step(loss_fn, optimizer), jax.device_put(state), lambda batch: batch
+    shardings = sharding.train_shardings(mesh, optimizer, state, sharding.global_batch(example, mesh, batch_size))
+    return (make_train_step(loss_fn, optimizer, shardings), sharding.shard(state, shardings.state),
+            lambda batch: sharding.global_batch(batch, mesh, batch_size))
+
+
 def pretrain_vision(
     config: VisionConfig, images: np.ndarray, scene_keys: list[str], steps: int, batch_size: int, seed: int,
-    progress: bool = True,
+    progress: bool = True, mesh: Mesh | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Train the vision tower to name every cell's colour, shape and position; returns its params and accuracies."""
     labels = [shapes.cell_labels(key) for key in scene_keys]
@@ -86,11 +101,14 @@ def pretrain_vision(
         losses = [optax.softmax_cross_entropy_with_integer_labels(logits[k], targets[k]).mean() for k in targets]
         return sum(losses), {k: jnp.mean(jnp.argmax(logits[k], -1) == targets[k]) for k in targets}
 
-    stream = RandomRows({"images": inputs, "color": colors, "kind": kinds}, batch_size, np.random.default_rng(seed))
+    rows = sharding.host_rows(mesh, batch_size) if mesh is not None else None
+    stream = RandomRows({"images": inputs, "color": colors, "kind": kinds}, batch_size, np.random.default_rng(seed),
+                        rows)
     state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
-    result = trainer.run(make_train_step(loss_fn, optimizer), state, stream, steps, log_every=25, desc="vision",
-                         progress=progress)
-    return result.state.params["vision"], {k: result.history[-1][k] for k in ("color", "shape", "cell")}
+    step, state, place = _placed(loss_fn, optimizer, state, stream.example(), mesh, batch_size)
+    result = trainer.run(step, state, stream, steps, place=place, log_every=25, desc="vision", progress=progress)
+    vision = sharding.to_host(result.state.params["vision"])
+    return vision, {k: result.history[-1][k] for k in ("color", "shape", "cell")}
 
 
 def pretrain(
@@ -100,13 +118,17 @@ def pretrain(
     eval_images: int | None = None,
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
+    mesh: Mesh | None = None,
 ) -> ModelBundle:
     """Train a VLM on shapes VQA (questions + captions), evaluate on the test split, optionally save.
 
     With `checkpoint_dir` and `config.checkpoint_every`, the train state, the data position and the
     random generator are saved every N steps, and a run finding checkpoints there resumes from the
-    newest one (skipping the vision stage, whose result is in the saved params).
+    newest one (skipping the vision stage, whose result is in the saved params). With `mesh` both
+    stages train sharded over it (`sharding.train_shardings`), each process loading only its rows.
     """
+    if mesh is None and jax.process_count() > 1:
+        raise ValueError(f"pretraining as {jax.process_count()} processes needs a mesh over their devices (--mesh)")
     tokenizer = build_word_tokenizer(shapes.vocabulary())
     model_config = model_config or default_vlm_config(len(tokenizer))
     if model_config.language.vocab_size < len(tokenizer):
@@ -121,8 +143,10 @@ def pretrain(
         encode_vqa(captions, tokenizer, with_targets=True),
     ]
     rng = np.random.default_rng(config.seed)
+    rows = sharding.host_rows(mesh, config.batch_size) if mesh is not None else None
     streams = [
-        BatchStream(p, config.batch_size, round_up(p.max_length, 8), tokenizer.pad_token_id, model_config.vision, rng)
+        BatchStream(p, config.batch_size, round_up(p.max_length, 8), tokenizer.pad_token_id, model_config.vision, rng,
+                    rows)
         for p in pools
     ]
     # Each batch comes from the questions or the captions, in proportion to their sizes.
@@ -144,27 +168,29 @@ def pretrain(
     if config.vision_steps and (checkpoints is None or checkpoints.latest_step() is None):
         params["vision"], probe_accuracy = pretrain_vision(
             model_config.vision, pools[1].images, list(captions["scene"]), config.vision_steps,
-            config.vision_batch_size, config.seed, progress,
+            config.vision_batch_size, config.seed, progress, mesh,
         )
         print(f"vision tower pretrained: per-cell accuracy {probe_accuracy}")
-    state = jax.device_put(TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32)))
+    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    step, state, place = _placed(lm_loss(model), optimizer, state, batch_arrays(streams[0].example()), mesh,
+                                 config.batch_size)
     print(f"pretraining default VLM: {count_params(params):,} params, {len(pools[0]):,} questions, "
           f"{len(pools[1]):,} captions, {config.steps} steps of {config.batch_size}")
 
     def validate(done: int, state: TrainState) -> None:
-        partial = ModelBundle(model_config, state.params, tokenizer)
+        partial = ModelBundle(model_config, sharding.to_host(state.params), tokenizer)
         val = evaluate_vqa(partial, shapes.build_split("validation", image_size=model_config.vision.image_size),
                            progress=False)
         tqdm.write(f"step {done}: validation accuracy {val['accuracy']:.3f} {val['by_type']}")
 
     result = trainer.run(
-        make_train_step(lm_loss(model), optimizer), state, stream, config.steps, place=batch_arrays,
+        step, state, stream, config.steps, place=lambda batch: place(batch_arrays(batch)),
         checkpoints=checkpoints, checkpoint_every=config.checkpoint_every, skip_nonfinite=config.skip_nonfinite,
         log_every=25, hooks=[trainer.Hook(config.eval_every, validate)] if config.eval_every else [],
         desc="pretrain", progress=progress,
     )
 
-    params = jax.tree.map(np.asarray, result.state.params)
+    params = sharding.to_host(result.state.params)  # gathered from every process of a multi-process run
     bundle = ModelBundle(model_config, params, tokenizer)
     test = shapes.build_split("test", eval_images, image_size=model_config.vision.image_size)
     evaluation = evaluate_vqa(bundle, test, progress=progress)

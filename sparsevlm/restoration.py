@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from transformers import PreTrainedTokenizerBase
 
@@ -98,7 +97,7 @@ def restore(
 
     `base_params` are `dense_where_pruned(...)`: the student masks them, the teacher does not. With
     `mesh`, params, masks, LoRA, optimizer state and batches are sharded over it
-    (`sparsevlm.sharding`); each host loads its own `batch_size / hosts` examples per step. The
+    (`sparsevlm.sharding`); each process loads only its rows of every batch (`sharding.host_rows`). The
     per-device memory is reported before the first step; `plan_only` stops there.
     """
     check_masks(base_params, masks)
@@ -106,13 +105,13 @@ def restore(
     data = load_examples(config.train_data, tokenizer, config.train_images, config.seed,
                          model_config.vision.image_size, fmt, instruction_tokenizer, image_processor,
                          config.train_source)
-    hosts = jax.process_count() if mesh is not None else 1
-    if config.batch_size % hosts:
-        raise ValueError(f"batch size {config.batch_size} is not divisible by the {hosts} hosts")
-    # Each host draws its own examples (its process index offsets the seed); one host: as before.
-    rng = np.random.default_rng(config.seed + (jax.process_index() if hosts > 1 else 0))
-    stream = BatchStream(data, config.batch_size // hosts, round_up(data.max_length, 8), tokenizer.pad_token_id,
-                         model_config.vision, rng)
+    if mesh is None and jax.process_count() > 1:
+        raise ValueError(f"restoring as {jax.process_count()} processes needs a mesh over their devices (--mesh)")
+    # Every process draws the same batches from the same generator and loads only its own rows of
+    # each, so the run, and the data position it checkpoints, are those of one process on this mesh.
+    rows = sharding.host_rows(mesh, config.batch_size) if mesh is not None else None
+    stream = BatchStream(data, config.batch_size, round_up(data.max_length, 8), tokenizer.pad_token_id,
+                         model_config.vision, np.random.default_rng(config.seed), rows)
     schedule = (config.learning_rate, config.end_learning_rate, config.warmup_steps, config.steps,
                 config.weight_decay, config.grad_clip, config.grad_accum)
     model = VLM(model_config, jnp.bfloat16 if config.bf16 else jnp.float32, config.scan_layers, config.remat)
@@ -127,7 +126,7 @@ def restore(
         state, params, device_masks = jax.device_put((state, step_params, step_masks))
         place = batch_arrays
     else:
-        example = sharding.global_batch(batch_arrays(stream.example()), mesh)
+        example = sharding.global_batch(batch_arrays(stream.example()), mesh, config.batch_size)
         shardings = sharding.restore_shardings(mesh, optimizer, state, step_params, step_masks, example)
         # Compiled once, ahead of time, from shapes: the memory report comes before any array is placed,
         # and the same executable then runs every step.
@@ -141,13 +140,10 @@ def restore(
         state = sharding.shard(state, shardings.state)
         params = sharding.shard(step_params, shardings.inputs[1])
         device_masks = sharding.shard(step_masks, shardings.inputs[2])
-        place = lambda batch: sharding.global_batch(batch_arrays(batch), mesh)  # noqa: E731
+        place = lambda batch: sharding.global_batch(batch_arrays(batch), mesh, config.batch_size)  # noqa: E731
     checkpoints = None
     if checkpoint_dir is not None:
         checkpoints = TrainingCheckpoints(checkpoint_dir, _run_identity(config, model_config, masks))
-        if hosts > 1 and checkpoints.latest_step() is not None:
-            raise ValueError("resuming a multi-host restoration is not supported yet: each host's data "
-                             f"position is not saved; delete {checkpoint_dir} to start afresh")
     print(f"restoring with {config.method}: {lora_param_count(lora):,} LoRA params, "
           f"{config.steps} steps of {config.batch_size}×{config.grad_accum}")
     result = trainer.run(
@@ -155,9 +151,7 @@ def restore(
         checkpoints=checkpoints, checkpoint_every=config.checkpoint_every, skip_nonfinite=config.skip_nonfinite,
         log_every=10, desc=f"restore ({config.method})", progress=progress,
     )
-    # All hosts get the whole factors (on one host this is a device_get).
-    trained = result.state.params
-    lora = multihost_utils.process_allgather(trained, tiled=True) if mesh is not None else jax.device_get(trained)
-    lora = unstack_layers(lora, stacks)
+    # Every process gets the whole factors (on one process this is a device_get).
+    lora = unstack_layers(sharding.to_host(result.state.params), stacks)
     merged = jax.device_get(merge(base_params, lora, masks, config.lora.alpha, config.method))
     return RestoreResult(lora, merged, result.history, result.seconds, memory, result.skipped)

@@ -9,9 +9,9 @@ mesh axes, MaxText-style: a name lists candidate mesh axes in order and takes th
 not the model. Masks are sharded like their kernels; LoRA A `[r, in]` along the kernel's input axis,
 B `[out, r]` along its output axis. Everything here is checked before anything compiles.
 
-Multi-host: call `initialize_distributed()` first in every process (see its docstring for the
-environment variables); each host then loads its own slice of the data and `global_batch` assembles
-the global array.
+Multi-process: call `initialize_distributed()` first in every process (see its docstring for the
+environment variables); every process then draws the same global batch, loads only its own rows of
+it (`host_rows`), and `global_batch` assembles the global array.
 """
 
 from __future__ import annotations
@@ -19,9 +19,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import re
+import shlex
+import sys
+import threading
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
@@ -154,15 +159,23 @@ class MeshConfig:
         if -1 in sizes:
             if device_count % known:
                 raise ShardingError(
-                    f"mesh {self.spec()}: the fixed axes ({known} devices) do not divide the {device_count} devices"
+                    f"mesh {self.spec()}: the fixed axes ({known} devices) do not divide the {device_count} "
+                    f"devices{_across_processes()}"
                 )
             sizes = [device_count // known if s == -1 else s for s in sizes]
         elif known != device_count:
             raise ShardingError(
-                f"mesh {self.spec()} needs {known} devices, but there are {device_count}; the axis sizes must "
-                f"multiply to the device count (use -1 for one axis to take the rest)"
+                f"mesh {self.spec()} needs {known} devices, but there are {device_count}{_across_processes()}; "
+                f"the axis sizes must multiply to the device count (use -1 for one axis to take the rest)"
             )
         return tuple(sizes)  # type: ignore[return-value]
+
+
+def _across_processes() -> str:
+    """" (across N processes of M devices each)" in a multi-process run, for messages about the device count."""
+    if not jax.distributed.is_initialized() or jax.process_count() == 1:
+        return ""
+    return f" across {jax.process_count()} processes of {jax.local_device_count()} devices each"
 
 
 def make_mesh(config: MeshConfig | str = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -174,24 +187,106 @@ def make_mesh(config: MeshConfig | str = MeshConfig(), devices: Sequence[jax.Dev
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def initialize_distributed() -> bool:
-    """Join a multi-host run (`jax.distributed.initialize`) when the environment describes one.
+def _environment_int(name: str, default: int, lowest: int = 1) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ShardingError(f"{name}={text!r} must be an integer") from None
+    if value < lowest:
+        raise ShardingError(f"{name}={value} must be >= {lowest}")
+    return value
 
-    Reads `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES` and
-    `JAX_PROCESS_ID`; on Cloud TPU pods and SLURM jobs JAX finds these itself (set
-    `SPARSEVLM_DISTRIBUTED=1` there). Returns whether it initialised. Call before any other JAX call.
+
+def _cluster_detected() -> bool:
+    """True inside a multi-task SLURM step or on a multi-host Cloud TPU slice (JAX's own detectors, by environment)."""
+    slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_STEP_ID" in os.environ
+    tpu_hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
+    return slurm or "," in tpu_hosts
+
+
+def initialize_distributed() -> bool:
+    """Join a multi-process run (`jax.distributed.initialize`) when the environment describes one.
+
+    Explicit: `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES` and
+    `JAX_PROCESS_ID`. Detected by JAX itself: a SLURM step of several tasks (`srun`) and a multi-host
+    Cloud TPU slice; `SPARSEVLM_DISTRIBUTED=1` forces detection, `=0` turns it off. CPU collectives
+    use gloo. A process that waits longer than `SPARSEVLM_DISTRIBUTED_TIMEOUT` seconds (300) for the
+    others prints one error line and exits 2; a process that dies later takes the others down within
+    `SPARSEVLM_HEARTBEAT_TIMEOUT` seconds (100). Returns whether it joined. Call before any other JAX call.
     """
     explicit = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if not explicit and os.environ.get("SPARSEVLM_DISTRIBUTED") != "1":
+    switch = os.environ.get("SPARSEVLM_DISTRIBUTED")
+    if switch not in (None, "", "0", "1"):
+        raise ShardingError(f"SPARSEVLM_DISTRIBUTED={switch!r} must be 1 (join a multi-process run) or 0 (do not)")
+    if jax.distributed.is_initialized():
+        return True
+    if not explicit and (switch == "0" or (switch != "1" and not _cluster_detected())):
         return False
+    timeout = _environment_int("SPARSEVLM_DISTRIBUTED_TIMEOUT", 300)
+    heartbeat = _environment_int("SPARSEVLM_HEARTBEAT_TIMEOUT", 100)
+    arguments: dict[str, Any] = {}
+    where = "the coordinator JAX detected"
     if explicit:
         missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if v not in os.environ]
         if missing:
             raise ShardingError(f"JAX_COORDINATOR_ADDRESS={explicit!r} is set but {', '.join(missing)} is not")
-        jax.distributed.initialize(explicit, int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"]))
-    else:
-        jax.distributed.initialize()
+        count, index = _environment_int("JAX_NUM_PROCESSES", 1), _environment_int("JAX_PROCESS_ID", 0, lowest=0)
+        if index >= count:
+            raise ShardingError(f"JAX_PROCESS_ID={index} must be in [0, JAX_NUM_PROCESSES={count})")
+        arguments = dict(coordinator_address=explicit, num_processes=count, process_id=index)
+        where = f"process {index} of {count}, coordinator {explicit}"
+    # Gloo is JAX's CPU collectives here; set, not assumed, so a CPU run never falls back to none.
+    # (It configures the CPU client only: a GPU or TPU run is unaffected.)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+    def give_up() -> None:
+        # XLA aborts with a stack trace when its own (later) deadline passes; say what to do instead.
+        print(f"sparsevlm: error: {where}: the other processes did not all join within {timeout} s; start the "
+              "same command on every process (or raise SPARSEVLM_DISTRIBUTED_TIMEOUT)", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(**arguments, initialization_timeout=timeout + 60,
+                                   heartbeat_timeout_seconds=heartbeat, shutdown_timeout_seconds=timeout)
+    finally:
+        watchdog.cancel()
     return True
+
+
+def is_primary() -> bool:
+    """True on the one process that writes shared files (model directories, reports, exports): process 0."""
+    return jax.process_index() == 0
+
+
+def check_same_command(argv: Sequence[str]) -> None:
+    """Every process of a multi-process run must run the same command: a one-line error on each if not."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils  # collectives over every process
+
+    digest = np.frombuffer(hashlib.sha256(json.dumps(list(argv)).encode()).digest(), np.uint8)
+    digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
+    differ = [i for i in range(len(digests)) if not np.array_equal(digests[i], digests[0])]
+    if differ:
+        raise ShardingError(
+            f"the {jax.process_count()} processes were not started with the same command (process "
+            f"{differ[0]} differs from process 0); every process must run the same one, this one (process "
+            f"{jax.process_index()}) ran: {shlex.join(argv)}"
+        )
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (nothing on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
@@ -332,23 +427,68 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, state: PyTree, 
 
 
 def shard(tree: PyTree, shardings: PyTree) -> PyTree:
-    """`tree` placed on the mesh with `shardings` (None leaves stay None)."""
-    return jax.tree.map(lambda x, s: x if s is None else jax.device_put(x, s), tree, shardings,
-                        is_leaf=lambda x: x is None)
+    """`tree` placed on the mesh with `shardings` (None leaves stay None).
+
+    Over several processes every process holds the same whole values and places only its own
+    shards of them (`device_put` would compare every leaf across the processes first: one collective each).
+    """
+    def place(x: Any, sharding: Any) -> Any:
+        if sharding is None:
+            return x
+        if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return jax.device_put(x, sharding)
+        value = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(place, tree, shardings, is_leaf=lambda x: x is None)
 
 
-def global_batch(local: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
-    """One global batch from this host's slice of it (on one host: the batch itself, split over devices)."""
+def host_rows(mesh: Mesh, batch_size: int) -> slice:
+    """The rows of a global batch of `batch_size` that this process's devices hold (all of them on one process).
+
+    Every process draws the same global batch of example indices and loads only these rows, so a run
+    of several processes sees the same batches as one process on the same mesh.
+    """
+    sharding = _batch_sharding("rows", (batch_size,), mesh)
+    starts, stops = zip(*((index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)
+                          for index in sharding.addressable_devices_indices_map((batch_size,)).values()))
+    rows = slice(min(starts), max(stops))
+    held = {row for start, stop in zip(starts, stops) for row in range(start, stop)}
+    if len(held) != rows.stop - rows.start:  # the mesh puts this process's devices on rows that are not contiguous
+        raise ShardingError(f"mesh {dict(mesh.shape)}: process {jax.process_index()} holds rows {sorted(held)} of the "
+                            f"batch of {batch_size}, not one contiguous range; put data and fsdp across processes")
+    return rows
+
+
+def global_batch(local: Mapping[str, Any], mesh: Mesh, batch_size: int | None = None) -> dict[str, Any]:
+    """One global batch of `batch_size` rows from this process's rows of it (`host_rows`).
+
+    Default `batch_size`: this process's rows times the process count (no rows on two processes).
+    """
     out = {}
     for name, value in local.items():
         if value is None:
             out[name] = None
             continue
         shape = np.shape(value)
-        global_shape = (shape[0] * jax.process_count(), *shape[1:])
+        global_shape = (batch_size or shape[0] * jax.process_count(), *shape[1:])
         out[name] = jax.make_array_from_process_local_data(
             _batch_sharding(name, global_shape, mesh), np.asarray(value), global_shape)
     return out
+
+
+def to_host(tree: PyTree) -> PyTree:
+    """`tree` as host (NumPy) arrays; arrays spread over several processes are gathered from all of them
+    (a collective: every process calls this with the same tree)."""
+    leaves, structure = jax.tree.flatten(tree)
+    spread = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable]
+    if spread:
+        # One program replicates them all (not one collective per leaf); each process reads its own copy.
+        whole = [NamedSharding(leaves[i].sharding.mesh, PartitionSpec()) for i in spread]
+        gathered = jax.jit(lambda xs: xs, out_shardings=whole)([leaves[i] for i in spread])
+        for i, x in zip(spread, gathered):
+            leaves[i] = np.asarray(x.addressable_data(0))
+    return jax.tree.unflatten(structure, [x if isinstance(x, np.ndarray) else jax.device_get(x) for x in leaves])
 
 
 def bytes_per_device(tree: PyTree, shardings: PyTree) -> int:

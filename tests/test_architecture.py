@@ -150,7 +150,7 @@ def test_config_fields_and_command_flags_match_one_for_one(command, config):
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
     flags = {opt for action in sub._actions for opt in action.option_strings if opt.startswith("--")} - {"--help"}
     made = {flag for flag, _, _ in _flags(config)}
-    job_flags = {"pretrain": {"--out", "--force"},
+    job_flags = {"pretrain": {"--out", "--mesh", "--eval-images", "--force"},
                  "prune": {"--model", "--mesh", "--eval-images", "--out", "--force"},
                  "restore": {"--model", "--teacher", "--mesh", "--plan", "--eval-images", "--out", "--force"}}[command]
     assert flags == made | job_flags

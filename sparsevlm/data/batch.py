@@ -242,15 +242,17 @@ class BatchStream:
 
     Each epoch draws a permutation from `rng` when its first batch is needed; `state()` holds that
     permutation, the position in it and the generator's state (several streams may share one
-    generator: restoring any of their states restores it).
+    generator: restoring any of their states restores it). With `rows` only those rows of each
+    batch are collated (a process's share of a global batch); which examples a batch holds, and the
+    state, do not depend on it.
     """
 
     def __init__(self, data: EncodedSet, batch_size: int, length: int, pad_id: int, vision: VisionConfig,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, rows: slice | None = None) -> None:
         if batch_size > len(data):
             raise ValueError(f"batch size {batch_size} is larger than the {len(data)} examples")
         self.data, self.batch_size, self.length, self.pad_id, self.vision = data, batch_size, length, pad_id, vision
-        self.rng = rng
+        self.rng, self.rows = rng, rows if rows is not None else slice(0, batch_size)
         self.order: np.ndarray | None = None
         self.position = 0
 
@@ -262,11 +264,11 @@ class BatchStream:
             self.order, self.position = self.rng.permutation(len(self.data)), 0
         chosen = self.order[self.position : self.position + self.batch_size]
         self.position += self.batch_size
-        return self.data.collate(chosen, self.length, self.pad_id, self.vision)
+        return self.data.collate(chosen[self.rows], self.length, self.pad_id, self.vision)
 
     def example(self) -> Batch:
         """A batch of the first examples, shaped like every batch of the stream (its position unmoved)."""
-        return self.data.collate(np.arange(self.batch_size), self.length, self.pad_id, self.vision)
+        return self.data.collate(np.arange(self.batch_size)[self.rows], self.length, self.pad_id, self.vision)
 
     def state(self) -> dict[str, Any]:
         """The current epoch's order, the position in it and the generator's state, JSON-serialisable."""
@@ -319,19 +321,29 @@ class MixedStream:
 
 
 class RandomRows:
-    """Batches of rows drawn uniformly with replacement from aligned arrays (`{name: array}`)."""
+    """Batches of rows drawn uniformly with replacement from aligned arrays (`{name: array}`).
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, rng: np.random.Generator) -> None:
+    With `rows` only those rows of each drawn batch are returned (a process's share of a global batch).
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, rng: np.random.Generator,
+                 rows: slice | None = None) -> None:
         sizes = {len(v) for v in arrays.values()}
         if len(sizes) != 1:
             raise ValueError(f"arrays have different lengths {sorted(sizes)}")
         self.arrays, self.batch_size, self.rng, self.size = dict(arrays), batch_size, rng, sizes.pop()
+        self.rows = rows if rows is not None else slice(0, batch_size)
 
     def __iter__(self) -> "RandomRows":
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        index = self.rng.integers(0, self.size, self.batch_size)
+        index = self.rng.integers(0, self.size, self.batch_size)[self.rows]
+        return {name: value[index] for name, value in self.arrays.items()}
+
+    def example(self) -> dict[str, np.ndarray]:
+        """A batch shaped like every batch of the stream (its position unmoved)."""
+        index = np.arange(self.batch_size)[self.rows] % self.size
         return {name: value[index] for name, value in self.arrays.items()}
 
     def state(self) -> dict[str, Any]:

@@ -218,7 +218,7 @@ def prune_blockwise(
     flat = dict(flatten(params))
     masks: dict[str, Array] = {}
 
-    stream = _chunks(jax.device_put(dict(calibration)), batch_size)
+    stream = _chunks(to_device(dict(calibration)), batch_size)  # sharded calibration stays on its mesh
     owners = _owners(stages, targets)
     for index, stage in enumerate(tqdm(stages[: max(owners, default=-1) + 1], desc="prune", disable=not progress,
                                        leave=False)):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sparsevlm import sharding
 from sparsevlm.config import CALIBRATION_MODES, Pattern, SparsitySpec, VLMConfig
 from sparsevlm.masks import PRUNABLE_RULES, masks_from_flat
 from sparsevlm.models.stages import Carry
@@ -125,8 +126,8 @@ def prune(
         new_params = unflatten(flat)
         phases["solve"] = time.perf_counter() - started
     fetched = time.perf_counter()
-    new_params = jax.device_get(new_params)
-    flat_masks = jax.device_get(flat_masks)
+    new_params = sharding.to_host(new_params)  # gathered from every process of a multi-process run
+    flat_masks = sharding.to_host(flat_masks)
     phases["to_host"] = phases.get("to_host", 0.0) + time.perf_counter() - fetched
     return PruneResult(new_params, masks_from_flat(new_params, flat_masks), dict(ratios), time.perf_counter() - started,
                        {name: round(seconds, 4) for name, seconds in phases.items()})
