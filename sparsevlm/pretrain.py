@@ -1,4 +1,4 @@
-"""The default model: a tiny LLaVA-style VLM trained from scratch on shapes VQA + captions."""
+"""The built-in models: tiny LLaVA-style VLMs trained from scratch on a built-in task's VQA + captions."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from sparsevlm import trainer
 from sparsevlm.bundle import ModelBundle
 from sparsevlm.checkpoint import TrainingCheckpoints, save_model
-from sparsevlm.config import PretrainConfig, VisionConfig, VLMConfig, default_vlm_config
-from sparsevlm.data import shapes
+from sparsevlm.config import PretrainConfig, VisionConfig, VLMConfig, builtin_vlm_config
+from sparsevlm.data.builtin import task_module
 from sparsevlm.data.batch import (
     BatchStream,
     MixedStream,
@@ -36,20 +36,22 @@ from sparsevlm.tree import count_params
 
 
 class CellProbe(nn.Module):
-    """Vision tower + linear heads for each grid cell's colour, shape and index (vision pretraining).
+    """Vision tower + linear heads naming each grid cell's attributes (vision pretraining).
 
     Stands in for the CLIP pretraining a real LLaVA tower has had: the LM stage then starts from a
-    tower whose tokens already say what is where. The heads are discarded afterwards.
+    tower whose tokens already say what is where. `heads` maps a label to its classes (the task's
+    `probe_classes`); the heads are discarded afterwards.
     """
 
     config: VisionConfig
+    grid: int
+    heads: tuple[tuple[str, int], ...]
 
     @nn.compact
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
         features = ViT(self.config, name="vision")(images)
-        cells = pool_to_grid(features, shapes.GRID)
-        heads = {"color": len(shapes.COLORS) + 1, "shape": len(shapes.SHAPES) + 1, "cell": shapes.GRID**2}
-        return {name: nn.Dense(size, name=f"{name}_head")(cells) for name, size in heads.items()}
+        cells = pool_to_grid(features, self.grid)
+        return {name: nn.Dense(size, name=f"{name}_head")(cells) for name, size in self.heads}
 
 
 def pool_to_grid(features: jax.Array, grid: int) -> jax.Array:
@@ -65,14 +67,16 @@ def pool_to_grid(features: jax.Array, grid: int) -> jax.Array:
 
 def pretrain_vision(
     config: VisionConfig, images: np.ndarray, scene_keys: list[str], steps: int, batch_size: int, seed: int,
-    progress: bool = True,
+    progress: bool = True, task: str = "shapes",
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Train the vision tower to name every cell's colour, shape and position; returns its params and accuracies."""
-    labels = [shapes.cell_labels(key) for key in scene_keys]
-    colors = np.stack([c for c, _ in labels])
-    kinds = np.stack([k for _, k in labels])
+    """Train the vision tower to name every cell's attributes (the task's `probe_labels`); its params and accuracies."""
+    module = task_module(task)
+    grid = module.probe_grid(config.image_size // config.patch_size)
+    heads = tuple(module.probe_classes(grid).items())
+    labels = [module.probe_labels(key, grid) for key in scene_keys]
+    targets = {name: np.stack([label[name] for label in labels]) for name, _ in heads}
     inputs = preprocess_images(images, config)
-    probe = CellProbe(config)
+    probe = CellProbe(config, grid, heads)
     params = probe.init(jax.random.key(seed + 1), inputs[:1])["params"]
     # A tenth of the steps warm up (at least one, and none for a one-step run, whose decay needs a step).
     schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-3, min(max(steps // 10, 1), steps - 1), steps, 2e-5)
@@ -80,17 +84,14 @@ def pretrain_vision(
 
     def loss_fn(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         logits = probe.apply({"params": params}, batch["images"])
-        color = batch["color"]
-        targets = {"color": color, "shape": batch["kind"],
-                   "cell": jnp.broadcast_to(jnp.arange(color.shape[1]), color.shape)}
-        losses = [optax.softmax_cross_entropy_with_integer_labels(logits[k], targets[k]).mean() for k in targets]
-        return sum(losses), {k: jnp.mean(jnp.argmax(logits[k], -1) == targets[k]) for k in targets}
+        losses = [optax.softmax_cross_entropy_with_integer_labels(logits[k], batch[k]).mean() for k, _ in heads]
+        return sum(losses), {k: jnp.mean(jnp.argmax(logits[k], -1) == batch[k]) for k, _ in heads}
 
-    stream = RandomRows({"images": inputs, "color": colors, "kind": kinds}, batch_size, np.random.default_rng(seed))
+    stream = RandomRows({"images": inputs} | targets, batch_size, np.random.default_rng(seed))
     state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
     result = trainer.run(make_train_step(loss_fn, optimizer), state, stream, steps, log_every=25, desc="vision",
                          progress=progress)
-    return result.state.params["vision"], {k: result.history[-1][k] for k in ("color", "shape", "cell")}
+    return result.state.params["vision"], {k: result.history[-1][k] for k, _ in heads}
 
 
 def pretrain(
@@ -101,21 +102,24 @@ def pretrain(
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
 ) -> ModelBundle:
-    """Train a VLM on shapes VQA (questions + captions), evaluate on the test split, optionally save.
+    """Train a VLM on `config.task`'s VQA (questions + captions), evaluate on its test split, optionally save.
+
+    The architecture is the task's default (`builtin_vlm_config`) unless `model_config` is given.
 
     With `checkpoint_dir` and `config.checkpoint_every`, the train state, the data position and the
     random generator are saved every N steps, and a run finding checkpoints there resumes from the
     newest one (skipping the vision stage, whose result is in the saved params).
     """
-    tokenizer = build_word_tokenizer(shapes.vocabulary())
-    model_config = model_config or default_vlm_config(len(tokenizer))
+    data = task_module(config.task)
+    tokenizer = build_word_tokenizer(data.vocabulary())
+    model_config = model_config or builtin_vlm_config(config.task, len(tokenizer))
     if model_config.language.vocab_size < len(tokenizer):
         raise ValueError(
             f"language.vocab_size={model_config.language.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
         )
-    train = shapes.build_split("train", config.train_images, seed=config.seed,
+    train = data.build_split("train", config.train_images, seed=config.seed,
                                image_size=model_config.vision.image_size)
-    captions = shapes.captioning_view(train)
+    captions = data.captioning_view(train)
     pools = [
         encode_vqa(train, tokenizer, with_targets=True),
         encode_vqa(captions, tokenizer, with_targets=True),
@@ -144,16 +148,16 @@ def pretrain(
     if config.vision_steps and (checkpoints is None or checkpoints.latest_step() is None):
         params["vision"], probe_accuracy = pretrain_vision(
             model_config.vision, pools[1].images, list(captions["scene"]), config.vision_steps,
-            config.vision_batch_size, config.seed, progress,
+            config.vision_batch_size, config.seed, progress, config.task,
         )
         print(f"vision tower pretrained: per-cell accuracy {probe_accuracy}")
     state = jax.device_put(TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32)))
-    print(f"pretraining default VLM: {count_params(params):,} params, {len(pools[0]):,} questions, "
+    print(f"pretraining the {config.task} VLM: {count_params(params):,} params, {len(pools[0]):,} questions, "
           f"{len(pools[1]):,} captions, {config.steps} steps of {config.batch_size}")
 
     def validate(done: int, state: TrainState) -> None:
         partial = ModelBundle(model_config, state.params, tokenizer)
-        val = evaluate_vqa(partial, shapes.build_split("validation", image_size=model_config.vision.image_size),
+        val = evaluate_vqa(partial, data.build_split("validation", image_size=model_config.vision.image_size),
                            progress=False)
         tqdm.write(f"step {done}: validation accuracy {val['accuracy']:.3f} {val['by_type']}")
 
@@ -166,7 +170,7 @@ def pretrain(
 
     params = jax.tree.map(np.asarray, result.state.params)
     bundle = ModelBundle(model_config, params, tokenizer)
-    test = shapes.build_split("test", eval_images, image_size=model_config.vision.image_size)
+    test = data.build_split("test", eval_images, image_size=model_config.vision.image_size)
     evaluation = evaluate_vqa(bundle, test, progress=progress)
     print(f"test accuracy {evaluation['accuracy']:.4f} on {evaluation['n']} questions; by type {evaluation['by_type']}")
     metadata: dict[str, Any] = {

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
-from sparsevlm.data import shapes
+from sparsevlm.data.builtin import task_module
 from sparsevlm.data.batch import EncodedSet, encode_vqa
 from sparsevlm.data.prompts import BUILTIN, PromptFormat, caption_format
-from sparsevlm.data.tasks import TASK_SPECS, parse_data_spec
+from sparsevlm.data.tasks import TASK_SPECS, builtin_set, parse_data_spec
 
 if TYPE_CHECKING:
     from sparsevlm.config import DataSource
@@ -34,7 +34,8 @@ def load_examples(
 ) -> EncodedSet:
     """Encoded examples (prompt + target text) from `num_images` training images (rows, for `TASK=SOURCE`).
 
-    `shapes-captions` has one caption per image, `shapes-vqa` every question, `shapes-mix` both.
+    `shapes-captions` has one caption per image, `shapes-vqa` every question, `shapes-mix` both (`scenes-*`
+    the same for scenes VQA).
     Caption tasks are prompted with the family's captioning format, not its question template; `source` says how
     `TASK=SOURCE` is read (configuration, streaming, image folder).
     """
@@ -49,12 +50,14 @@ def load_examples(
             fmt = caption_format(fmt)
         return encode_vqa(dataset, tokenizer, with_targets=True, fmt=fmt, instruction_tokenizer=instruction_tokenizer,
                           image_size=image_size, image_processor=image_processor)
-    train = shapes.build_split("train", num_images, seed=seed, image_size=image_size)
-    if name == "shapes-vqa":
+    data, view = builtin_set(name)
+    data = task_module(data)
+    train = data.build_split("train", num_images, seed=seed, image_size=image_size)
+    if view == "vqa":
         return encode_vqa(train, tokenizer, with_targets=True, fmt=fmt,
                           instruction_tokenizer=instruction_tokenizer)
-    captions = shapes.captioning_view(train)
-    if name == "shapes-captions":
+    captions = data.captioning_view(train)
+    if view == "captions":
         return encode_vqa(captions, tokenizer, with_targets=True, fmt=fmt,
                           instruction_tokenizer=instruction_tokenizer)
     import datasets  # here, not at the top, so the library imports without `datasets`
