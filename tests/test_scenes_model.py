@@ -1,5 +1,5 @@
 """The scenes model: its architecture gives the vision tower a third or more of the prunable weights, its
-recipe and cache never collide with the shapes default, and its vision stage trains on per-patch labels."""
+recipe and cache never collide with the shapes default, and its vision stage has a head per patch label."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ import pytest
 from sparsevlm import hub
 from sparsevlm.config import PretrainConfig, VisionConfig, builtin_vlm_config, default_vlm_config, pretrain_preset
 from sparsevlm.data import scenes
-from sparsevlm.data.batch import encode_vqa
-from sparsevlm.data.tokenize import build_word_tokenizer
 from sparsevlm.masks import prunable_paths
 from sparsevlm.models.vlm import VLM
-from sparsevlm.pretrain import pretrain_vision
+from sparsevlm.pretrain import CellProbe
 from sparsevlm.tree import flatten
 
 
@@ -52,12 +50,16 @@ def test_recipes_and_cache_directories_are_kept_apart(monkeypatch, tmp_path):
         hub.default_model_dir("squares")
 
 
-def test_scenes_vision_stage_trains_per_patch_heads():
-    data = scenes.captioning_view(scenes.build_split("train", 24))
-    tokenizer = build_word_tokenizer(scenes.vocabulary())
-    encoded = encode_vqa(data, tokenizer, with_targets=True)
+def test_scenes_vision_stage_has_one_head_per_patch_label():
+    # The training loop is the one shapes uses (tests/test_pretrain.py trains it); here the scenes probe's
+    # heads and grid must fit the tower's 6x6 patches and the labels' classes, checked from shapes alone.
     config = VisionConfig(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64)
-    params, accuracy = pretrain_vision(config, encoded.images, list(data["scene"]), 2, 8, 0, progress=False,
-                                       task="scenes")
-    assert set(accuracy) == {"color", "shape", "style", "cell"}
-    assert "patch_embed" in params and "blocks_0" in params  # the tower alone; the heads are dropped
+    grid = scenes.probe_grid(config.image_size // config.patch_size)
+    classes = scenes.probe_classes(grid)
+    probe = CellProbe(config, grid, tuple(classes.items()))
+    out = jax.eval_shape(lambda: probe.apply(probe.init(jax.random.key(0), np.zeros((2, 48, 48, 3), np.float32)),
+                                             np.zeros((2, 48, 48, 3), np.float32)))
+    assert {k: v.shape for k, v in out.items()} == {k: (2, 36, n) for k, n in classes.items()}
+    scene = scenes.sample_scene(np.random.default_rng(0))
+    labels = scenes.probe_labels(scene.key, grid)
+    assert all(labels[k].shape == (36,) and labels[k].max() < n for k, n in classes.items())

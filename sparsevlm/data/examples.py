@@ -50,17 +50,28 @@ def load_examples(
             fmt = caption_format(fmt)
         return encode_vqa(dataset, tokenizer, with_targets=True, fmt=fmt, instruction_tokenizer=instruction_tokenizer,
                           image_size=image_size, image_processor=image_processor)
-    data, view = builtin_set(name)
-    data = task_module(data)
+    task, view = builtin_set(name)
+    data = task_module(task)
     train = data.build_split("train", num_images, seed=seed, image_size=image_size)
     if view == "vqa":
-        return encode_vqa(train, tokenizer, with_targets=True, fmt=fmt,
-                          instruction_tokenizer=instruction_tokenizer)
-    captions = data.captioning_view(train)
-    if view == "captions":
-        return encode_vqa(captions, tokenizer, with_targets=True, fmt=fmt,
-                          instruction_tokenizer=instruction_tokenizer)
-    import datasets  # here, not at the top, so the library imports without `datasets`
+        rows = train
+    elif view == "captions":
+        rows = data.captioning_view(train)
+    else:
+        import datasets  # here, not at the top, so the library imports without `datasets`
 
-    return encode_vqa(datasets.concatenate_datasets([train, captions]), tokenizer, with_targets=True, fmt=fmt,
-                          instruction_tokenizer=instruction_tokenizer)
+        rows = datasets.concatenate_datasets([train, data.captioning_view(train)])
+    _check_words_known(name, rows, tokenizer)
+    return encode_vqa(rows, tokenizer, with_targets=True, fmt=fmt, instruction_tokenizer=instruction_tokenizer)
+
+
+def _check_words_known(name: str, rows: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A clear error when a word-level tokenizer lacks words of a built-in set (a shapes model given scenes data)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "WordLevel":  # subword tokenizers spell any word
+        return
+    vocab = tokenizer.get_vocab()
+    unknown = sorted({w for text in (*rows["question"], *rows["answer"]) for w in text.split()} - set(vocab))
+    if unknown:
+        raise ValueError(f"data {name!r} has words the model's tokenizer does not know ({', '.join(unknown[:5])}): "
+                         "a built-in model reads only its own task's sets (shapes-* for default, scenes-* for scenes)")

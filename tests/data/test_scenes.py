@@ -214,3 +214,11 @@ def test_invalid_split_and_size_are_named():
     with pytest.raises(ValueError, match="unknown object kind"):
         scenes.silhouette(dataclasses.replace(scenes.SceneObject.from_key("circle:red:filled:0.5:0.5:0.1"),
                                               kind="star"), *_coords(8))
+
+
+def test_a_built_in_model_rejects_the_other_tasks_sets():
+    from sparsevlm.data.examples import load_examples
+    from sparsevlm.data.tokenize import build_word_tokenizer
+
+    with pytest.raises(ValueError, match="scenes-\\* for scenes"):
+        load_examples("shapes-captions", build_word_tokenizer(scenes.vocabulary()), 4)
