@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerBase
 from sparsevlm.data.builtin import task_module
 from sparsevlm.data.batch import EncodedSet, encode_vqa
 from sparsevlm.data.prompts import BUILTIN, PromptFormat, caption_format
-from sparsevlm.data.tasks import TASK_SPECS, builtin_set, parse_data_spec
+from sparsevlm.data.tasks import BUILTIN_TASKS, TASK_SPECS, builtin_set, parse_data_spec
+from sparsevlm.data.tokenize import SPECIAL_TOKENS
 
 if TYPE_CHECKING:
     from sparsevlm.config import DataSource
@@ -51,6 +52,7 @@ def load_examples(
         return encode_vqa(dataset, tokenizer, with_targets=True, fmt=fmt, instruction_tokenizer=instruction_tokenizer,
                           image_size=image_size, image_processor=image_processor)
     task, view = builtin_set(name)
+    _check_task_matches(name, task, tokenizer)
     data = task_module(task)
     train = data.build_split("train", num_images, seed=seed, image_size=image_size)
     if view == "vqa":
@@ -61,17 +63,13 @@ def load_examples(
         import datasets  # here, not at the top, so the library imports without `datasets`
 
         rows = datasets.concatenate_datasets([train, data.captioning_view(train)])
-    _check_words_known(name, rows, tokenizer)
     return encode_vqa(rows, tokenizer, with_targets=True, fmt=fmt, instruction_tokenizer=instruction_tokenizer)
 
 
-def _check_words_known(name: str, rows: Any, tokenizer: PreTrainedTokenizerBase) -> None:
-    """A clear error when a word-level tokenizer lacks words of a built-in set (a shapes model given scenes data)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or type(backend.model).__name__ != "WordLevel":  # subword tokenizers spell any word
-        return
-    vocab = tokenizer.get_vocab()
-    unknown = sorted({w for text in (*rows["question"], *rows["answer"]) for w in text.split()} - set(vocab))
-    if unknown:
-        raise ValueError(f"data {name!r} has words the model's tokenizer does not know ({', '.join(unknown[:5])}): "
-                         "a built-in model reads only its own task's sets (shapes-* for default, scenes-* for scenes)")
+def _check_task_matches(name: str, task: str, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A clear error when a built-in model (its tokenizer: a built-in task's vocabulary) is given another task's set."""
+    words = set(tokenizer.get_vocab()) - set(SPECIAL_TOKENS)
+    owner = next((t for t in BUILTIN_TASKS if set(task_module(t).vocabulary()) == words), None)
+    if owner is not None and owner != task:
+        raise ValueError(f"data {name!r} is {task} VQA, but the model was pretrained on {owner} VQA and its tokenizer "
+                         f"lacks the {task} words: use {owner}-captions, {owner}-vqa or {owner}-mix")

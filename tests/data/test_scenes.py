@@ -220,5 +220,7 @@ def test_a_built_in_model_rejects_the_other_tasks_sets():
     from sparsevlm.data.examples import load_examples
     from sparsevlm.data.tokenize import build_word_tokenizer
 
-    with pytest.raises(ValueError, match="scenes-\\* for scenes"):
+    with pytest.raises(ValueError, match="pretrained on scenes VQA .* use scenes-captions"):
         load_examples("shapes-captions", build_word_tokenizer(scenes.vocabulary()), 4)
+    with pytest.raises(ValueError, match="pretrained on shapes VQA"):
+        load_examples("scenes-vqa", build_word_tokenizer(task_module("shapes").vocabulary()), 4)
