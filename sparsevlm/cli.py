@@ -131,8 +131,9 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="train the default model on built-in shapes VQA")
-    p.add_argument("--out", default=None, help="output model directory (default: $SPARSEVLM_HOME/default)")
+    p = sub.add_parser("pretrain", help="train a built-in model on built-in shapes (or scenes) VQA")
+    p.add_argument("--out", default=None, help="output model directory (default: $SPARSEVLM_HOME/default; "
+                                               "--task scenes: $SPARSEVLM_HOME/scenes)")
     add_config_flags(p, PretrainConfig)
     p.add_argument("--mesh", type=_mesh, default=None,
                    help="train sharded over a device mesh, e.g. 'fsdp=-1' (see restore); needed as several processes")
@@ -142,9 +143,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="score a model on shapes VQA or a benchmark (VQAv2, OK-VQA, GQA, captions)")
-    p.add_argument("--model", required=True, help="'default', a saved model directory, or an HF checkpoint")
+    p.add_argument("--model", required=True, help="'default', 'scenes', a saved model directory, or an HF checkpoint")
     p.add_argument("--task", default="shapes", choices=EVAL_TASKS,
-                   help="shapes: built-in exact match; vqav2/okvqa: official VQA accuracy; gqa; nocaps/coco_caption: CIDEr-D")
+                   help="shapes, scenes: built-in exact match; vqav2/okvqa: official VQA accuracy; gqa; nocaps/coco_caption: CIDEr-D")
     p.add_argument("--data", default=None, help="the task's data: an HF dataset name or a local imagefolder/parquet/jsonl")
     p.add_argument("--split", default=None, help="shapes: train, validation or test (default test); else the data's split")
     p.add_argument("--limit", type=_positive_int, default=None,

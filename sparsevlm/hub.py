@@ -1,4 +1,4 @@
-"""Resolve a model name or path: `default` (trained on first use), a saved model directory, or an HF checkpoint.
+"""Resolve a model name or path: `default` or `scenes` (trained on first use), a saved model directory, or an HF checkpoint.
 
 HF checkpoints are a local directory with `config.json` + safetensors, or a hub name such as
 `llava-hf/llava-1.5-7b-hf` (downloaded once with `huggingface_hub`, safetensors and configs only).
@@ -11,10 +11,12 @@ from pathlib import Path
 
 from sparsevlm.bundle import ModelBundle
 from sparsevlm.checkpoint import is_model_dir, load_model_dir
-from sparsevlm.config import PretrainConfig
+from sparsevlm.config import pretrain_preset
 
 DEFAULT_MODEL = "default"
-BUILTIN_MODELS = (DEFAULT_MODEL,)
+# Built-in model name → the built-in task it is pretrained on; each is cached in its own directory.
+BUILTIN_MODEL_TASKS = {DEFAULT_MODEL: "shapes", "scenes": "scenes"}
+BUILTIN_MODELS = tuple(BUILTIN_MODEL_TASKS)
 
 
 def sparsevlm_home() -> Path:
@@ -22,19 +24,21 @@ def sparsevlm_home() -> Path:
     return Path(os.environ.get("SPARSEVLM_HOME", Path.home() / ".cache" / "sparsevlm")).expanduser()
 
 
-def default_model_dir() -> Path:
-    """Where the default model lives."""
-    return sparsevlm_home() / DEFAULT_MODEL
+def default_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """Where built-in model `name` lives (`$SPARSEVLM_HOME/<name>`)."""
+    if name not in BUILTIN_MODEL_TASKS:
+        raise ValueError(f"{name!r} is not a built-in model; allowed: {', '.join(BUILTIN_MODELS)}")
+    return sparsevlm_home() / name
 
 
-def ensure_default_model(progress: bool = True) -> Path:
-    """Train and save the default model if it is missing; return its directory."""
-    path = default_model_dir()
+def ensure_default_model(progress: bool = True, name: str = DEFAULT_MODEL) -> Path:
+    """Train and save built-in model `name` (its task's preset recipe) if it is missing; return its directory."""
+    path = default_model_dir(name)
     if not is_model_dir(path):
         from sparsevlm.pretrain import pretrain  # heavy import only when training is needed
 
-        print(f"default model not found at {path}; training it now (one-time, ~10 minutes on 2 CPU cores)")
-        pretrain(PretrainConfig(), path, progress=progress)
+        print(f"built-in model {name!r} not found at {path}; training it now (one-time, ~10-15 minutes on 2 CPU cores)")
+        pretrain(pretrain_preset(BUILTIN_MODEL_TASKS[name]), path, progress=progress)
     return path
 
 
@@ -60,8 +64,8 @@ def download_hf(name: str) -> Path:
 
 def resolve_model_path(name_or_path: str, progress: bool = True) -> Path:
     """Directory of a model given as a built-in name, a path or a hub name; a clear error for anything else."""
-    if name_or_path == DEFAULT_MODEL:
-        return ensure_default_model(progress)
+    if name_or_path in BUILTIN_MODEL_TASKS:
+        return ensure_default_model(progress, name_or_path)
     if _looks_like_hub_name(name_or_path):
         return download_hf(name_or_path)
     path = Path(name_or_path).expanduser()

@@ -45,10 +45,11 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
 
 def pretrain_job(config: PretrainConfig, out: Path | None, force: bool = False, mesh: Mesh | None = None,
                  eval_images: int | None = None) -> int:
-    """Train (or keep) the default model at `out` (default: `$SPARSEVLM_HOME/default`), on `mesh` if given."""
+    """Train (or keep) a built-in model at `out` (default: `$SPARSEVLM_HOME/default`, or `/scenes` for that
+    task), on `mesh` if given."""
     from sparsevlm.pretrain import pretrain  # the training recipe, only when training
 
-    out = out if out is not None else hub.default_model_dir()
+    out = out if out is not None else hub.default_model_dir("scenes" if config.task == "scenes" else hub.DEFAULT_MODEL)
     if is_model_dir(out) and not force:
         print(f"model already trained at {out} (pass --force to retrain)")
         return 0
@@ -62,36 +63,38 @@ def pretrain_job(config: PretrainConfig, out: Path | None, force: bool = False, 
 def evaluate_job(model: str, task: str, data: str | None, split: str | None, limit: int | None, batch_size: int,
                  num_beams: int, max_new_tokens: int | None, json_path: str | None,
                  source: DataSource = DataSource()) -> int:
-    """Evaluate a model on shapes VQA or a benchmark task; print the score and optionally write the result JSON."""
-    from sparsevlm.data import shapes
+    """Evaluate a model on a built-in task or a benchmark; print the score and optionally write the result JSON."""
+    from sparsevlm.data.builtin import task_module
+    from sparsevlm.data.tasks import BUILTIN_TASKS
     from sparsevlm.eval.evaluate import evaluate_task
 
-    if task == "shapes":
+    builtin = task in BUILTIN_TASKS
+    if builtin:
         if data is not None or source != DataSource():
             raise ValueError("--data is for benchmark tasks (so are --dataset-config, --streaming and --images); "
-                             "--task shapes uses the built-in dataset")
+                             f"--task {task} uses the built-in dataset")
         split = split or "test"
-        if split not in shapes.SPLITS:
-            raise ValueError(f"--split {split!r} is not a split; allowed: {', '.join(shapes.SPLITS)}")
+        if split not in task_module(task).SPLITS:
+            raise ValueError(f"--split {split!r} is not a split; allowed: {', '.join(task_module(task).SPLITS)}")
     elif data is None:
         raise ValueError(f"--task {task} needs --data (an HF dataset name or a local path)")
     bundle = hub.load_model(model)
-    if task == "shapes":
-        dataset = shapes.build_split(split, limit, image_size=bundle.config.vision.image_size)
+    if builtin:
+        dataset = task_module(task).build_split(split, limit, image_size=bundle.config.vision.image_size)
     else:
         from sparsevlm.data.hf import load_task
 
         dataset = load_task(task, data, split, limit, **source.load_kwargs())
     result = evaluate_task(bundle, task, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            num_beams=num_beams)
-    if task == "shapes":
+    if builtin:
         print(f"accuracy {result['accuracy']:.4f} on {result['n']} questions ({split})")
         for qtype, score in result["by_type"].items():
-            print(f"  {qtype:<6} {score:.4f}")
+            print(f"  {qtype:<8} {score:.4f}")
     else:
         print(f"{task}: {result['metric']} {result['score']:.4f} on {result['n']} rows ({result['split']})")
     if json_path:
-        if task == "shapes":
+        if builtin:
             kept = ("accuracy", "n", "split", "by_type", "num_beams", "length_penalty")
             payload = {k: result[k] for k in kept} | {"max_new_tokens": max_new_tokens or 4}
         else:

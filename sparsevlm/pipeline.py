@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from sparsevlm import sharding
 from sparsevlm.bundle import ModelBundle
 from sparsevlm.config import PruneConfig, RestoreConfig
-from sparsevlm.data import shapes
+from sparsevlm.data.builtin import model_task, task_module
 from sparsevlm.data.examples import load_examples
 from sparsevlm.data.prompts import bundle_format
 from sparsevlm.eval.evaluate import evaluate_vqa
@@ -52,7 +52,7 @@ class Restored:
 
 @dataclasses.dataclass
 class Pipeline:
-    """Pruning and restoration runs from one dense model, evaluated on the built-in test split.
+    """Pruning and restoration runs from one dense model, evaluated on the test split of its built-in task.
 
     `eval_images` limits the test split (None: all of it); `source` is where the dense model lives,
     recorded in the pruned models so restoration can find its teacher; with `mesh`, params,
@@ -72,7 +72,8 @@ class Pipeline:
     def test(self) -> Any:
         """The evaluation split (built on first use)."""
         if self._test is None:
-            self._test = shapes.build_split("test", self.eval_images, image_size=self.bundle.config.vision.image_size)
+            data = task_module(model_task(self.bundle.metadata))
+            self._test = data.build_split("test", self.eval_images, image_size=self.bundle.config.vision.image_size)
         return self._test
 
     def evaluate(self, model: ModelBundle | PyTree) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The default model: a tiny LLaVA-style VLM trained from scratch on shapes VQA + captions."""
+"""The built-in models: tiny LLaVA-style VLMs trained from scratch on a built-in task's VQA + captions."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from jax.sharding import Mesh
 from sparsevlm import sharding, trainer
 from sparsevlm.bundle import ModelBundle
 from sparsevlm.checkpoint import TrainingCheckpoints, save_model
-from sparsevlm.config import PretrainConfig, VisionConfig, VLMConfig, default_vlm_config
-from sparsevlm.data import shapes
+from sparsevlm.config import PretrainConfig, VisionConfig, VLMConfig, builtin_vlm_config
+from sparsevlm.data.builtin import task_module
 from sparsevlm.data.batch import (
     BatchStream,
     MixedStream,
@@ -38,20 +38,22 @@ from sparsevlm.tree import count_params
 
 
 class CellProbe(nn.Module):
-    """Vision tower + linear heads for each grid cell's colour, shape and index (vision pretraining).
+    """Vision tower + linear heads naming each grid cell's attributes (vision pretraining).
 
     Stands in for the CLIP pretraining a real LLaVA tower has had: the LM stage then starts from a
-    tower whose tokens already say what is where. The heads are discarded afterwards.
+    tower whose tokens already say what is where. `heads` maps a label to its classes (the task's
+    `probe_classes`); the heads are discarded afterwards.
     """
 
     config: VisionConfig
+    grid: int
+    heads: tuple[tuple[str, int], ...]
 
     @nn.compact
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
         features = ViT(self.config, name="vision")(images)
-        cells = pool_to_grid(features, shapes.GRID)
-        heads = {"color": len(shapes.COLORS) + 1, "shape": len(shapes.SHAPES) + 1, "cell": shapes.GRID**2}
-        return {name: nn.Dense(size, name=f"{name}_head")(cells) for name, size in heads.items()}
+        cells = pool_to_grid(features, self.grid)
+        return {name: nn.Dense(size, name=f"{name}_head")(cells) for name, size in self.heads}
 
 
 def pool_to_grid(features: jax.Array, grid: int) -> jax.Array:
@@ -80,14 +82,16 @@ def _placed(loss_fn: Any, optimizer: optax.GradientTransformation, state: TrainS
 
 def pretrain_vision(
     config: VisionConfig, images: np.ndarray, scene_keys: list[str], steps: int, batch_size: int, seed: int,
-    progress: bool = True, mesh: Mesh | None = None,
+    progress: bool = True, mesh: Mesh | None = None, task: str = "shapes",
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Train the vision tower to name every cell's colour, shape and position; returns its params and accuracies."""
-    labels = [shapes.cell_labels(key) for key in scene_keys]
-    colors = np.stack([c for c, _ in labels])
-    kinds = np.stack([k for _, k in labels])
+    """Train the vision tower to name every cell's attributes (the task's `probe_labels`); its params and accuracies."""
+    module = task_module(task)
+    grid = module.probe_grid(config.image_size // config.patch_size)
+    heads = tuple(module.probe_classes(grid).items())
+    labels = [module.probe_labels(key, grid) for key in scene_keys]
+    targets = {name: np.stack([label[name] for label in labels]) for name, _ in heads}
     inputs = preprocess_images(images, config)
-    probe = CellProbe(config)
+    probe = CellProbe(config, grid, heads)
     params = probe.init(jax.random.key(seed + 1), inputs[:1])["params"]
     # A tenth of the steps warm up (at least one, and none for a one-step run, whose decay needs a step).
     schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-3, min(max(steps // 10, 1), steps - 1), steps, 2e-5)
@@ -95,20 +99,16 @@ def pretrain_vision(
 
     def loss_fn(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         logits = probe.apply({"params": params}, batch["images"])
-        color = batch["color"]
-        targets = {"color": color, "shape": batch["kind"],
-                   "cell": jnp.broadcast_to(jnp.arange(color.shape[1]), color.shape)}
-        losses = [optax.softmax_cross_entropy_with_integer_labels(logits[k], targets[k]).mean() for k in targets]
-        return sum(losses), {k: jnp.mean(jnp.argmax(logits[k], -1) == targets[k]) for k in targets}
+        losses = [optax.softmax_cross_entropy_with_integer_labels(logits[k], batch[k]).mean() for k, _ in heads]
+        return sum(losses), {k: jnp.mean(jnp.argmax(logits[k], -1) == batch[k]) for k, _ in heads}
 
     rows = sharding.host_rows(mesh, batch_size) if mesh is not None else None
-    stream = RandomRows({"images": inputs, "color": colors, "kind": kinds}, batch_size, np.random.default_rng(seed),
-                        rows)
+    stream = RandomRows({"images": inputs} | targets, batch_size, np.random.default_rng(seed), rows)
     state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
     step, state, place = _placed(loss_fn, optimizer, state, stream.example(), mesh, batch_size)
     result = trainer.run(step, state, stream, steps, place=place, log_every=25, desc="vision", progress=progress)
     vision = sharding.to_host(result.state.params["vision"])
-    return vision, {k: result.history[-1][k] for k in ("color", "shape", "cell")}
+    return vision, {k: result.history[-1][k] for k, _ in heads}
 
 
 def pretrain(
@@ -120,7 +120,9 @@ def pretrain(
     checkpoint_dir: str | Path | None = None,
     mesh: Mesh | None = None,
 ) -> ModelBundle:
-    """Train a VLM on shapes VQA (questions + captions), evaluate on the test split, optionally save.
+    """Train a VLM on `config.task`'s VQA (questions + captions), evaluate on its test split, optionally save.
+
+    The architecture is the task's default (`builtin_vlm_config`) unless `model_config` is given.
 
     With `checkpoint_dir` and `config.checkpoint_every`, the train state, the data position and the
     random generator are saved every N steps, and a run finding checkpoints there resumes from the
@@ -129,15 +131,16 @@ def pretrain(
     """
     if mesh is None and jax.process_count() > 1:
         raise ValueError(f"pretraining as {jax.process_count()} processes needs a mesh over their devices (--mesh)")
-    tokenizer = build_word_tokenizer(shapes.vocabulary())
-    model_config = model_config or default_vlm_config(len(tokenizer))
+    data = task_module(config.task)
+    tokenizer = build_word_tokenizer(data.vocabulary())
+    model_config = model_config or builtin_vlm_config(config.task, len(tokenizer))
     if model_config.language.vocab_size < len(tokenizer):
         raise ValueError(
             f"language.vocab_size={model_config.language.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
         )
-    train = shapes.build_split("train", config.train_images, seed=config.seed,
+    train = data.build_split("train", config.train_images, seed=config.seed,
                                image_size=model_config.vision.image_size)
-    captions = shapes.captioning_view(train)
+    captions = data.captioning_view(train)
     pools = [
         encode_vqa(train, tokenizer, with_targets=True),
         encode_vqa(captions, tokenizer, with_targets=True),
@@ -168,18 +171,18 @@ def pretrain(
     if config.vision_steps and (checkpoints is None or checkpoints.latest_step() is None):
         params["vision"], probe_accuracy = pretrain_vision(
             model_config.vision, pools[1].images, list(captions["scene"]), config.vision_steps,
-            config.vision_batch_size, config.seed, progress, mesh,
+            config.vision_batch_size, config.seed, progress, mesh, config.task,
         )
         print(f"vision tower pretrained: per-cell accuracy {probe_accuracy}")
     state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
     step, state, place = _placed(lm_loss(model), optimizer, state, batch_arrays(streams[0].example()), mesh,
                                  config.batch_size)
-    print(f"pretraining default VLM: {count_params(params):,} params, {len(pools[0]):,} questions, "
+    print(f"pretraining the {config.task} VLM: {count_params(params):,} params, {len(pools[0]):,} questions, "
           f"{len(pools[1]):,} captions, {config.steps} steps of {config.batch_size}")
 
     def validate(done: int, state: TrainState) -> None:
         partial = ModelBundle(model_config, sharding.to_host(state.params), tokenizer)
-        val = evaluate_vqa(partial, shapes.build_split("validation", image_size=model_config.vision.image_size),
+        val = evaluate_vqa(partial, data.build_split("validation", image_size=model_config.vision.image_size),
                            progress=False)
         tqdm.write(f"step {done}: validation accuracy {val['accuracy']:.3f} {val['by_type']}")
 
@@ -192,7 +195,7 @@ def pretrain(
 
     params = sharding.to_host(result.state.params)  # gathered from every process of a multi-process run
     bundle = ModelBundle(model_config, params, tokenizer)
-    test = shapes.build_split("test", eval_images, image_size=model_config.vision.image_size)
+    test = data.build_split("test", eval_images, image_size=model_config.vision.image_size)
     evaluation = evaluate_vqa(bundle, test, progress=progress)
     print(f"test accuracy {evaluation['accuracy']:.4f} on {evaluation['n']} questions; by type {evaluation['by_type']}")
     metadata: dict[str, Any] = {

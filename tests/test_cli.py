@@ -83,7 +83,7 @@ def test_console_script_reports_unknown_model():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "sparsevlm evaluate: error: unknown model 'nonexistent-model': expected one of default, "
+        "sparsevlm evaluate: error: unknown model 'nonexistent-model': expected one of default, scenes, "
         "the path of a saved model or HF checkpoint directory, or a hub name like org/model"
     ]
 

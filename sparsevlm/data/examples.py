@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
-from sparsevlm.data import shapes
+from sparsevlm.data.builtin import task_module
 from sparsevlm.data.batch import EncodedSet, encode_vqa
 from sparsevlm.data.prompts import BUILTIN, PromptFormat, caption_format
-from sparsevlm.data.tasks import TASK_SPECS, parse_data_spec
+from sparsevlm.data.tasks import BUILTIN_TASKS, TASK_SPECS, builtin_set, parse_data_spec
+from sparsevlm.data.tokenize import SPECIAL_TOKENS
 
 if TYPE_CHECKING:
     from sparsevlm.config import DataSource
@@ -34,7 +35,8 @@ def load_examples(
 ) -> EncodedSet:
     """Encoded examples (prompt + target text) from `num_images` training images (rows, for `TASK=SOURCE`).
 
-    `shapes-captions` has one caption per image, `shapes-vqa` every question, `shapes-mix` both.
+    `shapes-captions` has one caption per image, `shapes-vqa` every question, `shapes-mix` both (`scenes-*`
+    the same for scenes VQA).
     Caption tasks are prompted with the family's captioning format, not its question template; `source` says how
     `TASK=SOURCE` is read (configuration, streaming, image folder).
     """
@@ -49,15 +51,25 @@ def load_examples(
             fmt = caption_format(fmt)
         return encode_vqa(dataset, tokenizer, with_targets=True, fmt=fmt, instruction_tokenizer=instruction_tokenizer,
                           image_size=image_size, image_processor=image_processor)
-    train = shapes.build_split("train", num_images, seed=seed, image_size=image_size)
-    if name == "shapes-vqa":
-        return encode_vqa(train, tokenizer, with_targets=True, fmt=fmt,
-                          instruction_tokenizer=instruction_tokenizer)
-    captions = shapes.captioning_view(train)
-    if name == "shapes-captions":
-        return encode_vqa(captions, tokenizer, with_targets=True, fmt=fmt,
-                          instruction_tokenizer=instruction_tokenizer)
-    import datasets  # here, not at the top, so the library imports without `datasets`
+    task, view = builtin_set(name)
+    _check_task_matches(name, task, tokenizer)
+    data = task_module(task)
+    train = data.build_split("train", num_images, seed=seed, image_size=image_size)
+    if view == "vqa":
+        rows = train
+    elif view == "captions":
+        rows = data.captioning_view(train)
+    else:
+        import datasets  # here, not at the top, so the library imports without `datasets`
 
-    return encode_vqa(datasets.concatenate_datasets([train, captions]), tokenizer, with_targets=True, fmt=fmt,
-                          instruction_tokenizer=instruction_tokenizer)
+        rows = datasets.concatenate_datasets([train, data.captioning_view(train)])
+    return encode_vqa(rows, tokenizer, with_targets=True, fmt=fmt, instruction_tokenizer=instruction_tokenizer)
+
+
+def _check_task_matches(name: str, task: str, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A clear error when a built-in model (its tokenizer: a built-in task's vocabulary) is given another task's set."""
+    words = set(tokenizer.get_vocab()) - set(SPECIAL_TOKENS)
+    owner = next((t for t in BUILTIN_TASKS if set(task_module(t).vocabulary()) == words), None)
+    if owner is not None and owner != task:
+        raise ValueError(f"data {name!r} is {task} VQA, but the model was pretrained on {owner} VQA and its tokenizer "
+                         f"lacks the {task} words: use {owner}-captions, {owner}-vqa or {owner}-mix")

@@ -269,3 +269,19 @@ def cell_labels(scene_key: str) -> tuple[np.ndarray, np.ndarray]:
         colors[int(cell)] = list(COLORS).index(color) + 1
         kinds[int(cell)] = SHAPES.index(shape) + 1
     return colors, kinds
+
+
+def probe_grid(patches_per_side: int) -> int:
+    """Cells per side the vision stage labels: the 3×3 grid, whatever the patching."""
+    return GRID
+
+
+def probe_classes(grid: int) -> dict[str, int]:
+    """Classes of each per-cell label of `probe_labels` (0: an empty cell)."""
+    return {"color": len(COLORS) + 1, "shape": len(SHAPES) + 1, "cell": grid * grid}
+
+
+def probe_labels(scene_key: str, grid: int) -> dict[str, np.ndarray]:
+    """Per grid cell: colour, shape and the cell's own index, each `[grid²]` (the vision stage's targets)."""
+    colors, kinds = cell_labels(scene_key)
+    return {"color": colors, "shape": kinds, "cell": np.arange(grid * grid, dtype=np.int32)}

@@ -49,12 +49,24 @@ TASK_SPECS: dict[str, TaskSpec] = {
     "visual_genome": TaskSpec("prefix_caption", "train", "calibration", "ranjaykrishna/visual_genome (parquet copy)"),
 }
 TASKS = tuple(TASK_SPECS)
-EVAL_TASKS = ("shapes", "vqav2", "okvqa", "gqa", "nocaps", "coco_caption")
+# Built-in generated tasks (`sparsevlm.data.builtin`): shapes VQA (one shape per patch) and scenes VQA
+# (objects across patches, relations); each is an evaluation task and names three example sets.
+BUILTIN_TASKS = ("shapes", "scenes")
+EVAL_TASKS = (*BUILTIN_TASKS, "vqav2", "okvqa", "gqa", "nocaps", "coco_caption")
 
 # Built-in example sets for calibration and restoration training: captions stand in for the paper's
 # CC3M captions; questions are the task's own data; mix is both.
-BUILTIN_SETS = ("shapes-captions", "shapes-vqa", "shapes-mix")
+BUILTIN_VIEWS = ("captions", "vqa", "mix")
+BUILTIN_SETS = tuple(f"{task}-{view}" for task in BUILTIN_TASKS for view in BUILTIN_VIEWS)
 DATA_HELP = f"{', '.join(BUILTIN_SETS)}, or TASK=SOURCE (TASK a sparsevlm.data.hf task, SOURCE a dataset name or path)"
+
+
+def builtin_set(name: str) -> tuple[str, str]:
+    """`(task, view)` of a built-in example set name such as `scenes-mix`."""
+    if name not in BUILTIN_SETS:
+        raise ValueError(f"{name!r} is not a built-in set; allowed: {', '.join(BUILTIN_SETS)}")
+    task, _, view = name.partition("-")
+    return task, view
 
 
 def parse_data_spec(value: str) -> tuple[str, str | None]:

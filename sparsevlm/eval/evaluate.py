@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from sparsevlm.bundle import ModelBundle
 from sparsevlm.data.batch import EncodedSet, encode_vqa, iterate_batches, length_buckets
 from sparsevlm.data.prompts import PromptFormat, bundle_format, caption_format
-from sparsevlm.data.tasks import EVAL_TASKS, TASK_SPECS
+from sparsevlm.data.tasks import BUILTIN_TASKS, EVAL_TASKS, TASK_SPECS
 from sparsevlm.eval.generate import compiled_generate, decode_text
 from sparsevlm.eval.metrics import cider_d, gqa_accuracy, normalize_answer, vqa_accuracy, vqa_score
 from sparsevlm.models.vlm import VLM
@@ -114,7 +114,7 @@ def evaluate_task(
     """
     if task not in EVAL_TASKS:
         raise ValueError(f"task={task!r} is not one of {', '.join(EVAL_TASKS)}")
-    if task == "shapes":
+    if task in BUILTIN_TASKS:
         result = evaluate_vqa(bundle, dataset, batch_size, max_new_tokens or DEFAULT_NEW_TOKENS["shapes"],
                               num_beams, length_penalty, progress, params)
         return result | {"task": task, "metric": "exact_match", "score": result["accuracy"]}

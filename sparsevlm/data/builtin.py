@@ -1,0 +1,29 @@
+"""The built-in generated tasks by name: each module builds seeded splits with the same columns and API.
+
+A task module has `SPLITS`, `QUESTION_TYPES`, `build_split(split, num_images, seed, image_size)`,
+`captioning_view(dataset)` and `vocabulary()`; its vision-stage labels are `probe_grid(patches_per_side)`,
+`probe_classes(grid)` and `probe_labels(scene_key, grid)` (every patch for scenes, the 3×3 cells for shapes).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Mapping
+
+from sparsevlm.data import scenes, shapes
+from sparsevlm.data.tasks import BUILTIN_TASKS
+
+_MODULES = {"shapes": shapes, "scenes": scenes}
+assert tuple(_MODULES) == BUILTIN_TASKS
+
+
+def task_module(task: str) -> ModuleType:
+    """The generator module of built-in task `task`; a clear error naming the allowed tasks otherwise."""
+    if task not in _MODULES:
+        raise ValueError(f"task={task!r} is not a built-in task; allowed: {', '.join(BUILTIN_TASKS)}")
+    return _MODULES[task]
+
+
+def model_task(metadata: Mapping[str, Any]) -> str:
+    """The built-in task a saved model was pretrained on (shapes for models that do not record one)."""
+    return (metadata.get("pretrain") or {}).get("task", "shapes")

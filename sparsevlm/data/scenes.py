@@ -1,0 +1,403 @@
+"""Scenes VQA: a seeded, download-free VQA + captioning dataset whose answers need vision across patches.
+
+Unlike shapes VQA (one flat shape per 16-px patch), a scene holds 2–5 shapes of varied size at
+free positions (not on the patch grid, each spanning several 8-px patches), drawn filled, outlined
+or striped, overlapping each other, and half the scenes have a large outlined box that some shapes
+sit in. Questions (one-word answers, all need the image):
+  count     "how many circles are there ?"               (zero … five)
+  color     "what color is the circle ?"                 (asked only about a shape that occurs once)
+  style     "what style is the red circle ?"             (filled / outlined / striped)
+  relation  "is the red circle left of the blue square ?" (left of / right of / above / below; yes / no)
+  nearest   "what shape is nearest to the red circle ?"
+  inside    "how many circles are in the box ?"          (or "how many shapes …"; scenes with a box)
+Every image also has a caption listing its objects left to right.
+
+The geometry is part of the scene (centres and sizes as fractions of the image side), so every
+answer is computed from it, and it is drawn the same at any image size. Rules that keep answers
+unambiguous (the generator redraws a placement that breaks one):
+  visibility  shapes are painted in order, later over earlier; every object keeps at least
+              `MIN_VISIBLE` of its painted pixels visible, so every object counts (none is a sliver);
+  relations   asked only when the two centres differ by at least `RELATION_MARGIN` along the axis;
+  nearest     asked only when the nearest centre is `NEAREST_MARGIN` closer than the next one;
+  inside      a shape's bounding square lies inside the box's inner edge by `BOX_MARGIN`, or its
+              bounding square clears the box's outer edge by `BOX_MARGIN`;
+  referents   "the red circle" is used only where exactly one object is a red circle.
+
+Splits are disjoint by scene, as in shapes VQA: a scene's hash decides its split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from sparsevlm.data.shapes import CAPTION_PROMPT, COLORS, SPLITS, _article, _png, captioning_view, features
+
+if TYPE_CHECKING:  # imported where a split is built, so the library imports without `datasets`
+    import datasets
+
+__all__ = ["CAPTION_PROMPT", "SPLITS", "captioning_view", "features", "build_split", "vocabulary"]
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+BOX = "box"
+STYLES = ("filled", "outlined", "striped")
+NUMBERS = ("zero", "one", "two", "three", "four", "five")
+QUESTION_TYPES = ("count", "color", "style", "relation", "nearest", "inside")
+RELATIONS = ("left of", "right of", "above", "below")
+SPLIT_IMAGES = {"train": 8000, "validation": 250, "test": 500}
+_SPLIT_SEED_OFFSET = {"train": 0, "validation": 1, "test": 2}
+
+# Geometry, in fractions of the image side.
+RADIUS = (0.10, 0.21)  # shapes: 5–10 px radius at 48 px, spanning 2–3 patches of 8 px
+BOX_HALF = (0.24, 0.34)
+LINE = 0.045  # outline width (≈2 px at 48)
+STRIPE_PERIOD = 0.09
+MIN_VISIBLE = 0.5
+RELATION_MARGIN = 0.12
+NEAREST_MARGIN = 0.08
+BOX_MARGIN = 0.03
+# Visibility is measured on this fixed grid (not the image's), so a scene's validity never depends on image size.
+_GEOMETRY_GRID = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneObject:
+    """One object: a shape (or the box), its colour and style, its centre `(x, y)` and size (radius / half side)."""
+
+    kind: str
+    color: str
+    style: str
+    x: float
+    y: float
+    size: float
+
+    @property
+    def key(self) -> str:
+        """Canonical text of the object (coordinates to 3 decimals, as stored)."""
+        return f"{self.kind}:{self.color}:{self.style}:{self.x:.3f}:{self.y:.3f}:{self.size:.3f}"
+
+    @classmethod
+    def from_key(cls, text: str) -> "SceneObject":
+        """Inverse of `key`."""
+        kind, color, style, x, y, size = text.split(":")
+        return cls(kind, color, style, float(x), float(y), float(size))
+
+    def extent(self) -> float:
+        """Half side of the object's bounding square."""
+        return self.size if self.kind == BOX else self.size * (1.1 if self.kind == "diamond" else 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    """The objects of one image in painting order (the box, if any, first)."""
+
+    objects: tuple[SceneObject, ...]
+
+    @property
+    def key(self) -> str:
+        """Canonical text of the scene; equal scenes have equal keys."""
+        return ";".join(o.key for o in self.objects)
+
+    @classmethod
+    def from_key(cls, text: str) -> "Scene":
+        """Inverse of `key`."""
+        return cls(tuple(SceneObject.from_key(part) for part in text.split(";")))
+
+    @property
+    def box(self) -> SceneObject | None:
+        """The box, or None."""
+        return next((o for o in self.objects if o.kind == BOX), None)
+
+    @property
+    def shapes(self) -> tuple[SceneObject, ...]:
+        """The objects other than the box."""
+        return tuple(o for o in self.objects if o.kind != BOX)
+
+    def in_box(self, obj: SceneObject) -> bool:
+        """Whether `obj` lies inside the box (the generator guarantees clearly inside or clearly outside)."""
+        box = self.box
+        return box is not None and max(abs(obj.x - box.x), abs(obj.y - box.y)) + obj.extent() < box.size - LINE
+
+    def caption(self) -> str:
+        """'a green box and a striped red circle in the box and an outlined blue square .' (left to right)."""
+        parts = []
+        for obj in sorted(self.objects, key=lambda o: (o.x, o.y)):
+            if obj.kind == BOX:
+                parts.append(f"{_article(obj.color)} {obj.color} box")
+            else:
+                where = " in the box" if self.in_box(obj) else ""
+                parts.append(f"{_article(obj.style)} {obj.style} {obj.color} {obj.kind}{where}")
+        return " and ".join(parts) + " ."
+
+
+def scene_split(scene: Scene) -> str:
+    """The split a scene belongs to, fixed by its hash (5% test, 5% validation, 90% train)."""
+    bucket = int(hashlib.sha256(scene.key.encode()).hexdigest(), 16) % 20
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+def silhouette(obj: SceneObject, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Boolean mask of the object's whole outline-filled area on coordinates `yy, xx` (fractions)."""
+    dy, dx = yy - obj.y, xx - obj.x
+    r = obj.size
+    if obj.kind in ("square", BOX):
+        half = r if obj.kind == BOX else r * 0.85
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    if obj.kind == "circle":
+        return dy**2 + dx**2 <= r**2
+    if obj.kind == "triangle":  # apex up, base at y + 0.8 r
+        top, bottom = obj.y - r, obj.y + 0.8 * r
+        frac = (yy - top) / (bottom - top)
+        return (yy >= top) & (yy <= bottom) & (np.abs(dx) <= frac * r)
+    if obj.kind == "diamond":
+        return np.abs(dx) + np.abs(dy) <= r * 1.1
+    raise ValueError(f"unknown object kind {obj.kind!r}")
+
+
+def painted(obj: SceneObject, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """The pixels the object paints: its silhouette, its outline band, or its stripes."""
+    inside = silhouette(obj, yy, xx)
+    if obj.style == "filled":
+        return inside
+    if obj.style == "outlined":
+        shrunk = dataclasses.replace(obj, size=max(obj.size - LINE * (1.6 if obj.kind == "triangle" else 1.0), 0.0))
+        return inside & ~silhouette(shrunk, yy, xx)
+    phase = ((xx - obj.x) + (yy - obj.y)) / STRIPE_PERIOD  # diagonal stripes
+    return inside & (np.mod(phase, 1.0) < 0.5)
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    coords = (np.arange(size) + 0.5) / size
+    return np.meshgrid(coords, coords, indexing="ij")
+
+
+def visible_fractions(scene: Scene, size: int = _GEOMETRY_GRID) -> list[float]:
+    """Per object, the fraction of its painted pixels no later object paints over."""
+    yy, xx = _grid(size)
+    masks = [painted(o, yy, xx) for o in scene.objects]
+    out = []
+    for i, mask in enumerate(masks):
+        covered = np.zeros_like(mask)
+        for later in masks[i + 1:]:
+            covered |= later
+        out.append(float((mask & ~covered).sum() / max(mask.sum(), 1)))
+    return out
+
+
+def _inside_or_outside(box: SceneObject, obj: SceneObject) -> bool:
+    offset = max(abs(obj.x - box.x), abs(obj.y - box.y))
+    inside = offset + obj.extent() <= box.size - LINE - BOX_MARGIN
+    outside = offset - obj.extent() >= box.size + BOX_MARGIN
+    return inside or outside
+
+
+def _min_visible(masks: list[np.ndarray]) -> float:
+    covered = np.zeros_like(masks[0])
+    lowest = 1.0
+    for mask in reversed(masks):  # from the top layer down
+        lowest = min(lowest, float((mask & ~covered).sum() / max(mask.sum(), 1)))
+        covered |= mask
+    return lowest
+
+
+def sample_scene(rng: np.random.Generator) -> Scene:
+    """2–5 shapes (half the scenes also a box) at free positions, each placement redrawn until the rules hold."""
+    colors = list(COLORS)
+    yy, xx = _grid(_GEOMETRY_GRID)
+    objects: list[SceneObject] = []
+    masks: list[np.ndarray] = []
+    box = None
+    if rng.random() < 0.5:
+        half = float(rng.uniform(*BOX_HALF))
+        bx, by = (float(rng.uniform(half + 0.02, 1 - half - 0.02)) for _ in range(2))
+        box = SceneObject(BOX, colors[int(rng.integers(len(colors)))], "outlined", *_round(bx, by, half))
+        objects.append(box)
+        masks.append(painted(box, yy, xx))
+    target = int(rng.integers(2, 6))
+    tries = 0
+    while len(objects) - (box is not None) < target and tries < 200:
+        tries += 1
+        kind = SHAPES[int(rng.integers(len(SHAPES)))]
+        radius = float(rng.uniform(*RADIUS))
+        extent = radius * 1.1
+        if box is not None and rng.random() < 0.5:  # half the shapes of a boxed scene go in the box
+            room = box.size - LINE - BOX_MARGIN - extent
+            if room <= 0:
+                continue
+            x, y = (float(c + rng.uniform(-room, room)) for c in (box.x, box.y))
+        else:
+            x, y = (float(rng.uniform(extent, 1 - extent)) for _ in range(2))
+        candidate = SceneObject(kind, colors[int(rng.integers(len(colors)))], STYLES[int(rng.integers(len(STYLES)))],
+                                *_round(x, y, radius))
+        if box is not None and not _inside_or_outside(box, candidate):
+            continue
+        mask = painted(candidate, yy, xx)
+        if _min_visible([*masks, mask]) >= MIN_VISIBLE:
+            objects.append(candidate)
+            masks.append(mask)
+    if len(objects) - (box is not None) < 2:
+        return sample_scene(rng)
+    return Scene(tuple(objects))
+
+
+def _round(x: float, y: float, size: float) -> tuple[float, float, float]:
+    # The stored scene key has 3 decimals; geometry uses exactly what is stored.
+    return round(x, 3), round(y, 3), round(size, 3)
+
+
+def render(scene: Scene, rng: np.random.Generator, image_size: int = 48) -> np.ndarray:
+    """Draw a scene as uint8 RGB `[S, S, 3]`, with colour and pixel noise (the geometry is the scene's)."""
+    supersample = 2
+    yy, xx = _grid(image_size * supersample)
+    background = np.array([200.0, 200.0, 200.0]) + rng.normal(0, 6, 3)
+    canvas = np.broadcast_to(background, yy.shape + (3,)).copy()
+    for obj in scene.objects:
+        color = np.clip(np.array(COLORS[obj.color], float) + rng.normal(0, 10, 3), 0, 255)
+        canvas[painted(obj, yy, xx)] = color
+    image = canvas.reshape(image_size, supersample, image_size, supersample, 3).mean(axis=(1, 3))
+    image = image + rng.normal(0, 4, image.shape)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def _referents(scene: Scene) -> list[SceneObject]:
+    """Shapes that "the {color} {kind}" names unambiguously."""
+    pairs = [(o.color, o.kind) for o in scene.shapes]
+    return [o for o in scene.shapes if pairs.count((o.color, o.kind)) == 1]
+
+
+def relation_holds(a: SceneObject, relation: str, b: SceneObject) -> bool | None:
+    """Whether `a` is `relation` `b` by their centres; None when they are within the margin on that axis."""
+    delta = {"left of": b.x - a.x, "right of": a.x - b.x, "above": b.y - a.y, "below": a.y - b.y}[relation]
+    return None if abs(delta) < RELATION_MARGIN else delta > 0
+
+
+def nearest(scene: Scene, anchor: SceneObject) -> SceneObject | None:
+    """The shape whose centre is nearest to `anchor`'s, or None when the runner-up is within the margin."""
+    others = sorted((float(np.hypot(o.x - anchor.x, o.y - anchor.y)), i) for i, o in enumerate(scene.shapes)
+                    if o is not anchor)
+    if not others or (len(others) > 1 and others[1][0] - others[0][0] < NEAREST_MARGIN):
+        return None
+    return scene.shapes[others[0][1]]
+
+
+def _pick(items: list, rng: np.random.Generator):
+    return items[int(rng.integers(len(items)))]
+
+
+def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """`(question_type, question, answer)` triples for a scene: one per type where the type applies."""
+    out: list[tuple[str, str, str]] = []
+    shapes = scene.shapes
+    counts = {s: sum(o.kind == s for o in shapes) for s in SHAPES}
+    present = [s for s in SHAPES if counts[s]]
+    asked = _pick(present, rng) if rng.random() < 0.6 else _pick(list(SHAPES), rng)
+    out.append(("count", f"how many {asked}s are there ?", NUMBERS[counts[asked]]))
+    unique = [o for o in shapes if counts[o.kind] == 1]
+    if unique:
+        obj = _pick(unique, rng)
+        out.append(("color", f"what color is the {obj.kind} ?", obj.color))
+    referents = _referents(scene)
+    if referents:
+        obj = _pick(referents, rng)
+        out.append(("style", f"what style is the {obj.color} {obj.kind} ?", obj.style))
+    pairs = [(a, r, b) for a in referents for b in referents if a is not b for r in RELATIONS
+             if relation_holds(a, r, b) is not None]
+    if pairs:
+        a, relation, b = _pick(pairs, rng)
+        answer = "yes" if relation_holds(a, relation, b) else "no"
+        out.append(("relation", f"is the {a.color} {a.kind} {relation} the {b.color} {b.kind} ?", answer))
+    anchors = [o for o in referents if nearest(scene, o) is not None]
+    if anchors:
+        anchor = _pick(anchors, rng)
+        out.append(("nearest", f"what shape is nearest to the {anchor.color} {anchor.kind} ?",
+                    nearest(scene, anchor).kind))
+    if scene.box is not None:
+        inside = [o for o in shapes if scene.in_box(o)]
+        if rng.random() < 0.5:
+            out.append(("inside", "how many shapes are in the box ?", NUMBERS[len(inside)]))
+        else:
+            kind = _pick(list(SHAPES), rng)
+            out.append(("inside", f"how many {kind}s are in the box ?", NUMBERS[sum(o.kind == kind for o in inside)]))
+    return out
+
+
+def iter_scenes(split: str, num_images: int, seed: int) -> Iterator[tuple[Scene, np.random.Generator]]:
+    """Yield `num_images` scenes of `split`, each with the RNG that renders and questions it."""
+    _check_split(split)
+    rng = np.random.default_rng([seed, _SPLIT_SEED_OFFSET[split], 21])  # 21: never the shapes stream
+    made = 0
+    while made < num_images:
+        scene = sample_scene(rng)
+        if scene_split(scene) != split:
+            continue
+        made += 1
+        yield scene, np.random.default_rng([seed, _SPLIT_SEED_OFFSET[split], 21, made])
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not a scenes-VQA split; allowed: {', '.join(SPLITS)}")
+
+
+def build_split(split: str, num_images: int | None = None, seed: int = 0, image_size: int = 48) -> datasets.Dataset:
+    """Scenes VQA `split` as a `datasets.Dataset`, one row per question (the columns of shapes VQA)."""
+    import datasets
+
+    _check_split(split)
+    num_images = SPLIT_IMAGES[split] if num_images is None else num_images
+    if num_images <= 0:
+        raise ValueError(f"num_images={num_images} must be positive")
+    rows: dict[str, list] = {name: [] for name in features()}
+    for image_id, (scene, rng) in enumerate(iter_scenes(split, num_images, seed)):
+        png = _png(render(scene, rng, image_size))
+        caption = scene.caption()
+        for qtype, question, answer in questions(scene, rng):
+            rows["image_id"].append(image_id)
+            rows["image"].append({"bytes": png, "path": None})
+            rows["question_type"].append(qtype)
+            rows["question"].append(question)
+            rows["answer"].append(answer)
+            rows["caption"].append(caption)
+            rows["scene"].append(scene.key)
+    return datasets.Dataset.from_dict(rows, features=features(), split=datasets.NamedSplit(split))
+
+
+def vocabulary() -> list[str]:
+    """Every word the generator can emit, sorted (the tokenizer's closed vocabulary)."""
+    words = {"a", "an", "and", "the", "?", ".", "what", "color", "is", "how", "many", "are", "there", "style",
+             "shape", "shapes", "yes", "no", "describe", "image", "nearest", "to", "in", "box"}  # fmt: skip
+    words.update(SHAPES)
+    words.update(s + "s" for s in SHAPES)
+    words.update(COLORS)
+    words.update(STYLES)
+    words.update(NUMBERS)
+    for relation in RELATIONS:
+        words.update(relation.split())
+    return sorted(words)
+
+
+def probe_grid(patches_per_side: int) -> int:
+    """Cells per side the vision stage labels: every patch."""
+    return patches_per_side
+
+
+def probe_classes(grid: int) -> dict[str, int]:
+    """Classes of each per-patch label of `probe_labels` (0: background)."""
+    return {"color": len(COLORS) + 1, "shape": len(SHAPES) + 2, "style": len(STYLES) + 1, "cell": grid * grid}
+
+
+def probe_labels(scene_key: str, grid: int) -> dict[str, np.ndarray]:
+    """Per patch of a `grid × grid` patching, the top object's colour, kind and style at the patch centre `[grid²]`."""
+    scene = Scene.from_key(scene_key)
+    yy, xx = _grid(grid)
+    labels = {name: np.zeros(grid * grid, np.int32) for name in ("color", "shape", "style")}
+    for obj in scene.objects:  # painting order: later objects overwrite
+        hit = silhouette(obj, yy, xx).reshape(-1)
+        labels["color"][hit] = list(COLORS).index(obj.color) + 1
+        labels["shape"][hit] = (SHAPES + (BOX,)).index(obj.kind) + 1
+        labels["style"][hit] = STYLES.index(obj.style) + 1
+    labels["cell"] = np.arange(grid * grid, dtype=np.int32)
+    return labels

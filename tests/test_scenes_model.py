@@ -1,0 +1,65 @@
+"""The scenes model: its architecture gives the vision tower a third or more of the prunable weights, its
+recipe and cache never collide with the shapes default, and its vision stage has a head per patch label."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from sparsevlm import hub
+from sparsevlm.config import PretrainConfig, VisionConfig, builtin_vlm_config, default_vlm_config, pretrain_preset
+from sparsevlm.data import scenes
+from sparsevlm.masks import prunable_paths
+from sparsevlm.models.vlm import VLM
+from sparsevlm.pretrain import CellProbe
+from sparsevlm.tree import flatten
+
+
+def _prunable_by_tower(config) -> dict[str, int]:
+    model = VLM(config)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 48, 48, 3), np.float32),
+                                               np.ones((1, 4), np.int32), np.ones((1, 4), bool)))["params"]
+    flat = flatten(shapes)
+    totals: dict[str, int] = {}
+    for path in prunable_paths(shapes):
+        tower = path.split("/")[0]
+        totals[tower] = totals.get(tower, 0) + int(np.prod(flat[path].shape))
+    return totals
+
+
+def test_scenes_vision_tower_holds_at_least_a_third_of_the_prunable_weights():
+    vocab = len(scenes.vocabulary()) + 4
+    config = builtin_vlm_config("scenes", vocab)
+    assert config.vision.num_patches == 36 and config.vision.patch_size == 8  # objects span several patches
+    totals = _prunable_by_tower(config)
+    assert totals["vision"] / sum(totals.values()) >= 1 / 3
+    assert builtin_vlm_config("shapes", vocab) == default_vlm_config(vocab)  # the shapes default is unchanged
+
+
+def test_recipes_and_cache_directories_are_kept_apart(monkeypatch, tmp_path):
+    assert pretrain_preset("shapes") == PretrainConfig()
+    assert pretrain_preset("scenes").task == "scenes"
+    with pytest.raises(ValueError, match="task='squares' is not supported"):
+        PretrainConfig(task="squares")
+    monkeypatch.setenv("SPARSEVLM_HOME", str(tmp_path))
+    assert hub.default_model_dir() == tmp_path / "default"
+    assert hub.default_model_dir("scenes") == tmp_path / "scenes"
+    assert "scenes" in hub.BUILTIN_MODELS
+    with pytest.raises(ValueError, match="not a built-in model"):
+        hub.default_model_dir("squares")
+
+
+def test_scenes_vision_stage_has_one_head_per_patch_label():
+    # The training loop is the one shapes uses (tests/test_pretrain.py trains it); here the scenes probe's
+    # heads and grid must fit the tower's 6x6 patches and the labels' classes, checked from shapes alone.
+    config = VisionConfig(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64)
+    grid = scenes.probe_grid(config.image_size // config.patch_size)
+    classes = scenes.probe_classes(grid)
+    probe = CellProbe(config, grid, tuple(classes.items()))
+    out = jax.eval_shape(lambda: probe.apply(probe.init(jax.random.key(0), np.zeros((2, 48, 48, 3), np.float32)),
+                                             np.zeros((2, 48, 48, 3), np.float32)))
+    assert {k: v.shape for k, v in out.items()} == {k: (2, 36, n) for k, n in classes.items()}
+    scene = scenes.sample_scene(np.random.default_rng(0))
+    labels = scenes.probe_labels(scene.key, grid)
+    assert all(labels[k].shape == (36,) and labels[k].max() < n for k, n in classes.items())
