@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from sparsevlm.data.shapes import CAPTION_PROMPT, COLORS, SPLITS, _article, _png, captioning_view, features
+from sparsevlm.data.shapes import CAPTION_PROMPT, COLORS, SPLITS, _article, captioning_view, features, question_rows
 
 if TYPE_CHECKING:  # imported where a split is built, so the library imports without `datasets`
     import datasets
@@ -344,25 +344,11 @@ def _check_split(split: str) -> None:
 
 def build_split(split: str, num_images: int | None = None, seed: int = 0, image_size: int = 48) -> datasets.Dataset:
     """Scenes VQA `split` as a `datasets.Dataset`, one row per question (the columns of shapes VQA)."""
-    import datasets
-
     _check_split(split)
     num_images = SPLIT_IMAGES[split] if num_images is None else num_images
     if num_images <= 0:
         raise ValueError(f"num_images={num_images} must be positive")
-    rows: dict[str, list] = {name: [] for name in features()}
-    for image_id, (scene, rng) in enumerate(iter_scenes(split, num_images, seed)):
-        png = _png(render(scene, rng, image_size))
-        caption = scene.caption()
-        for qtype, question, answer in questions(scene, rng):
-            rows["image_id"].append(image_id)
-            rows["image"].append({"bytes": png, "path": None})
-            rows["question_type"].append(qtype)
-            rows["question"].append(question)
-            rows["answer"].append(answer)
-            rows["caption"].append(caption)
-            rows["scene"].append(scene.key)
-    return datasets.Dataset.from_dict(rows, features=features(), split=datasets.NamedSplit(split))
+    return question_rows(split, iter_scenes(split, num_images, seed), render, questions, image_size)
 
 
 def vocabulary() -> list[str]:

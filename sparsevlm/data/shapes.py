@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import io
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -211,17 +211,25 @@ def features() -> datasets.Features:
 
 def build_split(split: str, num_images: int | None = None, seed: int = 0, image_size: int = 48) -> datasets.Dataset:
     """Shapes VQA `split` as a `datasets.Dataset`, one row per question (columns in `features()`)."""
-    import datasets
-
     _check_split(split)
     num_images = SPLIT_IMAGES[split] if num_images is None else num_images
     if num_images <= 0:
         raise ValueError(f"num_images={num_images} must be positive")
+    return question_rows(split, iter_scenes(split, num_images, seed), render, questions, image_size)
+
+
+def question_rows(split: str, scenes: Iterable[tuple[Any, np.random.Generator]],
+                  render_scene: Callable[..., np.ndarray], scene_questions: Callable[..., list[tuple[str, str, str]]],
+                  image_size: int) -> datasets.Dataset:
+    """One row per question of each generated `(scene, rng)` (columns in `features()`); every built-in task's
+    `build_split` ends here, with its own scenes, renderer and question maker."""
+    import datasets
+
     rows: dict[str, list] = {name: [] for name in features()}
-    for image_id, (scene, rng) in enumerate(iter_scenes(split, num_images, seed)):
-        png = _png(render(scene, rng, image_size))
+    for image_id, (scene, rng) in enumerate(scenes):
+        png = _png(render_scene(scene, rng, image_size))
         caption = scene.caption()
-        for qtype, question, answer in questions(scene, rng):
+        for qtype, question, answer in scene_questions(scene, rng):
             rows["image_id"].append(image_id)
             rows["image"].append({"bytes": png, "path": None})
             rows["question_type"].append(qtype)
