@@ -451,15 +451,16 @@ def test_local_single_file_takes_no_config(flat_karpathy, tmp_path):
 # --- through the command line ---------------------------------------------------------------------------------------
 
 
-def test_hub_copies_evaluate_through_the_cli(tiny_bundle, gqa_copy, karpathy_copy, flat_karpathy, tmp_path):
+def test_hub_copies_evaluate_through_the_cli(tiny_bundle, vqav2_copy, gqa_copy, karpathy_copy, flat_karpathy, tmp_path):
     """`sparsevlm evaluate` on the copies: the config and image-folder flags reach the loader, scores are the metric's."""
     from sparsevlm.checkpoint import save_model
     from sparsevlm.cli import main
-    from sparsevlm.eval.metrics import gqa_accuracy
+    from sparsevlm.eval.metrics import gqa_accuracy, vqa_score
 
     model = str(save_model(tmp_path / "model", tiny_bundle))
     copy, coco, rows = karpathy_copy
-    runs = {"gqa": ["--task", "gqa", "--data", gqa_copy, "--dataset-config", "testdev_balanced_instructions"],
+    runs = {"vqav2": ["--task", "vqav2", "--data", str(vqav2_copy)],
+            "gqa": ["--task", "gqa", "--data", gqa_copy, "--dataset-config", "testdev_balanced_instructions"],
             "karpathy": ["--task", "coco_caption", "--data", copy, "--images", coco, "--streaming"],
             "flat": ["--task", "coco_caption", "--data", flat_karpathy[0]]}  # fmt: skip
     results = {}
@@ -468,6 +469,11 @@ def test_hub_copies_evaluate_through_the_cli(tiny_bundle, gqa_copy, karpathy_cop
         assert main(["evaluate", "--model", model, *argv, "--limit", "4", "--max-new-tokens", "3", "--batch-size", "4",
                      "--json", str(out)]) == 0  # fmt: skip
         results[name] = json.loads(out.read_text())
+    vqa = results["vqav2"]  # the default split, ten answers per question, scored by the VQA metric
+    assert (vqa["metric"], vqa["n"], vqa["split"]) == ("vqa_accuracy", 4, "validation")
+    assert all(len(r["references"]) == 10 for r in vqa["predictions"])
+    assert vqa["score"] == pytest.approx(vqa_score([r["prediction"] for r in vqa["predictions"]],
+                                                   [r["references"] for r in vqa["predictions"]]))
     gqa = results["gqa"]
     assert (gqa["metric"], gqa["n"], gqa["split"]) == ("gqa_accuracy", 4, "testdev")
     assert gqa["score"] == pytest.approx(gqa_accuracy([r["prediction"] for r in gqa["predictions"]],
