@@ -8,9 +8,10 @@ LoRA factors live in their own tree, `{path: {"a": [r, in], "b": [out, r]}}` nes
 
 (Flax kernels are `[in, out]`, hence the transpose of the PyTorch-layout B@A.) During training
 the factors and masks ride along as variable collections (`adapter_variables`; masks packed to
-1 bit per weight) and each `Linear` computes its own output under `lora_scope`, rematerialised (`jax.checkpoint`): the
-SparseLoRA effective kernel exists only while its layer runs, forward or backward, so a step never
-holds a second full copy of the weights. `lora` mode adds the low-rank path s·(x Aᵀ) Bᵀ without
+1 bit per weight) and each `Linear` computes its own output under `lora_scope`, with its own backward pass
+(`custom_vjp`, saving only the layer's inputs): the SparseLoRA effective kernel exists only while its
+layer runs, forward or backward, so a step never holds a second full copy of the weights, and the
+factors' gradients are reduced across batch shards at their own (rank-r) size. `lora` mode adds the low-rank path s·(x Aᵀ) Bᵀ without
 building a dense update.
 """
 
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 from sparsevlm.config import LORA_MODES, LoraConfig
 from sparsevlm.masks import flat_masks, mask_weights, unpack_mask
 from sparsevlm.models.layers import intercept_linears, linear
+from sparsevlm.sharding import gather_late, sum_over_batch_shards
 from sparsevlm.tree import flatten, match_rules, unflatten
 
 PyTree = Any
@@ -113,7 +115,7 @@ def lora_scope(alpha: float, mode: str) -> Iterator[None]:
         kernel = module.get_variable("params", "kernel")
         bias = module.get_variable("params", "bias") if module.use_bias else None
         pair = None if factors is None else (factors["a"], factors["b"])
-        return _adapted_linear(x, kernel, bias, mask, pair, alpha, mode, module.dtype)
+        return _adapted_linear(x, kernel, bias, mask, pair, f"{name}/kernel", alpha, mode, module.dtype)
 
     if mode not in LORA_MODES:
         raise ValueError(f"LoRA mode {mode!r} is not one of {', '.join(LORA_MODES)}")
@@ -121,11 +123,8 @@ def lora_scope(alpha: float, mode: str) -> Iterator[None]:
         yield
 
 
-@partial(jax.checkpoint, static_argnums=(5, 6, 7))
-def _adapted_linear(x: Array, kernel: Array, bias: Array | None, mask: Array | None,
-                    factors: tuple[Array, Array] | None, alpha: float, mode: str, dtype: Any) -> Array:
-    # Rematerialised: only the inputs are saved for the backward pass, never the effective kernel
-    # (nor the unpacked mask).
+def _linear_output(x: Array, kernel: Array, bias: Array | None, mask: Array | None,
+                   factors: tuple[Array, Array] | None, alpha: float, mode: str, dtype: Any) -> Array:
     if mask is not None:
         mask = unpack_mask(mask, kernel.shape[-1])
     if mode == "lora" and factors is not None:
@@ -135,6 +134,80 @@ def _adapted_linear(x: Array, kernel: Array, bias: Array | None, mask: Array | N
         update = jnp.einsum("...r,or->...o", low_rank, b.astype(dtype)) * (alpha / a.shape[0])
         return linear(x, base, bias, dtype) + update
     return linear(x, effective_kernel(kernel, mask, factors, alpha, mode), bias, dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _adapted_linear(x: Array, kernel: Array, bias: Array | None, mask: Array | None,
+                    factors: tuple[Array, Array] | None, path: str, alpha: float, mode: str, dtype: Any) -> Array:
+    # Rematerialised by hand: only the inputs are saved for the backward pass, never the effective
+    # kernel (nor the unpacked mask), which the backward pass rebuilds.
+    kernel = gather_late(x, path, kernel)
+    return _linear_output(x, kernel, bias, mask, factors, alpha, mode, dtype)
+
+
+def _adapted_linear_fwd(x, kernel, bias, mask, factors, path, alpha, mode, dtype):  # noqa: ANN001, ANN202
+    return (_adapted_linear(x, kernel, bias, mask, factors, path, alpha, mode, dtype),
+            (x, kernel, bias, mask, factors))
+
+
+def _adapted_linear_bwd(path, alpha, mode, dtype, saved, grad):  # noqa: ANN001, ANN202
+    # Tied to the incoming gradient and the (recomputed) input, the weights are gathered (on a mesh)
+    # only when this layer's backward pass runs, not all at once when its block's does.
+    x, kernel, bias, mask, factors = saved
+    kernel = gather_late((grad, x), path, kernel)
+    if mode == "lora" or factors is None:
+        _, pullback = jax.vjp(lambda x, kernel, bias, factors: _linear_output(x, kernel, bias, mask, factors, alpha,
+                                                                              mode, dtype), x, kernel, bias, factors)
+        dx, dkernel, dbias, dfactors = pullback(grad)
+        return dx, dkernel, dbias, None, dfactors
+    # SparseLoRA: W_eff = (W + s·(B@A)ᵀ)⊙M, so with G = xᵀ·grad, ∂W = G⊙M and ∂(B@A) = s·(G⊙M)ᵀ.
+    _, pullback = jax.vjp(lambda x, bias: _linear_output(x, kernel, bias, mask, factors, alpha, mode, dtype), x, bias)
+    dx, dbias = pullback(grad)
+    features = kernel.shape[-1]
+
+    def weight_grad(x: Array, grad: Array, mask: Array | None) -> Array:
+        g = jnp.einsum("...i,...o->io", x.astype(dtype), grad.astype(dtype)).astype(kernel.dtype)
+        return g if mask is None else mask_weights(g, unpack_mask(mask, features))
+
+    # Per batch shard, then summed: the full-size G never crosses devices, only the factors' gradients.
+    factor_grads = partial(_factor_grads, scale=alpha / factors[0].shape[0], dtype=dtype, kernel_dtype=kernel.dtype)
+    da, db = sum_over_batch_shards(factor_grads, (x, grad), (mask, *factors))
+    return dx, weight_grad(x, grad, mask), dbias, None, (da, db)
+
+
+# Largest slice of a weight gradient G that SparseLoRA's backward pass holds at a time.
+_GRAD_BLOCK_BYTES = 32 * 2**20
+
+
+def _factor_grads(x: Array, grad: Array, mask: Array | None, a: Array, b: Array, scale: float, dtype: Any,
+                  kernel_dtype: Any) -> tuple[Array, Array]:
+    """SparseLoRA's `(∂A, ∂B)` for a layer's input rows `x` and output gradient `grad`, G built a block of
+    output columns at a time (never the whole `[in, out]` weight gradient)."""
+    fan_in, features = a.shape[1], b.shape[0]
+    rows = x.reshape(-1, fan_in).astype(dtype)
+    grad = grad.reshape(-1, features).astype(dtype)
+    packed = mask is not None and mask.dtype != bool  # packed 8 columns a byte: blocks of whole bytes
+    step = 8 if packed else 1
+    blocks = next((n for n in range(1, features + 1) if features % (n * step) == 0
+                   and fan_in * (features // n) * 4 <= _GRAD_BLOCK_BYTES), 1)
+    width = features // blocks
+
+    def block(da: Array, part: tuple[Array, Array | None, Array]) -> tuple[Array, Array]:
+        g_part, mask_part, b_part = part  # [rows, width], [in, width (/8 packed)], [width, r]
+        g = (rows.T @ g_part).astype(kernel_dtype)
+        g = g if mask_part is None else mask_weights(g, unpack_mask(mask_part, width))
+        d_ba = scale * g.T.astype(jnp.float32)  # [width, in]: this block's rows of ∂(B@A)
+        return da + b_part.T @ d_ba, d_ba @ a.T
+
+    def split(v: Array, axis: int) -> Array:  # [..., n, ...] → [blocks, ..., n / blocks, ...]
+        return jnp.moveaxis(v.reshape(*v.shape[:axis], blocks, v.shape[axis] // blocks, *v.shape[axis + 1:]), axis, 0)
+
+    da, db = jax.lax.scan(block, jnp.zeros_like(a), (split(grad, 1), None if mask is None else split(mask, 1),
+                                                     split(b, 0)))
+    return da, db.reshape(features, -1)
+
+
+_adapted_linear.defvjp(_adapted_linear_fwd, _adapted_linear_bwd)
 
 
 def merge(params: PyTree, lora: PyTree | None, masks: PyTree | None, alpha: float, mode: str) -> PyTree:

@@ -74,6 +74,7 @@ def vocab_losses(
     kl_mask: Array | None = None,
     temperature: float = 1.0,
     chunk: int = LOSS_CHUNK,
+    shared_head: bool = False,
 ) -> tuple[Array, Array, Array, Array]:
     """`token_cross_entropy` and (with a teacher) `distillation_kl` from hidden states `[B, T, E]`:
     `(ce_sum, ce_count, kl_sum, kl_count)`.
@@ -81,16 +82,26 @@ def vocab_losses(
     `*_head` map hidden states to logits. Over `chunk` positions the heads run one chunk at a time
     inside a rematerialised loop, so at most one chunk of logits per model is alive, forward or
     backward; the sums equal the one-pass values up to summation order. `kl_mask` `[B, T-1]` marks
-    the positions (predicting token t + 1) the KL counts.
+    the positions (predicting token t + 1) the KL counts. `shared_head`: the teacher's head is the
+    student's without gradient, so both run as one call on their positions side by side (one head
+    matmul, and on an FSDP mesh one gather of the head).
     """
     with_kl = teacher_head is not None
+
+    def heads(h: Array, t: Array) -> tuple[Array, Array]:
+        if not shared_head:
+            return student_head(h), teacher_head(t)
+        both = student_head(jnp.concatenate([h, t], axis=1))  # along positions: batch sharding unchanged
+        return both[:, :h.shape[1]], jax.lax.stop_gradient(both[:, h.shape[1]:])
+
     length = tokens.shape[1]
     if length <= chunk:
-        student = student_head(student_hidden)
-        ce_sum, ce_count = token_cross_entropy(student, tokens, loss_mask)
         if not with_kl:
+            student = student_head(student_hidden)
+            ce_sum, ce_count = token_cross_entropy(student, tokens, loss_mask)
             return ce_sum, ce_count, jnp.zeros(()), jnp.zeros(())
-        teacher = teacher_head(teacher_hidden)
+        student, teacher = heads(student_hidden, teacher_hidden)
+        ce_sum, ce_count = token_cross_entropy(student, tokens, loss_mask)
         kl_sum, kl_count = distillation_kl(student[:, :-1], teacher[:, :-1], kl_mask, temperature)
         return ce_sum, ce_count, kl_sum, kl_count
     # Position t (of T - 1) predicts token t + 1; pad to whole chunks with weight-0 positions.
@@ -108,12 +119,16 @@ def vocab_losses(
 
     @jax.checkpoint
     def one(x: dict[str, Array]) -> Array:
-        student = student_head(x["h"]).astype(jnp.float32)
+        if with_kl:
+            student, teacher = heads(x["h"], x["t"])
+        else:
+            student = student_head(x["h"])
+        student = student.astype(jnp.float32)
         ce = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(student, x["targets"]) * x["ce_w"])
         if not with_kl:
             return jnp.stack([ce, jnp.zeros(())])
         log_s = jax.nn.log_softmax(student / temperature, axis=-1)
-        log_t = jax.nn.log_softmax(teacher_head(x["t"]).astype(jnp.float32) / temperature, axis=-1)
+        log_t = jax.nn.log_softmax(teacher.astype(jnp.float32) / temperature, axis=-1)
         kl = jnp.sum(jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1) * x["kl_w"])
         return jnp.stack([ce, kl])
 

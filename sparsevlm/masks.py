@@ -101,11 +101,30 @@ def _is_none(x: Any) -> bool:
 def mask_weights(weights: Any, keep: Any, pruned: Any = None) -> Any:
     """`weights` where `keep`, else `pruned` (default zero); NumPy arrays stay NumPy.
 
-    `where`, not a product: a pruned NaN/inf weight must become 0, not NaN.
+    `where`, not a product: a pruned NaN/inf weight must become 0, not NaN. In JAX, zeroing 16- and
+    32-bit float weights clears their bits (`_clear_pruned`) rather than selecting a broadcast zero,
+    which XLA would hoist out of a scanned layer loop and hold as a weight-sized buffer.
     """
     if isinstance(weights, np.ndarray) and isinstance(keep, np.ndarray) and not isinstance(pruned, jax.Array):
         return np.where(keep, weights, np.zeros((), weights.dtype) if pruned is None else pruned)
+    weights = jnp.asarray(weights)
+    if pruned is None and weights.dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return _clear_pruned(weights, jnp.asarray(keep))
     return jnp.where(keep, weights, jnp.zeros((), weights.dtype) if pruned is None else pruned)
+
+
+@jax.custom_jvp
+def _clear_pruned(weights: Any, keep: Any) -> Any:
+    """`weights` with the bits of every pruned (not `keep`) entry cleared: +0, whatever the weight was."""
+    word = jnp.uint16 if weights.dtype.itemsize == 2 else jnp.uint32
+    bits = jax.lax.bitcast_convert_type(weights, word)
+    return jax.lax.bitcast_convert_type(bits & -keep.astype(word), weights.dtype)
+
+
+@_clear_pruned.defjvp
+def _clear_pruned_jvp(primals: tuple[Any, Any], tangents: tuple[Any, Any]) -> tuple[Any, Any]:
+    weights, keep = primals
+    return _clear_pruned(weights, keep), jnp.where(keep, tangents[0], jnp.zeros((), tangents[0].dtype))
 
 
 def pack_mask(mask: Any) -> Any:

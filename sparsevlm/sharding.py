@@ -30,6 +30,7 @@ import threading
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -103,6 +104,61 @@ def constrain_batch(x: Any) -> Any:
     if not names or np.shape(x)[0] % math.prod(mesh.shape[a] for a in names):
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(axes, *([None] * (np.ndim(x) - 1)))))
+
+
+def gathers_weights() -> bool:
+    """True while a step traces on a mesh with `fsdp` > 1, where XLA gathers each layer's weights to use them."""
+    mesh = _ACTIVATION_MESH.get()
+    return mesh is not None and mesh.shape.get("fsdp", 1) > 1
+
+
+def gather_late(after: Any, kernel_path: str, kernel: Any) -> Any:
+    """`kernel`, made to depend on the arrays `after` while a step traces on a mesh with `fsdp` > 1 (else unchanged).
+
+    FSDP gathers a weight where a layer uses it, but XLA is free to schedule every gather of a block
+    (or of a loop-invariant LM head) at its start and keep them all alive. A kernel that depends on
+    its layer's input (and in the backward pass on the incoming gradient too) cannot be gathered
+    before those exist: one layer's gathered weights at a time. The dependency is a multiply by
+    `1 + 0·isfinite(a₀)·…`, exactly 1 (an optimisation barrier would say the same, but XLA's CPU
+    compiler drops barriers before it schedules), done on the kernel's shard, in its param layout.
+    """
+    mesh = _ACTIVATION_MESH.get()
+    anchors = [a for a in jax.tree.leaves(after) if np.ndim(a) > 0]
+    if not gathers_weights() or not anchors:
+        return kernel
+    spec = logical_to_spec(logical_axes(kernel_path, np.ndim(kernel)), mesh)
+    try:
+        _check_divisible(kernel_path, np.shape(kernel), spec, mesh)
+    except ShardingError:
+        return kernel
+    pin = lambda v: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, spec))  # noqa: E731
+    finite = math.prod(jnp.isfinite(a.reshape(-1)[0]).astype(kernel.dtype) for a in anchors)
+    one = 1.0 + 0.0 * finite
+    return pin(pin(kernel) * one)
+
+
+def sum_over_batch_shards(fn: Any, rows: tuple[Any, ...], whole: tuple[Any, ...]) -> Any:
+    """`fn(*rows, *whole)` for an `fn` that sums over the leading (batch) axis of `rows`, computed per batch shard.
+
+    While a step traces on a mesh that splits the batch (and not `tensor`), each device applies `fn`
+    to its own rows and only `fn`'s outputs are summed across devices, so a reduction to something
+    small (a LoRA factor's gradient) never all-reduces the large intermediate it passes through (the
+    full `[in, out]` weight gradient). `whole` are passed whole to every device. Off such a mesh: `fn` itself.
+    """
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or mesh.shape.get("tensor", 1) > 1:
+        return fn(*rows, *whole)
+    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if not axes or any(np.shape(r)[0] % ways for r in rows):
+        return fn(*rows, *whole)
+
+    def local(*args: Any) -> Any:
+        return jax.tree.map(lambda y: jax.lax.psum(y, axes), fn(*args))
+
+    in_specs = (PartitionSpec(axes),) * len(rows) + jax.tree.map(lambda _: PartitionSpec(), whole)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(), check_vma=False)(
+        *rows, *whole)
 
 
 class ShardingError(ValueError):

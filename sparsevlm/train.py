@@ -19,7 +19,7 @@ from sparsevlm.data.batch import Batch
 from sparsevlm.lora import adapter_variables, lora_scope
 from sparsevlm.losses import LOSS_CHUNK, model_inputs, task_loss, vocab_losses
 from sparsevlm.models.vlm import VLM, prediction_mask
-from sparsevlm.sharding import StepShardings, activation_mesh
+from sparsevlm.sharding import StepShardings, activation_mesh, gathers_weights
 from sparsevlm.tree import flatten, unflatten
 
 PyTree = Any
@@ -154,9 +154,13 @@ def restoration_loss(model: VLM, alpha: float, mode: str, kl_weight: float, temp
                 "teacher_hidden": jax.lax.stop_gradient(teacher_hidden[:, -num_text:]),
                 "kl_mask": batch["text_mask"][:, 1:] & predicts[:, :-1],
             }
+        # Without LoRA or a mask on the LM head, the teacher's head is the student's: on an FSDP mesh
+        # one call for both gathers the head once (on one device two calls hold fewer logits copies).
+        adapted = [p for p, v in flatten({"lora": lora, "masks": masks}).items() if v is not None]
+        shared = bool(teacher) and gathers_weights() and not any("lm_head/" in p for p in adapted)
         ce_sum, ce_count, kl_sum, kl_count = vocab_losses(
             student_head, hidden, batch["tokens"], batch["loss_mask"], **teacher, temperature=temperature,
-            chunk=loss_chunk)
+            chunk=loss_chunk, shared_head=shared)
         ce = ce_sum / jnp.maximum(ce_count, 1.0)
         metrics = {"ce": ce, "tokens": ce_count}
         if kl_weight == 0.0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,3 +151,104 @@ def test_restoration_loss_with_small_chunks_equals_one_pass(setup):
     want_loss, _, want_grads = loss_and_grads(model, lora, batch, bundle.params, masks)
     loss, _, grads = loss_and_grads(model, lora, batch, bundle.params, masks, loss_chunk=5)
     assert abs(loss - want_loss) <= 1e-5 * abs(want_loss) and _rel(grads, want_grads) <= 1e-5
+
+
+@pytest.mark.parametrize("chunk", [64, 4])
+def test_a_shared_head_equals_the_teacher_head_called_apart(chunk):
+    rng = np.random.default_rng(1)
+    batch, length, width, vocab = 2, 9, 5, 13
+    head = jnp.asarray(rng.normal(size=(width, vocab)), jnp.float32)
+    hidden, teacher_hidden = (jnp.asarray(rng.normal(size=(batch, length, width)), jnp.float32) for _ in range(2))
+    tokens = jnp.asarray(rng.integers(0, vocab, (batch, length)))
+    loss_mask = jnp.asarray(rng.random((batch, length)) < 0.7)
+    kl_mask = jnp.asarray(rng.random((batch, length - 1)) < 0.8)
+
+    def losses(h, w, shared):
+        sums = vocab_losses(lambda x: x @ w, h, tokens, loss_mask, lambda x: jax.lax.stop_gradient(x @ w),
+                            teacher_hidden, kl_mask, 2.0, chunk, shared_head=shared)
+        return sums[0] / sums[1] + sums[2] / sums[3], sums
+
+    apart, shared = losses(hidden, head, False)[1], losses(hidden, head, True)[1]
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(apart), rtol=1e-6)
+    grads = [jax.grad(lambda h, w: losses(h, w, s)[0], argnums=(0, 1))(hidden, head) for s in (False, True)]
+    assert _rel(grads[1], grads[0]) <= 1e-6
+
+
+def _linear_case(mask_kind, seed=0, rows=4, fan_in=16, features=24, rank=3):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(rows, 5, fan_in)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(fan_in, features)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(features,)), jnp.float32)
+    factors = (jnp.asarray(rng.normal(size=(rank, fan_in)), jnp.float32),
+               jnp.asarray(rng.normal(size=(features, rank)), jnp.float32))
+    keep = rng.random((fan_in, features)) < 0.5
+    mask = {"none": None, "bool": jnp.asarray(keep), "packed": jnp.asarray(pack_mask(keep))}[mask_kind]
+    return x, kernel, bias, mask, factors
+
+
+@pytest.mark.parametrize("mode", ["sparselora", "lora"])
+@pytest.mark.parametrize("mask_kind", ["packed", "bool", "none"])
+def test_the_adapted_linears_own_backward_pass_equals_autodiff(mode, mask_kind, monkeypatch):
+    from sparsevlm import lora as lora_module
+
+    # Blocks of G of 4 columns (packed masks: 8), so the blockwise factor gradients are exercised.
+    monkeypatch.setattr(lora_module, "_GRAD_BLOCK_BYTES", 16 * 8 * 4)
+    x, kernel, bias, mask, factors = _linear_case(mask_kind)
+    cotangent = jnp.asarray(np.random.default_rng(5).normal(size=(4, 5, 24)), jnp.float32)
+
+    def ours(x, kernel, bias, factors):
+        y = lora_module._adapted_linear(x, kernel, bias, mask, factors, "language/blocks_0/mlp/up/kernel", 8.0,
+                                        mode, jnp.float32)
+        return jnp.sum(y * cotangent)
+
+    def reference(x, kernel, bias, factors):
+        return jnp.sum(lora_module._linear_output(x, kernel, bias, mask, factors, 8.0, mode, jnp.float32) * cotangent)
+
+    np.testing.assert_allclose(float(ours(x, kernel, bias, factors)), float(reference(x, kernel, bias, factors)),
+                               rtol=1e-6)
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2, 3)))(x, kernel, bias, factors)
+    want = jax.grad(reference, argnums=(0, 1, 2, 3))(x, kernel, bias, factors)
+    for name, g, w in zip(("x", "kernel", "bias", "factors"), got, want):
+        assert _rel(g, w) <= 1e-6, name
+
+
+@pytest.mark.parametrize("mesh_spec", ["fsdp=4", "data=2,fsdp=2", "data=2,fsdp=2,tensor=2"])
+def test_the_adapted_linears_backward_pass_on_a_mesh_equals_one_device(mesh_spec):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from sparsevlm import sharding
+    from sparsevlm.lora import _adapted_linear
+
+    mesh = sharding.make_mesh(mesh_spec, jax.devices()[:math.prod(int(p.split("=")[1]) for p in mesh_spec.split(","))])
+    x, kernel, bias, mask, factors = _linear_case("packed", rows=8, fan_in=32, features=48)
+    path = "language/blocks_0/mlp/up/kernel"
+
+    def loss(factors, x, kernel):
+        return jnp.sum(jnp.sin(_adapted_linear(x, kernel, bias, mask, factors, path, 8.0, "sparselora", jnp.float32)))
+
+    want = jax.grad(loss, argnums=(0, 1))(factors, x, kernel)
+
+    def on_mesh(factors, x, kernel):
+        with sharding.activation_mesh(mesh):
+            return jax.grad(loss, argnums=(0, 1))(factors, x, kernel)
+
+    put = lambda v, spec: jax.device_put(v, NamedSharding(mesh, spec))  # noqa: E731
+    batch = sharding.logical_to_spec(("batch",), mesh)[0]
+    kernel_spec = sharding.logical_to_spec(sharding.logical_axes(path, 2), mesh)
+    got = jax.jit(on_mesh)(factors, put(x, PartitionSpec(batch)), put(kernel, kernel_spec))
+    assert _rel(got, want) <= 1e-5
+
+
+def test_masking_clears_pruned_weights_even_when_they_are_not_finite():
+    from sparsevlm.masks import mask_weights
+
+    keep = jnp.asarray([[True, False, False], [False, True, True]])
+    for dtype in (jnp.float32, jnp.bfloat16):
+        weights = jnp.asarray([[1.5, jnp.nan, jnp.inf], [-jnp.inf, -2.0, -0.0]], dtype)
+        got = np.asarray(mask_weights(weights, keep).astype(jnp.float32))
+        np.testing.assert_array_equal(got, [[1.5, 0.0, 0.0], [0.0, -2.0, -0.0]])
+        assert not np.signbit(got[0, 1:]).any() and np.signbit(got[1, 2])  # cleared to +0, kept -0 stays -0
+        assert mask_weights(weights, keep).dtype == dtype
+    weights = jnp.asarray([[1.5, 2.0, 3.0], [4.0, -2.0, 0.5]])
+    grad = jax.grad(lambda w: jnp.sum(mask_weights(w, keep) * jnp.arange(6.0).reshape(2, 3)))(weights)
+    np.testing.assert_array_equal(np.asarray(grad), np.where(np.asarray(keep), np.arange(6.0).reshape(2, 3), 0.0))

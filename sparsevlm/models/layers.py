@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparsevlm.sharding import gather_late
+
 Array = jax.Array
 Dtype = Any
 KVCache = dict[str, Array]  # {"k": [B, S, Hkv, D], "v": [B, S, Hkv, D]}
@@ -55,6 +57,7 @@ class Linear(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
+        kernel = gather_late(x, "/".join(self.path) + "/kernel", kernel)
         return linear(x, kernel, bias, self.dtype)
 
 
