@@ -8,11 +8,11 @@ LoRA factors live in their own tree, `{path: {"a": [r, in], "b": [out, r]}}` nes
 
 (Flax kernels are `[in, out]`, hence the transpose of the PyTorch-layout B@A.) During training
 the factors and masks ride along as variable collections (`adapter_variables`; masks packed to
-1 bit per weight) and each `Linear` computes its own output under `lora_scope`, with its own backward pass
-(`custom_vjp`, saving only the layer's inputs): the SparseLoRA effective kernel exists only while its
-layer runs, forward or backward, so a step never holds a second full copy of the weights, and the
-factors' gradients are reduced across batch shards at their own (rank-r) size. `lora` mode adds the low-rank path s·(x Aᵀ) Bᵀ without
-building a dense update.
+1 bit per weight) and each `Linear` computes its own output under `lora_scope`, with its own
+backward pass (`custom_vjp`, saving only the layer's inputs): the SparseLoRA effective kernel
+exists only while its layer runs, forward or backward, so a step never holds a second full copy of
+the weights, and the factors' gradients are reduced across batch shards at their own (rank-r)
+size. `lora` mode adds the low-rank path s·(x Aᵀ) Bᵀ without building a dense update.
 """
 
 from __future__ import annotations
