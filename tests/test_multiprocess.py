@@ -276,3 +276,28 @@ def test_two_processes_prune_as_one_process_on_the_same_mesh(method, pattern, pr
         assert all(np.array_equal(masks_one[p], masks_two[p]) for p in masks_one)
         assert _max_diff(flatten(one.params), flatten(two.params)) == 0.0
     assert json.loads((tmp_path / "two" / "report.json").read_text())["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+
+
+@pytest.mark.slow
+def test_two_processes_pretrain_as_one_process_on_the_same_mesh(tmp_path):
+    import jax
+
+    from sparsevlm.config import PretrainConfig
+    from sparsevlm.jobs import pretrain_job
+    from sparsevlm.sharding import make_mesh
+    from sparsevlm.tree import flatten
+
+    settings = {"steps": 4, "warmup_steps": 1, "batch_size": 8, "train_images": 32, "vision_steps": 2,
+                "vision_batch_size": 8, "checkpoint_every": 2}
+    flags = [part for name, value in settings.items() for part in (f"--{name.replace('_', '-')}", str(value))]
+    results, _ = _run(["pretrain", *flags, "--eval-images", "4", "--mesh", "data=2,fsdp=2", "--out",
+                       str(tmp_path / "two")])
+    for index, (code, out) in enumerate(results):
+        assert code == 0, f"process {index}: {out[-3000:]}"
+    # The reference: this process, on a mesh of 4 of its 8 devices with the same layout.
+    assert pretrain_job(PretrainConfig(**settings), tmp_path / "one", mesh=make_mesh("data=2,fsdp=2", jax.devices()[:4]),
+                        eval_images=4) == 0
+    one, two = load_model_dir(tmp_path / "one"), load_model_dir(tmp_path / "two")
+    assert two.metadata["loss_history"][-1]["loss"] == pytest.approx(one.metadata["loss_history"][-1]["loss"], rel=1e-5)
+    assert _max_diff(flatten(one.params), flatten(two.params)) <= 1e-5
+    assert sorted(p.name for p in (tmp_path / "two-checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
