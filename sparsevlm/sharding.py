@@ -89,6 +89,13 @@ def activation_mesh(mesh: Mesh | None) -> Iterator[None]:
         _ACTIVATION_MESH.reset(token)
 
 
+def _batch_mesh_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes the batch (leading) dimension is split over, by the logical rules (size-1 axes left out)."""
+    spec = logical_to_spec(("batch",), mesh)
+    axes = spec[0] if spec else None
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def constrain_batch(x: Any) -> Any:
     """`x` with its leading (batch) axis split over `data`×`fsdp` while a step traces on a mesh (else unchanged).
 
@@ -98,12 +105,10 @@ def constrain_batch(x: Any) -> Any:
     mesh = _ACTIVATION_MESH.get()
     if mesh is None or np.ndim(x) == 0:
         return x
-    spec = logical_to_spec(("batch",), mesh)
-    axes = spec[0] if spec else None
-    names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    names = _batch_mesh_axes(mesh)
     if not names or np.shape(x)[0] % math.prod(mesh.shape[a] for a in names):
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(axes, *([None] * (np.ndim(x) - 1)))))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(names, *([None] * (np.ndim(x) - 1)))))
 
 
 def gathers_weights() -> bool:
@@ -122,10 +127,10 @@ def gather_late(after: Any, kernel_path: str, kernel: Any) -> Any:
     `1 + 0·isfinite(a₀)·…`, exactly 1 (an optimisation barrier would say the same, but XLA's CPU
     compiler drops barriers before it schedules), done on the kernel's shard, in its param layout.
     """
-    mesh = _ACTIVATION_MESH.get()
     anchors = [a for a in jax.tree.leaves(after) if np.ndim(a) > 0]
     if not gathers_weights() or not anchors:
         return kernel
+    mesh = _ACTIVATION_MESH.get()
     spec = logical_to_spec(logical_axes(kernel_path, np.ndim(kernel)), mesh)
     try:
         _check_divisible(kernel_path, np.shape(kernel), spec, mesh)
@@ -148,7 +153,7 @@ def sum_over_batch_shards(fn: Any, rows: tuple[Any, ...], whole: tuple[Any, ...]
     mesh = _ACTIVATION_MESH.get()
     if mesh is None or mesh.shape.get("tensor", 1) > 1:
         return fn(*rows, *whole)
-    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    axes = _batch_mesh_axes(mesh)
     ways = math.prod(mesh.shape[a] for a in axes)
     if not axes or any(np.shape(r)[0] % ways for r in rows):
         return fn(*rows, *whole)
