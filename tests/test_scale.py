@@ -252,3 +252,28 @@ def test_masking_clears_pruned_weights_even_when_they_are_not_finite():
     weights = jnp.asarray([[1.5, 2.0, 3.0], [4.0, -2.0, 0.5]])
     grad = jax.grad(lambda w: jnp.sum(mask_weights(w, keep) * jnp.arange(6.0).reshape(2, 3)))(weights)
     np.testing.assert_array_equal(np.asarray(grad), np.where(np.asarray(keep), np.arange(6.0).reshape(2, 3), 0.0))
+
+
+def test_gather_late_and_batch_shard_sums_change_no_value_on_a_mesh():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from sparsevlm import sharding
+
+    mesh = sharding.make_mesh("data=2,fsdp=2", jax.devices()[:4])
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(8, 3, 16)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(16, 24)), jnp.float32).at[0, 0].set(jnp.nan)
+    path = "language/blocks_0/mlp/up/kernel"
+    assert not sharding.gathers_weights() and sharding.gather_late(x, path, kernel) is kernel
+
+    def traced(x, kernel):
+        with sharding.activation_mesh(mesh):
+            assert sharding.gathers_weights()
+            late = sharding.gather_late((x, x[:, 0]), path, kernel)
+            sums = sharding.sum_over_batch_shards(lambda r, w: jnp.einsum("bti,io->o", r, w), (x,), (late,))
+            return late, sums
+
+    x_sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+    late, sums = jax.jit(traced)(x_sharded, kernel)
+    np.testing.assert_array_equal(np.asarray(late), np.asarray(kernel))  # exactly, NaN included
+    np.testing.assert_allclose(np.asarray(sums), np.asarray(jnp.einsum("bti,io->o", x, kernel)), rtol=1e-5)
