@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from sparsevlm.config import LORA_MODES, LoraConfig
 from sparsevlm.masks import flat_masks, mask_weights, unpack_mask
 from sparsevlm.models.layers import intercept_linears, linear
-from sparsevlm.sharding import gather_late, sum_over_batch_shards
+from sparsevlm.sharding import gather_late, sum_over_batch_shards, tie_to
 from sparsevlm.tree import flatten, match_rules, unflatten
 
 PyTree = Any
@@ -142,6 +142,7 @@ def _adapted_linear(x: Array, kernel: Array, bias: Array | None, mask: Array | N
     # Rematerialised by hand: only the inputs are saved for the backward pass, never the effective
     # kernel (nor the unpacked mask), which the backward pass rebuilds.
     kernel = gather_late(x, path, kernel)
+    factors = tie_to(x, factors)
     return _linear_output(x, kernel, bias, mask, factors, alpha, mode, dtype)
 
 
@@ -155,6 +156,7 @@ def _adapted_linear_bwd(path, alpha, mode, dtype, saved, grad):  # noqa: ANN001,
     # only when this layer's backward pass runs, not all at once when its block's does.
     x, kernel, bias, mask, factors = saved
     kernel = gather_late((grad, x), path, kernel)
+    factors = tie_to((grad, x), factors)
     if mode == "lora" or factors is None:
         _, pullback = jax.vjp(lambda x, kernel, bias, factors: _linear_output(x, kernel, bias, mask, factors, alpha,
                                                                               mode, dtype), x, kernel, bias, factors)

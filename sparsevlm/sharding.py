@@ -43,13 +43,17 @@ BATCH_AXES = ("data", "fsdp")
 
 # Path regex → one logical name per dimension (None: never sharded). Flax kernels are [in, out];
 # vectors are named after the dimension they run along. First match wins; no match: replicated.
+# The output (`embed_out`) of `o`/`down` falls back to `fsdp` only where `tensor` has not split
+# their input: with `fsdp` alone they are split along the input, the major axis, so a gathered
+# kernel is already row-major (split along the minor axis, XLA gathered it column-major and then
+# copied it: two full copies of the kernel at once).
 PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r".*/(q|k|v)/kernel", ("embed", "heads")),
     (r".*/(q|k|v)/bias", ("heads",)),
-    (r".*/o/kernel", ("heads", "embed")),
+    (r".*/o/kernel", ("heads", "embed_out")),
     (r".*/(up|gate)/kernel", ("embed", "mlp")),
     (r".*/(up|gate)/bias", ("mlp",)),
-    (r".*/down/kernel", ("mlp", "embed")),
+    (r".*/down/kernel", ("mlp", "embed_out")),
     (r"connector/projection/kernel", ("embed", "embed_out")),
     (r".*/(o|down|projection)/bias", ("embed",)),
     (r".*(norm\w*)/(scale|bias)", ("embed",)),
@@ -127,8 +131,7 @@ def gather_late(after: Any, kernel_path: str, kernel: Any) -> Any:
     `1 + 0·isfinite(a₀)·…`, exactly 1 (an optimisation barrier would say the same, but XLA's CPU
     compiler drops barriers before it schedules), done on the kernel's shard, in its param layout.
     """
-    anchors = [a for a in jax.tree.leaves(after) if np.ndim(a) > 0]
-    if not gathers_weights() or not anchors:
+    if not gathers_weights():
         return kernel
     mesh = _ACTIVATION_MESH.get()
     spec = logical_to_spec(logical_axes(kernel_path, np.ndim(kernel)), mesh)
@@ -137,9 +140,28 @@ def gather_late(after: Any, kernel_path: str, kernel: Any) -> Any:
     except ShardingError:
         return kernel
     pin = lambda v: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, spec))  # noqa: E731
-    finite = math.prod(jnp.isfinite(a.reshape(-1)[0]).astype(kernel.dtype) for a in anchors)
+    return pin(tie_to(after, pin(kernel)))
+
+
+def tie_to(after: Any, tree: Any) -> Any:
+    """`tree` (unchanged values), made to depend on the arrays `after` while a step traces on a mesh with `fsdp` > 1.
+
+    XLA schedules a computation as soon as its inputs exist; one tied to a layer's input cannot run
+    before that layer does (see `gather_late`). Float leaves are multiplied by `1 + 0·isfinite(a₀)·…`,
+    integer ones OR'ed with its `- 1` (both exactly the identity).
+    """
+    anchors = [a for a in jax.tree.leaves(after) if np.ndim(a) > 0]
+    if not gathers_weights() or not anchors:
+        return tree
+    finite = math.prod(jnp.isfinite(a.reshape(-1)[0]).astype(jnp.float32) for a in anchors)
     one = 1.0 + 0.0 * finite
-    return pin(pin(kernel) * one)
+
+    def tie(v: Any) -> Any:
+        if jnp.issubdtype(v.dtype, jnp.floating):
+            return v * one.astype(v.dtype)
+        return v | (one - 1.0).astype(v.dtype)
+
+    return jax.tree.map(tie, tree)
 
 
 def sum_over_batch_shards(fn: Any, rows: tuple[Any, ...], whole: tuple[Any, ...]) -> Any:

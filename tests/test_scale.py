@@ -254,7 +254,7 @@ def test_masking_clears_pruned_weights_even_when_they_are_not_finite():
     np.testing.assert_array_equal(np.asarray(grad), np.where(np.asarray(keep), np.arange(6.0).reshape(2, 3), 0.0))
 
 
-def test_gather_late_and_batch_shard_sums_change_no_value_on_a_mesh():
+def test_gather_late_tie_to_and_batch_shard_sums_change_no_value_on_a_mesh():
     from jax.sharding import NamedSharding, PartitionSpec
 
     from sparsevlm import sharding
@@ -271,9 +271,16 @@ def test_gather_late_and_batch_shard_sums_change_no_value_on_a_mesh():
             assert sharding.gathers_weights()
             late = sharding.gather_late((x, x[:, 0]), path, kernel)
             sums = sharding.sum_over_batch_shards(lambda r, w: jnp.einsum("bti,io->o", r, w), (x,), (late,))
-            return late, sums
+            return late, sums, sharding.tie_to(x, tied)
 
+    tied = {"f32": kernel.at[1, 1].set(-jnp.inf), "bf16": kernel.astype(jnp.bfloat16),
+            "u8": jnp.asarray(rng.integers(0, 256, (4, 5)), jnp.uint8), "none": None}
+    assert sharding.tie_to(x, tied) is tied
     x_sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
-    late, sums = jax.jit(traced)(x_sharded, kernel)
+    late, sums, after = jax.jit(traced)(x_sharded, kernel)
     np.testing.assert_array_equal(np.asarray(late), np.asarray(kernel))  # exactly, NaN included
+    assert after["none"] is None
+    for name in ("f32", "bf16", "u8"):
+        assert after[name].dtype == tied[name].dtype
+        np.testing.assert_array_equal(np.asarray(after[name]), np.asarray(tied[name]))
     np.testing.assert_allclose(np.asarray(sums), np.asarray(jnp.einsum("bti,io->o", x, kernel)), rtol=1e-5)

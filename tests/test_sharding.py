@@ -135,6 +135,13 @@ def test_params_masks_and_lora_follow_the_logical_rules(setup):
     # With fsdp alone the kernel's output axis stays whole; B then takes fsdp too rather than being replicated
     # (a 7B's LoRA + Adam state was 5x its fair share per device), where fsdp divides it.
     fsdp = sh.make_mesh("fsdp=8")
+    fsdp_sh = flatten(sh.param_shardings(params, fsdp))
+    # With fsdp alone, o and down split along their input (major) axis, the others along embed.
+    assert {path: fsdp_sh[path].spec for path in expected} == {
+        "language/blocks_0/attn/q/kernel": P("fsdp", None), "language/blocks_0/attn/o/kernel": P("fsdp", None),
+        "language/blocks_0/mlp/down/kernel": P("fsdp", None), "language/embed/embedding": P(None, "fsdp"),
+        "language/lm_head/kernel": P("fsdp", None), "language/blocks_0/norm1/scale": P("fsdp"),
+        "vision/blocks_0/mlp/up/bias": P("fsdp"), "vision/patch_embed/kernel": P(None, None, None, "fsdp")}
     lora_sh = flatten(sh.lora_shardings(lora, sh.param_shardings(params, fsdp)))
     assert lora_sh[f"{q}/a"].spec == P(None, "fsdp") and lora_sh[f"{q}/b"].spec == P("fsdp", None)
     for path, factor in flatten(lora).items():
