@@ -48,3 +48,20 @@ def test_reproduce_quick_writes_every_study(trained_model_dir, tmp_path, script)
         assert by[("70%", pruner, "SparseLoRA + KL")]["measured"] == by[("70%", pruner, "pruned")]["measured"]
         assert ("2:4", pruner, "pruned") not in by
     assert "## restoration" in (tmp_path / "reproduce.md").read_text()
+
+
+@pytest.mark.slow
+def test_calibration_mode_quick_compares_both_modes_for_both_methods(trained_model_dir, tmp_path, script):
+    study = script(ROOT / "experiments", "calibration_mode")
+    study.main(["--quick", "--model", trained_model_dir, "--eval-images", "8", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "calibration_mode.json").read_text())
+    rows = {(r["method"], r["setting"], r["mode"]): r for r in payload["rows"]}
+    assert set(rows) == {(m, s, mode) for m in ("wanda", "sparsegpt") for s in study.SPECS
+                         for mode in ("sequential", "dense")}
+    for (method, setting, mode), row in rows.items():
+        assert 0.0 <= row["accuracy"] <= 1.0
+        measured, spec = row["measured"], study.SPECS[setting]
+        assert abs(measured["language"] - spec.language) < 0.01, (method, setting, mode)
+        assert abs(measured["vision"] - spec.vision) < 0.01, (method, setting, mode)
+    table = (tmp_path / "calibration_mode.md").read_text()
+    assert table.count("\n| wanda |") == table.count("\n| sparsegpt |") == len(study.SPECS)
