@@ -58,7 +58,8 @@ def run(study: Study) -> list[dict[str, Any]]:
                 })
             return jnp.where(start, kernel, 0), start
 
-        prune_blockwise(study.bundle.params, forward_stages(study.bundle.config), study.calibration, ratios, layer,
+        calibration = study.pipeline.calibration(study.config(spec))
+        prune_blockwise(study.bundle.params, forward_stages(study.bundle.config), calibration, ratios, layer,
                         need_hessian=True)
         for name, found in layers.items():
             squared = np.array([r["squared"] for r in found])

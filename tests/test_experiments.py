@@ -65,3 +65,18 @@ def test_calibration_mode_quick_compares_both_modes_for_both_methods(trained_mod
         assert abs(measured["vision"] - spec.vision) < 0.01, (method, setting, mode)
     table = (tmp_path / "calibration_mode.md").read_text()
     assert table.count("\n| wanda |") == table.count("\n| sparsegpt |") == len(study.SPECS)
+
+
+@pytest.mark.slow
+def test_dsnot_error_quick_guard_never_raises_a_layers_squared_error(trained_model_dir, tmp_path, script):
+    study = script(ROOT / "experiments", "dsnot_error")
+    study.main(["--quick", "--model", trained_model_dir, "--out", str(tmp_path)])
+    rows = {(r["setting"], r["variant"]): r for r in json.loads((tmp_path / "dsnot_error.json").read_text())["rows"]}
+    assert set(rows) == {(s, v) for s in study.SETTINGS for v in study.VARIANTS}
+    for (setting, variant), row in rows.items():
+        assert row["layers"] == len(row["per_layer"]) > 0
+        # Every swap lowers its row's |expected error|; with the guard, none raises its squared error.
+        assert row["expected_ratio_max"] <= 1 + 1e-4
+        if variant == "DSnoT + guard":
+            assert row["squared_ratio_max"] <= 1 + 1e-4, setting
+    assert (tmp_path / "dsnot_error.png").stat().st_size > 0
