@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sparsevlm.config import PLAN_PRESETS, DataSource, PretrainConfig, PruneConfig, RestoreConfig
+from sparsevlm.config import PLAN_PRESETS, DataSource, PretrainConfig, PruneConfig, RestoreConfig, pretrain_preset
 from sparsevlm.data.tasks import EVAL_TASKS, parse_data_spec
 
 
@@ -111,30 +111,42 @@ def _default(cls: type, path: tuple[str, ...]) -> Any:
     return value
 
 
-def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    """The config `cls` the parsed flags describe (its checks run here)."""
+def config_from_args(cls: type, args: argparse.Namespace, base: Any = None) -> Any:
+    """The config `cls` the parsed flags describe (its checks run here); a flag left at None takes `base`'s value."""
     values = {tuple(k.split(".")[1:]): v for k, v in vars(args).items() if k.startswith("config.")}
 
-    def build(cls: type, path: tuple[str, ...]) -> Any:
+    def build(cls: type, path: tuple[str, ...], base: Any) -> Any:
         kwargs = {}
         for field in dataclasses.fields(cls):
             spec = field.metadata.get("cli")
             if spec is None:
                 continue
+            inner = None if base is None else getattr(base, field.name)
             if spec["prefix"] is not None:
-                kwargs[field.name] = build(type(_default(cls, (field.name,))), (*path, field.name))
+                kwargs[field.name] = build(type(_default(cls, (field.name,))), (*path, field.name), inner)
             else:
-                kwargs[field.name] = values[(*path, field.name)]
+                value = values[(*path, field.name)]
+                kwargs[field.name] = inner if value is None and base is not None else value
         return cls(**kwargs)
 
-    return build(cls, ())
+    return build(cls, (), base)
+
+
+def _pretrain_config(args: argparse.Namespace) -> PretrainConfig:
+    """`pretrain`'s config: the flags given, over the recipe of the task's built-in model (`pretrain_preset`)."""
+    task = getattr(args, "config.task")
+    return config_from_args(PretrainConfig, args, pretrain_preset(task))
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="train a built-in model on built-in shapes (or scenes) VQA")
+    p = sub.add_parser("pretrain", help="train a built-in model on built-in shapes (or scenes) VQA",
+                       description="Flags not given take the task's recipe: the defaults shown are the shapes "
+                                   "model's; --task scenes starts from config.pretrain_preset('scenes').")
     p.add_argument("--out", default=None, help="output model directory (default: $SPARSEVLM_HOME/default; "
                                                "--task scenes: $SPARSEVLM_HOME/scenes)")
     add_config_flags(p, PretrainConfig)
+    # Unset flags take the task's recipe (the defaults shown are shapes'; --task scenes: pretrain_preset("scenes")).
+    p.set_defaults(**{"config." + ".".join(path): None for _, path, _ in _flags(PretrainConfig) if path != ("task",)})
     p.add_argument("--mesh", type=_mesh, default=None,
                    help="train sharded over a device mesh, e.g. 'fsdp=-1' (see restore); needed as several processes")
     p.add_argument("--eval-images", type=_positive_int, default=None, help="evaluate on the first N test images")
@@ -253,7 +265,7 @@ def _run(args: argparse.Namespace) -> int:
     from sparsevlm import jobs
 
     if args.command == "pretrain":
-        return jobs.pretrain_job(config_from_args(PretrainConfig, args), Path(args.out) if args.out else None,
+        return jobs.pretrain_job(_pretrain_config(args), Path(args.out) if args.out else None,
                                  args.force, _mesh_for(args.mesh), args.eval_images)
     if args.command == "evaluate":
         return jobs.evaluate_job(args.model, args.task, args.data, args.split, args.limit, args.batch_size,

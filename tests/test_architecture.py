@@ -170,6 +170,24 @@ def test_config_fields_and_command_flags_match_one_for_one(command, config):
     assert {".".join(path) for _, path, _ in _flags(config)} == settings(config)
 
 
+def test_pretrain_flags_not_given_take_the_tasks_recipe():
+    import dataclasses
+
+    from sparsevlm.cli import _pretrain_config
+    from sparsevlm.config import pretrain_preset
+
+    parser = build_parser()
+    assert _pretrain_config(parser.parse_args(["pretrain"])) == PretrainConfig() == pretrain_preset("shapes")
+    scenes = pretrain_preset("scenes")
+    assert scenes != PretrainConfig()
+    assert _pretrain_config(parser.parse_args(["pretrain", "--task", "scenes"])) == scenes
+    given = parser.parse_args(["pretrain", "--task", "scenes", "--steps", "60", "--learning-rate", "1e-3"])
+    assert _pretrain_config(given) == dataclasses.replace(scenes, steps=60, learning_rate=1e-3)
+    # A flag given at the shapes default still wins over the scenes recipe.
+    same = parser.parse_args(["pretrain", "--task", "scenes", "--batch-size", str(PretrainConfig().batch_size)])
+    assert _pretrain_config(same).batch_size == PretrainConfig().batch_size != scenes.batch_size
+
+
 def test_the_code_is_pyflakes_clean():
     pyflakes = pytest.importorskip("pyflakes.api")
     from pyflakes.reporter import Reporter
