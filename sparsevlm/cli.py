@@ -145,7 +145,6 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output model directory (default: $SPARSEVLM_HOME/default; "
                                                "--task scenes: $SPARSEVLM_HOME/scenes)")
     add_config_flags(p, PretrainConfig)
-    # Unset flags take the task's recipe (the defaults shown are shapes'; --task scenes: pretrain_preset("scenes")).
     p.set_defaults(**{"config." + ".".join(path): None for _, path, _ in _flags(PretrainConfig) if path != ("task",)})
     p.add_argument("--mesh", type=_mesh, default=None,
                    help="train sharded over a device mesh, e.g. 'fsdp=-1' (see restore); needed as several processes")
