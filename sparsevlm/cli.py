@@ -126,7 +126,7 @@ def config_from_args(cls: type, args: argparse.Namespace, base: Any = None) -> A
                 kwargs[field.name] = build(type(_default(cls, (field.name,))), (*path, field.name), inner)
             else:
                 value = values[(*path, field.name)]
-                kwargs[field.name] = inner if value is None and base is not None else value
+                kwargs[field.name] = inner if value is None else value
         return cls(**kwargs)
 
     return build(cls, (), base)

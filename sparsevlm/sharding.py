@@ -1,8 +1,8 @@
 """Device meshes, logical-axis sharding rules, and the shardings of params, masks, LoRA and batches.
 
 A mesh has three named axes: `data` (batch only), `fsdp` (batch, and params split along their
-`embed` dimension, or the input one of `o`/`down`, gathered by XLA where a layer needs them) and `tensor` (params split along heads,
-MLP and vocabulary dimensions). Params carry logical axis names by path (`PARAM_AXES`, regexes over
+`embed` dimension, or the input one of `o`/`down`, gathered by XLA where a layer needs them) and
+`tensor` (params split along heads, MLP and vocabulary dimensions). Params carry logical axis names by path (`PARAM_AXES`, regexes over
 `/`-joined paths, like the pruning rules and LoRA targets); `LOGICAL_RULES` maps each logical name to
 mesh axes, MaxText-style: a name lists candidate mesh axes in order and takes the first one of size
 > 1 that the leaf's other dimensions have not already taken. Change the sharding by editing the rules,
