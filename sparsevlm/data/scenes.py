@@ -1,10 +1,10 @@
 """Scenes VQA: a seeded, download-free VQA + captioning dataset whose answers need vision across patches.
 
-Unlike shapes VQA (one flat shape per 16-px patch), a scene holds 2–5 shapes of varied size at
-free positions (not on the patch grid, each spanning several 8-px patches), drawn filled, outlined
-or striped, overlapping each other, and half the scenes have a large outlined box that some shapes
-sit in. Questions (one-word answers, all need the image):
-  count     "how many circles are there ?"               (zero … five)
+Unlike shapes VQA (one flat shape per 16-px patch), a scene holds 2–4 shapes of varied size at
+free positions (not on the patch grid, each spanning 2–3 of the scenes model's 16-px patches of a
+64-px image), drawn filled, outlined, or outlined and striped, overlapping each other, and half the
+scenes have a large outlined box that some shapes sit in. Questions (one-word answers, all need the image):
+  count     "how many circles are there ?"               (zero … four)
   color     "what color is the circle ?"                 (asked only about a shape that occurs once)
   style     "what style is the red circle ?"             (filled / outlined / striped)
   relation  "is the red circle left of the blue square ?" (left of / right of / above / below; yes / no)
@@ -15,8 +15,9 @@ Every image also has a caption listing its objects left to right.
 The geometry is part of the scene (centres and sizes as fractions of the image side), so every
 answer is computed from it, and it is drawn the same at any image size. Rules that keep answers
 unambiguous (the generator redraws a placement that breaks one):
-  visibility  shapes are painted in order, later over earlier; every object keeps at least
-              `MIN_VISIBLE` of its painted pixels visible, so every object counts (none is a sliver);
+  visibility  shapes are painted in order, later over earlier; at least `MIN_VISIBLE` of every
+              shape's silhouette (the box: of its outline) lies outside every later shape's
+              silhouette, so every object counts and shows its shape (none is a sliver);
   relations   asked only when the two centres differ by at least `RELATION_MARGIN` along the axis;
   nearest     asked only when the nearest centre is `NEAREST_MARGIN` closer than the next one;
   inside      a shape's bounding square lies inside the box's inner edge by `BOX_MARGIN`, or its
@@ -44,18 +45,21 @@ __all__ = ["CAPTION_PROMPT", "SPLITS", "captioning_view", "features", "build_spl
 SHAPES = ("circle", "square", "triangle", "diamond")
 BOX = "box"
 STYLES = ("filled", "outlined", "striped")
-NUMBERS = ("zero", "one", "two", "three", "four", "five")
+NUMBERS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = ("count", "color", "style", "relation", "nearest", "inside")
 RELATIONS = ("left of", "right of", "above", "below")
 SPLIT_IMAGES = {"train": 8000, "validation": 250, "test": 500}
 _SPLIT_SEED_OFFSET = {"train": 0, "validation": 1, "test": 2}
 
 # Geometry, in fractions of the image side.
-RADIUS = (0.10, 0.21)  # shapes: 5–10 px radius at 48 px, spanning 2–3 patches of 8 px
-BOX_HALF = (0.24, 0.34)
-LINE = 0.045  # outline width (≈2 px at 48)
-STRIPE_PERIOD = 0.09
-MIN_VISIBLE = 0.5
+RADIUS = (0.16, 0.24)  # shapes: 10–15 px radius at 64 px, spanning 2–3 patches of 16 px
+IN_BOX_RADIUS = (0.12, 0.20)  # 7.5–13 px
+BOX_HALF = (0.30, 0.40)
+BOX_ROOM = 0.03
+LINE = 0.05  # outline width (≈3 px at 64)
+STRIPE_PERIOD = 0.14  # stripes ≈4.5 px wide at 64
+MAX_SHAPES = 4
+MIN_VISIBLE = 0.75
 RELATION_MARGIN = 0.12
 NEAREST_MARGIN = 0.08
 BOX_MARGIN = 0.03
@@ -158,15 +162,16 @@ def silhouette(obj: SceneObject, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
 
 
 def painted(obj: SceneObject, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-    """The pixels the object paints: its silhouette, its outline band, or its stripes."""
+    """The pixels the object paints: its silhouette, its outline band, or the outline and stripes inside."""
     inside = silhouette(obj, yy, xx)
     if obj.style == "filled":
         return inside
+    shrunk = dataclasses.replace(obj, size=max(obj.size - LINE * (1.6 if obj.kind == "triangle" else 1.0), 0.0))
+    outline = inside & ~silhouette(shrunk, yy, xx)
     if obj.style == "outlined":
-        shrunk = dataclasses.replace(obj, size=max(obj.size - LINE * (1.6 if obj.kind == "triangle" else 1.0), 0.0))
-        return inside & ~silhouette(shrunk, yy, xx)
-    phase = ((xx - obj.x) + (yy - obj.y)) / STRIPE_PERIOD  # diagonal stripes
-    return inside & (np.mod(phase, 1.0) < 0.5)
+        return outline
+    phase = ((xx - obj.x) + (yy - obj.y)) / STRIPE_PERIOD  # diagonal stripes inside the outline
+    return outline | (inside & (np.mod(phase, 1.0) < 0.5))
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,17 +179,24 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(coords, coords, indexing="ij")
 
 
+def own_area(obj: SceneObject, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """The pixels that show an object: a shape's silhouette, the box's outline band."""
+    return painted(obj, yy, xx) if obj.kind == BOX else silhouette(obj, yy, xx)
+
+
 def visible_fractions(scene: Scene, size: int = _GEOMETRY_GRID) -> list[float]:
-    """Per object, the fraction of its painted pixels no later object paints over."""
+    """Per object, the fraction of its own area (`own_area`) outside every later shape's silhouette."""
     yy, xx = _grid(size)
-    masks = [painted(o, yy, xx) for o in scene.objects]
+    return _visible([own_area(o, yy, xx) for o in scene.objects], [silhouette(o, yy, xx) for o in scene.objects])
+
+
+def _visible(areas: list[np.ndarray], silhouettes: list[np.ndarray]) -> list[float]:
     out = []
-    for i, mask in enumerate(masks):
-        covered = np.zeros_like(mask)
-        for later in masks[i + 1:]:
-            covered |= later
-        out.append(float((mask & ~covered).sum() / max(mask.sum(), 1)))
-    return out
+    covered = np.zeros_like(areas[0])
+    for area, later in zip(reversed(areas), reversed(silhouettes)):  # from the top layer down
+        out.append(float((area & ~covered).sum() / max(area.sum(), 1)))
+        covered |= later
+    return out[::-1]
 
 
 def _inside_or_outside(box: SceneObject, obj: SceneObject) -> bool:
@@ -194,39 +206,35 @@ def _inside_or_outside(box: SceneObject, obj: SceneObject) -> bool:
     return inside or outside
 
 
-def _min_visible(masks: list[np.ndarray]) -> float:
-    covered = np.zeros_like(masks[0])
-    lowest = 1.0
-    for mask in reversed(masks):  # from the top layer down
-        lowest = min(lowest, float((mask & ~covered).sum() / max(mask.sum(), 1)))
-        covered |= mask
-    return lowest
-
-
 def sample_scene(rng: np.random.Generator) -> Scene:
-    """2–5 shapes (half the scenes also a box) at free positions, each placement redrawn until the rules hold."""
+    """2–4 shapes (half the scenes also a box) at free positions, each placement redrawn until the rules hold."""
     colors = list(COLORS)
     yy, xx = _grid(_GEOMETRY_GRID)
     objects: list[SceneObject] = []
-    masks: list[np.ndarray] = []
+    areas: list[np.ndarray] = []
+    silhouettes: list[np.ndarray] = []
     box = None
     if rng.random() < 0.5:
         half = float(rng.uniform(*BOX_HALF))
         bx, by = (float(rng.uniform(half + 0.02, 1 - half - 0.02)) for _ in range(2))
         box = SceneObject(BOX, colors[int(rng.integers(len(colors)))], "outlined", *_round(bx, by, half))
         objects.append(box)
-        masks.append(painted(box, yy, xx))
-    target = int(rng.integers(2, 6))
+        areas.append(own_area(box, yy, xx))
+        silhouettes.append(silhouette(box, yy, xx))
+    target = int(rng.integers(2, MAX_SHAPES + 1))
     tries = 0
     while len(objects) - (box is not None) < target and tries < 200:
         tries += 1
         kind = SHAPES[int(rng.integers(len(SHAPES)))]
-        radius = float(rng.uniform(*RADIUS))
+        in_box = box is not None and rng.random() < 0.6  # most shapes of a boxed scene go in the box
+        # A shape in the box may be smaller (`IN_BOX_RADIUS`), at most as large as leaves it `BOX_ROOM` of play.
+        lo, hi = IN_BOX_RADIUS if in_box else RADIUS
+        if in_box:
+            hi = min(hi, (box.size - LINE - BOX_MARGIN - BOX_ROOM) / 1.1)
+        radius = float(rng.uniform(lo, hi))
         extent = radius * 1.1
-        if box is not None and rng.random() < 0.5:  # half the shapes of a boxed scene go in the box
+        if in_box:
             room = box.size - LINE - BOX_MARGIN - extent
-            if room <= 0:
-                continue
             x, y = (float(c + rng.uniform(-room, room)) for c in (box.x, box.y))
         else:
             x, y = (float(rng.uniform(extent, 1 - extent)) for _ in range(2))
@@ -234,10 +242,11 @@ def sample_scene(rng: np.random.Generator) -> Scene:
                                 *_round(x, y, radius))
         if box is not None and not _inside_or_outside(box, candidate):
             continue
-        mask = painted(candidate, yy, xx)
-        if _min_visible([*masks, mask]) >= MIN_VISIBLE:
+        shape = silhouette(candidate, yy, xx)
+        if min(_visible([*areas, shape], [*silhouettes, shape])) >= MIN_VISIBLE:
             objects.append(candidate)
-            masks.append(mask)
+            areas.append(shape)
+            silhouettes.append(shape)
     if len(objects) - (box is not None) < 2:
         return sample_scene(rng)
     return Scene(tuple(objects))
@@ -248,7 +257,7 @@ def _round(x: float, y: float, size: float) -> tuple[float, float, float]:
     return round(x, 3), round(y, 3), round(size, 3)
 
 
-def render(scene: Scene, rng: np.random.Generator, image_size: int = 48) -> np.ndarray:
+def render(scene: Scene, rng: np.random.Generator, image_size: int = 64) -> np.ndarray:
     """Draw a scene as uint8 RGB `[S, S, 3]`, with colour and pixel noise (the geometry is the scene's)."""
     supersample = 2
     yy, xx = _grid(image_size * supersample)
@@ -342,7 +351,7 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split={split!r} is not a scenes-VQA split; allowed: {', '.join(SPLITS)}")
 
 
-def build_split(split: str, num_images: int | None = None, seed: int = 0, image_size: int = 48) -> datasets.Dataset:
+def build_split(split: str, num_images: int | None = None, seed: int = 0, image_size: int = 64) -> datasets.Dataset:
     """Scenes VQA `split` as a `datasets.Dataset`, one row per question (the columns of shapes VQA)."""
     _check_split(split)
     num_images = SPLIT_IMAGES[split] if num_images is None else num_images
@@ -370,20 +379,32 @@ def probe_grid(patches_per_side: int) -> int:
     return patches_per_side
 
 
+POSITION_BINS = 8  # object centres are labelled in eighths of the image side
+
+
 def probe_classes(grid: int) -> dict[str, int]:
-    """Classes of each per-patch label of `probe_labels` (0: background)."""
-    return {"color": len(COLORS) + 1, "shape": len(SHAPES) + 2, "style": len(STYLES) + 1, "cell": grid * grid}
+    """Classes of each per-patch label of `probe_labels` (0: background, or no centre in the patch)."""
+    objects = {"color": len(COLORS) + 1, "shape": len(SHAPES) + 2, "style": len(STYLES) + 1,
+               "x": POSITION_BINS + 1, "y": POSITION_BINS + 1}
+    return objects | {"centre": len(SHAPES) + 1, "cell": grid * grid}
 
 
 def probe_labels(scene_key: str, grid: int) -> dict[str, np.ndarray]:
-    """Per patch of a `grid × grid` patching, the top object's colour, kind and style at the patch centre `[grid²]`."""
+    """Per patch of a `grid × grid` patching `[grid²]`: the top object at the patch centre (colour, kind,
+    style, and its centre's column `x` and row `y` in `POSITION_BINS`), the kind of the shape whose centre
+    lies in the patch (`centre`: one token per shape, the topmost where two share a patch), and the patch index."""
     scene = Scene.from_key(scene_key)
     yy, xx = _grid(grid)
-    labels = {name: np.zeros(grid * grid, np.int32) for name in ("color", "shape", "style")}
+    labels = {name: np.zeros(grid * grid, np.int32) for name in ("color", "shape", "style", "x", "y", "centre")}
+    bin_of = lambda v: min(int(v * POSITION_BINS), POSITION_BINS - 1) + 1  # noqa: E731
     for obj in scene.objects:  # painting order: later objects overwrite
         hit = silhouette(obj, yy, xx).reshape(-1)
         labels["color"][hit] = list(COLORS).index(obj.color) + 1
         labels["shape"][hit] = (SHAPES + (BOX,)).index(obj.kind) + 1
         labels["style"][hit] = STYLES.index(obj.style) + 1
+        labels["x"][hit], labels["y"][hit] = bin_of(obj.x), bin_of(obj.y)
+        if obj.kind != BOX:
+            labels["centre"][min(int(obj.y * grid), grid - 1) * grid + min(int(obj.x * grid), grid - 1)] = (
+                SHAPES.index(obj.kind) + 1)
     labels["cell"] = np.arange(grid * grid, dtype=np.int32)
     return labels

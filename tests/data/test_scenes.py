@@ -99,14 +99,17 @@ def _check_answer(scene: scenes.Scene, qtype: str, question: str, answer: str) -
 def test_every_answer_follows_from_the_scene(seed):
     rng = np.random.default_rng(seed)
     scene = scenes.sample_scene(rng)
-    assert 2 <= len(scene.shapes) <= 5 and sum(o.kind == scenes.BOX for o in scene.objects) <= 1
+    assert 2 <= len(scene.shapes) <= 4 and sum(o.kind == scenes.BOX for o in scene.objects) <= 1
     assert scenes.Scene.from_key(scene.key) == scene
-    # Visibility rule: every object keeps at least MIN_VISIBLE of its painted pixels, so each one counts.
+    # Visibility rule: at least MIN_VISIBLE of every shape's silhouette (the box: of its outline) lies
+    # outside every later shape's silhouette, so each object counts and shows its shape.
     yy, xx = _coords()
-    top = _id_buffer(scene, yy, xx)
     for i, obj in enumerate(scene.objects):
-        painted = scenes.painted(obj, yy, xx).sum()
-        assert painted > 0 and (top == i).sum() / painted >= scenes.MIN_VISIBLE
+        own = scenes.painted(obj, yy, xx) if obj.kind == scenes.BOX else scenes.silhouette(obj, yy, xx)
+        covered = np.zeros_like(own)
+        for later in scene.objects[i + 1:]:
+            covered |= scenes.silhouette(later, yy, xx)
+        assert own.sum() > 0 and (own & ~covered).sum() / own.sum() >= scenes.MIN_VISIBLE
     asked = scenes.questions(scene, rng)
     assert len({q for q, _, _ in asked}) == len(asked)
     vocabulary = set(scenes.vocabulary())
@@ -119,10 +122,10 @@ def test_every_answer_follows_from_the_scene(seed):
 def test_objects_span_patches_off_grid_with_every_style():
     found = [scenes.sample_scene(np.random.default_rng(i)) for i in range(150)]
     shapes = [o for s in found for o in s.shapes]
-    diameters = np.array([2 * o.size * 48 for o in shapes])
-    assert diameters.min() >= 9.5 and diameters.max() > 19 and np.mean(diameters > 16) > 0.2  # 1.2–2.5 patches
+    diameters = np.array([2 * o.size * 64 for o in shapes])  # px of the 64-px image, patches of 16
+    assert diameters.min() >= 15 and diameters.max() > 29 and np.mean(diameters > 25) > 0.2  # 0.95–1.9 patches
     assert {o.style for o in shapes} == set(scenes.STYLES)
-    centres = np.array([(o.x, o.y) for o in shapes]) * 6  # in patch units
+    centres = np.array([(o.x, o.y) for o in shapes]) * 4  # in patch units
     assert np.std(centres % 1) > 0.25  # not aligned to the patch grid
     assert 0.35 < np.mean([s.box is not None for s in found]) < 0.65
     overlapped = [min(scenes.visible_fractions(s)) < 0.99 for s in found]
@@ -160,9 +163,9 @@ def test_image_shows_each_object_in_its_colour():
     data = scenes.build_split("test", 6)
     for row in data.select(np.unique(np.array(data["image_id"]), return_index=True)[1]):
         image = decode_image(row["image"]).astype(float)
-        assert image.shape == (48, 48, 3)
+        assert image.shape == (64, 64, 3)
         scene = scenes.Scene.from_key(row["scene"])
-        yy, xx = _coords(48)
+        yy, xx = _coords(64)
         top = _id_buffer(scene, yy, xx)
         for i, obj in enumerate(scene.objects):
             pixels = image[top == i]
@@ -181,6 +184,14 @@ def test_probe_labels_name_the_top_object_at_each_patch_centre():
     assert grid["shape"][2, 2] == scenes.SHAPES.index("square") + 1
     assert grid["shape"][3, 3] == scenes.SHAPES.index("circle") + 1  # the circle is painted over the square
     assert grid["style"][3, 3] == scenes.STYLES.index("striped") + 1
+    # Object-level labels: every patch of an object carries its centre's eighth of the image side (both
+    # centres, 0.5 and 0.6, are in the fifth), and the patch holding a shape's centre names its kind:
+    # both centres fall in patch (3, 3), where the later (top) shape wins.
+    assert grid["x"][1, 1] == grid["y"][1, 1] == 5 and grid["x"][3, 3] == grid["y"][3, 3] == 5
+    assert grid["x"][0, 0] == grid["y"][0, 0] == 0
+    assert grid["centre"][3, 3] == scenes.SHAPES.index("circle") + 1 and np.count_nonzero(grid["centre"]) == 1
+    far = scenes.Scene((scenes.SceneObject("triangle", "red", "filled", 0.9, 0.1, 0.1),))
+    assert scenes.probe_labels(far.key, 6)["x"].reshape(6, 6)[0, 5] == 8  # the last eighth
     classes = scenes.probe_classes(6)
     assert all(labels[k].max() < classes[k] for k in classes)
 
