@@ -93,7 +93,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         dest = "config." + ".".join(path)
         choices = spec["choices"]() if callable(spec["choices"]) else spec["choices"]
         if field.type in (bool, "bool"):
-            parser.add_argument(flag, dest=dest, action="store_true", help=spec["help"])
+            # --flag / --no-flag; neither given: None, so the field keeps the base's (or its own) default.
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                                help=spec["help"])
             continue
         kind = KINDS[spec["kind"]] if spec["kind"] else {"int": int, "float": float}.get(str(field.type), str)
         required = spec["required"]
@@ -126,7 +128,10 @@ def config_from_args(cls: type, args: argparse.Namespace, base: Any = None) -> A
                 kwargs[field.name] = build(type(_default(cls, (field.name,))), (*path, field.name), inner)
             else:
                 value = values[(*path, field.name)]
-                kwargs[field.name] = inner if value is None else value
+                if value is not None:
+                    kwargs[field.name] = value
+                elif base is not None:
+                    kwargs[field.name] = inner
         return cls(**kwargs)
 
     return build(cls, (), base)

@@ -321,6 +321,8 @@ class PretrainConfig:
     vision_steps: int = dataclasses.field(default=300, metadata=cli(
         "stage 1: steps of per-cell attribute pretraining of the vision tower (0: off)", "non_negative_int"))
     vision_batch_size: int = dataclasses.field(default=128, metadata=cli("stage 1: images per step", "positive_int"))
+    freeze_vision: bool = dataclasses.field(default=False, metadata=cli(
+        "stage 2 keeps the vision tower as stage 1 left it (LLaVA's frozen encoder); only the connector and LM train"))
     eval_every: int = dataclasses.field(default=0, metadata=cli("validation accuracy every N steps (0: off)",
                                                                 "non_negative_int"))
     checkpoint_every: int = dataclasses.field(default=0, metadata=cli(
@@ -721,10 +723,11 @@ def default_vlm_config(vocab_size: int) -> VLMConfig:
 
 
 def scenes_vlm_config(vocab_size: int) -> VLMConfig:
-    """The scenes model: 8-px patches (36 tokens) and a 4-block ViT, so the vision tower holds ~45% of the
-    prunable weights (the shapes default's 16-px patches and 3 blocks hold a third, and barely matter)."""
+    """The scenes model: 64-px images in 16-px patches (16 tokens; objects span 2–3 of them) and a 4-block
+    ViT, so the vision tower holds ~45% of the prunable weights (the shapes default's 3 blocks hold a third,
+    and barely matter: one shape per patch)."""
     return VLMConfig(
-        vision=VisionConfig(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=384),
+        vision=VisionConfig(image_size=64, patch_size=16, width=128, depth=4, num_heads=4, mlp_dim=384),
         connector=ConnectorConfig(hidden_dim=128),
         language=LanguageConfig(
             vocab_size=vocab_size, width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=384
@@ -743,7 +746,7 @@ def pretrain_preset(task: str) -> PretrainConfig:
     _check_choice("task", task, BUILTIN_TASKS)
     if task == "shapes":
         return PretrainConfig()
-    # A step costs ~4x a shapes step (36 image tokens, 4 ViT blocks); sized to 15 minutes on 2 contended CPU
-    # cores. Not yet good enough: it stays on the language-prior plateau (~0.38 test accuracy; README).
-    return PretrainConfig(task="scenes", steps=650, batch_size=32, learning_rate=3e-4, warmup_steps=40,
-                          train_images=5000, vision_steps=120, vision_batch_size=64)
+    # Shape kinds are only learned after ~1,500 vision steps; the LM stage then learns its lookups far
+    # faster on a frozen tower (a trained one drifts and overfits). Sized to 15 minutes on 2 CPU cores.
+    return PretrainConfig(task="scenes", steps=3000, batch_size=32, learning_rate=3e-4, warmup_steps=100,
+                          train_images=20000, vision_steps=2000, vision_batch_size=64, freeze_vision=True)

@@ -67,6 +67,21 @@ def pool_to_grid(features: jax.Array, grid: int) -> jax.Array:
     return pooled.reshape(batch, grid * grid, width)
 
 
+def frozen_tower(loss_fn: Any, optimizer: optax.GradientTransformation, params: dict[str, Any],
+                 tower: str) -> tuple[Any, optax.GradientTransformation]:
+    """`loss_fn` and `optimizer` that leave `params[tower]` exactly as it is.
+
+    The loss sees the tower under `stop_gradient` (no backward pass through it), and the tower's
+    updates are zeroed after the optimizer (so weight decay does not shrink it either).
+    """
+
+    def frozen_loss(params: Any, batch: dict[str, jax.Array]) -> Any:
+        return loss_fn({**params, tower: jax.lax.stop_gradient(params[tower])}, batch)
+
+    frozen = {name: jax.tree.map(lambda _: name == tower, value) for name, value in params.items()}
+    return frozen_loss, optax.chain(optimizer, optax.masked(optax.set_to_zero(), frozen))
+
+
 def _placed(loss_fn: Any, optimizer: optax.GradientTransformation, state: TrainState, example: dict[str, Any],
             mesh: Mesh | None, batch_size: int) -> tuple[Any, TrainState, Any]:
     """The jit step, the placed state and the batch placement of a full-parameter run on `mesh` (or one device).
@@ -174,8 +189,11 @@ def pretrain(
             config.vision_batch_size, config.seed, progress, mesh, config.task,
         )
         print(f"vision tower pretrained: per-cell accuracy {probe_accuracy}")
+    loss_fn = lm_loss(model)
+    if config.freeze_vision:
+        loss_fn, optimizer = frozen_tower(loss_fn, optimizer, params, "vision")
     state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
-    step, state, place = _placed(lm_loss(model), optimizer, state, batch_arrays(streams[0].example()), mesh,
+    step, state, place = _placed(loss_fn, optimizer, state, batch_arrays(streams[0].example()), mesh,
                                  config.batch_size)
     print(f"pretraining the {config.task} VLM: {count_params(params):,} params, {len(pools[0]):,} questions, "
           f"{len(pools[1]):,} captions, {config.steps} steps of {config.batch_size}")

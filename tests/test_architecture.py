@@ -153,7 +153,8 @@ def test_config_fields_and_command_flags_match_one_for_one(command, config):
     job_flags = {"pretrain": {"--out", "--mesh", "--eval-images", "--force"},
                  "prune": {"--model", "--mesh", "--eval-images", "--out", "--force"},
                  "restore": {"--model", "--teacher", "--mesh", "--plan", "--eval-images", "--out", "--force"}}[command]
-    assert flags == made | job_flags
+    negations = {f for f in flags if f.startswith("--no-") and "--" + f[len("--no-"):] in made}  # boolean fields
+    assert flags - negations == made | job_flags
 
     def settings(cls: type, prefix: str = "") -> set[str]:
         names = set()
@@ -181,8 +182,13 @@ def test_pretrain_flags_not_given_take_the_tasks_recipe():
     scenes = pretrain_preset("scenes")
     assert scenes != PretrainConfig()
     assert _pretrain_config(parser.parse_args(["pretrain", "--task", "scenes"])) == scenes
-    given = parser.parse_args(["pretrain", "--task", "scenes", "--steps", "60", "--learning-rate", "1e-3"])
-    assert _pretrain_config(given) == dataclasses.replace(scenes, steps=60, learning_rate=1e-3)
+    given = parser.parse_args(["pretrain", "--task", "scenes", "--steps", "600", "--learning-rate", "1e-3"])
+    assert _pretrain_config(given) == dataclasses.replace(scenes, steps=600, learning_rate=1e-3)
+    # A boolean field has --x and --no-x; neither given keeps the recipe's value.
+    assert scenes.freeze_vision and not PretrainConfig().freeze_vision
+    off = parser.parse_args(["pretrain", "--task", "scenes", "--no-freeze-vision"])
+    assert _pretrain_config(off) == dataclasses.replace(scenes, freeze_vision=False)
+    assert _pretrain_config(parser.parse_args(["pretrain", "--freeze-vision"])).freeze_vision
     # A flag given at the shapes default still wins over the scenes recipe.
     same = parser.parse_args(["pretrain", "--task", "scenes", "--batch-size", str(PretrainConfig().batch_size)])
     assert _pretrain_config(same).batch_size == PretrainConfig().batch_size != scenes.batch_size

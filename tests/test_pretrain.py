@@ -12,7 +12,8 @@ from sparsevlm.config import PretrainConfig
 from sparsevlm.data import shapes
 from sparsevlm.data.batch import encode_vqa
 from sparsevlm.eval.evaluate import evaluate_vqa
-from sparsevlm.pretrain import pool_to_grid, pretrain, pretrain_vision
+from sparsevlm.pretrain import frozen_tower, pool_to_grid, pretrain, pretrain_vision
+from sparsevlm.train import TrainState, make_optimizer, make_train_step
 from sparsevlm.tree import flatten
 from tests.conftest import Killed, tiny_config
 
@@ -41,6 +42,29 @@ def test_vision_pretraining_learns_cell_attributes(tokenizer):
     assert set(params) >= {"patch_embed", "pos_embed", "blocks_0"}
     # empty cells alone are ~2/3 of cells, so the bars sit above that; cell index chance is 1/9
     assert accuracy["color"] > 0.9 and accuracy["shape"] > 0.8 and accuracy["cell"] > 0.5
+
+
+def test_a_frozen_tower_stays_bit_for_bit_while_the_rest_trains():
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    params = {name: {"kernel": jnp.asarray(rng.normal(size=(4, 4)), jnp.float32)} for name in ("vision", "language")}
+
+    def loss_fn(params, batch):
+        out = batch["x"] @ params["vision"]["kernel"] @ params["language"]["kernel"]
+        return jnp.mean((out - batch["y"]) ** 2), {}
+
+    # Weight decay on: a zero gradient alone would still shrink the tower.
+    loss, optimizer = frozen_tower(loss_fn, make_optimizer(1e-2, 1e-3, 0, 5, 0.5, 1.0), params, "vision")
+    grads = jax.grad(lambda p: loss(p, {"x": jnp.ones((2, 4)), "y": jnp.zeros((2, 4))})[0])(params)
+    assert float(jnp.abs(grads["vision"]["kernel"]).max()) == 0.0  # no backward pass into the tower
+    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    step = make_train_step(loss, optimizer)
+    for _ in range(5):
+        state, _ = step(state, {"x": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32), "y": jnp.zeros((8, 4))})
+    assert np.array_equal(state.params["vision"]["kernel"], params["vision"]["kernel"])
+    assert not np.allclose(state.params["language"]["kernel"], params["language"]["kernel"])
 
 
 @pytest.mark.slow

@@ -17,8 +17,8 @@ from sparsevlm.tree import flatten
 
 
 def _prunable_by_tower(config) -> dict[str, int]:
-    model = VLM(config)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 48, 48, 3), np.float32),
+    model, side = VLM(config), config.vision.image_size
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, side, side, 3), np.float32),
                                                np.ones((1, 4), np.int32), np.ones((1, 4), bool)))["params"]
     flat = flatten(shapes)
     totals: dict[str, int] = {}
@@ -31,7 +31,7 @@ def _prunable_by_tower(config) -> dict[str, int]:
 def test_scenes_vision_tower_holds_at_least_a_third_of_the_prunable_weights():
     vocab = len(scenes.vocabulary()) + 4
     config = builtin_vlm_config("scenes", vocab)
-    assert config.vision.num_patches == 36 and config.vision.patch_size == 8  # objects span several patches
+    assert config.vision.num_patches == 16 and config.vision.patch_size == 16  # objects span 2-3 patches
     totals = _prunable_by_tower(config)
     assert totals["vision"] / sum(totals.values()) >= 1 / 3
     assert builtin_vlm_config("shapes", vocab) == default_vlm_config(vocab)  # the shapes default is unchanged
@@ -52,14 +52,14 @@ def test_recipes_and_cache_directories_are_kept_apart(monkeypatch, tmp_path):
 
 def test_scenes_vision_stage_has_one_head_per_patch_label():
     # The training loop is the one shapes uses (tests/test_pretrain.py trains it); here the scenes probe's
-    # heads and grid must fit the tower's 6x6 patches and the labels' classes, checked from shapes alone.
-    config = VisionConfig(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64)
+    # heads and grid must fit the tower's 4x4 patches and the labels' classes, checked from shapes alone.
+    config = VisionConfig(image_size=64, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=64)
     grid = scenes.probe_grid(config.image_size // config.patch_size)
     classes = scenes.probe_classes(grid)
     probe = CellProbe(config, grid, tuple(classes.items()))
-    out = jax.eval_shape(lambda: probe.apply(probe.init(jax.random.key(0), np.zeros((2, 48, 48, 3), np.float32)),
-                                             np.zeros((2, 48, 48, 3), np.float32)))
-    assert {k: v.shape for k, v in out.items()} == {k: (2, 36, n) for k, n in classes.items()}
+    out = jax.eval_shape(lambda: probe.apply(probe.init(jax.random.key(0), np.zeros((2, 64, 64, 3), np.float32)),
+                                             np.zeros((2, 64, 64, 3), np.float32)))
+    assert {k: v.shape for k, v in out.items()} == {k: (2, 16, n) for k, n in classes.items()}
     scene = scenes.sample_scene(np.random.default_rng(0))
     labels = scenes.probe_labels(scene.key, grid)
-    assert all(labels[k].shape == (36,) and labels[k].max() < n for k, n in classes.items())
+    assert all(labels[k].shape == (16,) and labels[k].max() < n for k, n in classes.items())
