@@ -48,6 +48,15 @@ def is_model_dir(path: str | os.PathLike) -> bool:
     return manager.latest_step() is not None
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata item of the saved model at `path` (its recipe, scores, history), without its params."""
+    manager = ocp.CheckpointManager(Path(path).resolve(), item_names=_ITEMS, options=_options(reading=True))
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{path} holds no saved model (no complete orbax checkpoint)")
+    return dict(manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"] or {})
+
+
 def _options(reading: bool = False) -> ocp.CheckpointManagerOptions:
     # A model directory is read by each process on its own and written by one (`save_model`): its
     # manager spans this process only, so orbax never waits for the others at a barrier.

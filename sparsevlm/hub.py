@@ -6,12 +6,13 @@ HF checkpoints are a local directory with `config.json` + safetensors, or a hub 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 from sparsevlm.bundle import ModelBundle
-from sparsevlm.checkpoint import is_model_dir, load_model_dir
-from sparsevlm.config import pretrain_preset
+from sparsevlm.checkpoint import is_model_dir, load_model_dir, read_metadata
+from sparsevlm.config import PretrainConfig, pretrain_preset
 
 DEFAULT_MODEL = "default"
 # Built-in model name → the built-in task it is pretrained on; each is cached in its own directory.
@@ -34,12 +35,30 @@ def default_model_dir(name: str = DEFAULT_MODEL) -> Path:
 def ensure_default_model(progress: bool = True, name: str = DEFAULT_MODEL) -> Path:
     """Train and save built-in model `name` (its task's preset recipe) if it is missing; return its directory."""
     path = default_model_dir(name)
+    recipe = pretrain_preset(BUILTIN_MODEL_TASKS[name])
     if not is_model_dir(path):
-        from sparsevlm.pretrain import pretrain  # heavy import only when training is needed
+        why = "not found"
+    elif (saved := saved_recipe(path)) != recipe:
+        why = f"trained with another recipe ({saved}; today's: {recipe})"
+    else:
+        return path
+    from sparsevlm.pretrain import pretrain  # heavy import only when training is needed
 
-        print(f"built-in model {name!r} not found at {path}; training it now (one-time, ~10-15 minutes on 2 CPU cores)")
-        pretrain(pretrain_preset(BUILTIN_MODEL_TASKS[name]), path, progress=progress)
+    print(f"built-in model {name!r} {why} at {path}; training it now (one-time, ~10-15 minutes on 2 CPU cores)")
+    pretrain(recipe, path, progress=progress)
     return path
+
+
+def saved_recipe(path: Path) -> PretrainConfig | None:
+    """The recipe a saved built-in model was trained with (fields it predates at their defaults), or None."""
+    stored = read_metadata(path).get("pretrain")
+    if not isinstance(stored, dict):
+        return None
+    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    try:
+        return PretrainConfig(**{k: v for k, v in stored.items() if k in known})
+    except (TypeError, ValueError):
+        return None
 
 
 def is_hf_dir(path: Path) -> bool:

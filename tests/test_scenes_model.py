@@ -63,3 +63,34 @@ def test_scenes_vision_stage_has_one_head_per_patch_label():
     scene = scenes.sample_scene(np.random.default_rng(0))
     labels = scenes.probe_labels(scene.key, grid)
     assert all(labels[k].shape == (16,) and labels[k].max() < n for k, n in classes.items())
+
+
+def test_a_cached_built_in_model_of_another_recipe_is_retrained(monkeypatch, tiny_bundle):
+    import dataclasses
+
+    import sparsevlm.pretrain
+    from sparsevlm.bundle import ModelBundle
+    from sparsevlm.checkpoint import save_model
+
+    trained = []
+    monkeypatch.setattr(sparsevlm.pretrain, "pretrain", lambda recipe, path, progress: trained.append(recipe))
+
+    def cache(name: str, recipe: dict) -> None:
+        bundle = ModelBundle(tiny_bundle.config, tiny_bundle.params, tiny_bundle.tokenizer, {"pretrain": recipe})
+        save_model(hub.default_model_dir(name), bundle, overwrite=True)
+
+    scenes_recipe = pretrain_preset("scenes")
+    cache("scenes", dataclasses.asdict(scenes_recipe))
+    hub.ensure_default_model(progress=False, name="scenes")
+    assert trained == []  # today's recipe: kept
+    # Saved before a field existed: the field counts at its default (the shapes recipe does not change).
+    older = {k: v for k, v in dataclasses.asdict(pretrain_preset("shapes")).items() if k != "freeze_vision"}
+    cache("default", older)
+    hub.ensure_default_model(progress=False)
+    assert trained == []
+    # The scenes model of an earlier recipe (a trainable tower, fewer steps) is trained again.
+    cache("scenes", {k: v for k, v in dataclasses.asdict(scenes_recipe).items() if k != "freeze_vision"} | {"steps": 650})
+    hub.ensure_default_model(progress=False, name="scenes")
+    assert trained == [scenes_recipe]
+    assert hub.saved_recipe(hub.default_model_dir("scenes")) == dataclasses.replace(
+        scenes_recipe, steps=650, freeze_vision=False)
