@@ -294,6 +294,10 @@ class DataSource:
         return {"config": self.dataset_config, "streaming": self.streaming, "images": self.images}
 
 
+# PretrainConfig fields that change how a run is watched or saved, never the model it trains.
+RUN_ONLY_FIELDS = ("checkpoint_every", "skip_nonfinite", "eval_every")
+
+
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     """Pretraining a built-in model on a built-in task (shapes or scenes VQA): a vision stage, then the whole VLM.

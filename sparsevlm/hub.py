@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sparsevlm.bundle import ModelBundle
 from sparsevlm.checkpoint import is_model_dir, load_model_dir, read_metadata
-from sparsevlm.config import PretrainConfig, pretrain_preset
+from sparsevlm.config import RUN_ONLY_FIELDS, PretrainConfig, pretrain_preset
 
 DEFAULT_MODEL = "default"
 # Built-in model name → the built-in task it is pretrained on; each is cached in its own directory.
@@ -50,11 +50,15 @@ def ensure_default_model(progress: bool = True, name: str = DEFAULT_MODEL) -> Pa
 
 
 def saved_recipe(path: Path) -> PretrainConfig | None:
-    """The recipe a saved built-in model was trained with (fields it predates at their defaults), or None."""
+    """The recipe a saved built-in model was trained with, or None.
+
+    Fields the model predates, and those that only watch or save a run (`RUN_ONLY_FIELDS`), read as
+    their defaults.
+    """
     stored = read_metadata(path).get("pretrain")
     if not isinstance(stored, dict):
         return None
-    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    known = {f.name for f in dataclasses.fields(PretrainConfig)} - set(RUN_ONLY_FIELDS)
     try:
         return PretrainConfig(**{k: v for k, v in stored.items() if k in known})
     except (TypeError, ValueError):

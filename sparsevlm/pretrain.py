@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from sparsevlm import sharding, trainer
 from sparsevlm.bundle import ModelBundle
 from sparsevlm.checkpoint import TrainingCheckpoints, save_model
-from sparsevlm.config import PretrainConfig, VisionConfig, VLMConfig, builtin_vlm_config
+from sparsevlm.config import RUN_ONLY_FIELDS, PretrainConfig, VisionConfig, VLMConfig, builtin_vlm_config
 from sparsevlm.data.builtin import task_module
 from sparsevlm.data.batch import (
     BatchStream,
@@ -179,8 +179,7 @@ def pretrain(
     )
     checkpoints = None
     if checkpoint_dir is not None and config.checkpoint_every:
-        ignored = ("checkpoint_every", "skip_nonfinite", "eval_every")
-        run = {"pretrain": {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored},
+        run = {"pretrain": {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_ONLY_FIELDS},
                "model": model_config.to_dict()}
         checkpoints = TrainingCheckpoints(checkpoint_dir, run)
     if config.vision_steps and (checkpoints is None or checkpoints.latest_step() is None):
