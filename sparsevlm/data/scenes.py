@@ -2,8 +2,9 @@
 
 Unlike shapes VQA (one flat shape per 16-px patch), a scene holds 2–4 shapes of varied size at
 free positions (not on the patch grid, each spanning 2–3 of the scenes model's 16-px patches of a
-64-px image), drawn filled, outlined, or outlined and striped, overlapping each other, and half the
-scenes have a large outlined box that some shapes sit in. Questions (one-word answers, all need the image):
+64-px image), drawn filled, outlined, or outlined and striped, overlapping each other, and about
+40% of the scenes have a large outlined box that shapes sit in (half are drawn with one; a boxed
+scene that cannot fit two shapes is redrawn). Questions (one-word answers, all need the image):
   count     "how many circles are there ?"               (zero … four)
   color     "what color is the circle ?"                 (asked only about a shape that occurs once)
   style     "what style is the red circle ?"             (filled / outlined / striped)
@@ -207,7 +208,7 @@ def _inside_or_outside(box: SceneObject, obj: SceneObject) -> bool:
 
 
 def sample_scene(rng: np.random.Generator) -> Scene:
-    """2–4 shapes (half the scenes also a box) at free positions, each placement redrawn until the rules hold."""
+    """2–4 shapes (half the draws also a box) at free positions, each placement redrawn until the rules hold."""
     colors = list(COLORS)
     yy, xx = _grid(_GEOMETRY_GRID)
     objects: list[SceneObject] = []
