@@ -44,17 +44,28 @@ def is_model_dir(path: str | os.PathLike) -> bool:
     path = Path(path)
     if not path.is_dir():
         return False
-    manager = ocp.CheckpointManager(path.resolve(), item_names=_ITEMS, options=_options(reading=True))
-    return manager.latest_step() is not None
+    return _reader(path.resolve()).latest_step() is not None
+
+
+def _reader(path: Path) -> ocp.CheckpointManager:
+    """A manager that only reads the model directory `path`."""
+    return ocp.CheckpointManager(path, item_names=_ITEMS, options=_options(reading=True))
+
+
+def _saved_step(manager: ocp.CheckpointManager, path: Path) -> int:
+    """The model's step in `path`, or a FileNotFoundError naming the directory."""
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{path} holds no saved model (no complete orbax checkpoint)")
+    return step
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata item of the saved model at `path` (its recipe, scores, history), without its params."""
-    manager = ocp.CheckpointManager(Path(path).resolve(), item_names=_ITEMS, options=_options(reading=True))
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{path} holds no saved model (no complete orbax checkpoint)")
-    return dict(manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"] or {})
+    path = Path(path).resolve()
+    manager = _reader(path)
+    restored = manager.restore(_saved_step(manager, path), args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+    return dict(restored["metadata"] or {})
 
 
 def _options(reading: bool = False) -> ocp.CheckpointManagerOptions:
@@ -138,10 +149,8 @@ def load_model_dir(path: str | os.PathLike) -> ModelBundle:
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     verified = verify_checksums(path)
-    manager = ocp.CheckpointManager(path, item_names=_ITEMS, options=_options(reading=True))
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{path} holds no saved model (no complete orbax checkpoint)")
+    manager = _reader(path)
+    step = _saved_step(manager, path)
     items = dict(
         params=ocp.args.StandardRestore(),
         config=ocp.args.JsonRestore(),
