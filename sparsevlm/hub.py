@@ -13,6 +13,7 @@ from pathlib import Path
 from sparsevlm.bundle import ModelBundle
 from sparsevlm.checkpoint import is_model_dir, load_model_dir, read_metadata
 from sparsevlm.config import RUN_ONLY_FIELDS, PretrainConfig, pretrain_preset
+from sparsevlm.data.builtin import data_fingerprint
 
 DEFAULT_MODEL = "default"
 # Built-in model name → the built-in task it is pretrained on; each is cached in its own directory.
@@ -33,13 +34,17 @@ def default_model_dir(name: str = DEFAULT_MODEL) -> Path:
 
 
 def ensure_default_model(progress: bool = True, name: str = DEFAULT_MODEL) -> Path:
-    """Train and save built-in model `name` (its task's preset recipe) if it is missing; return its directory."""
+    """Train and save built-in model `name` (its task's preset recipe) if it is missing, or was trained with
+    another recipe or on other data than its task generates today; return its directory."""
     path = default_model_dir(name)
-    recipe = pretrain_preset(BUILTIN_MODEL_TASKS[name])
+    task = BUILTIN_MODEL_TASKS[name]
+    recipe = pretrain_preset(task)
     if not is_model_dir(path):
         why = "not found"
     elif (saved := saved_recipe(path)) != recipe:
         why = f"trained with another recipe ({saved}; today's: {recipe})"
+    elif (data := read_metadata(path).get("data")) != data_fingerprint(task):
+        why = f"trained on other {task} data (fingerprint {data}; today's: {data_fingerprint(task)})"
     else:
         return path
     from sparsevlm.pretrain import pretrain  # heavy import only when training is needed

@@ -19,7 +19,7 @@ from sparsevlm import sharding, trainer
 from sparsevlm.bundle import ModelBundle
 from sparsevlm.checkpoint import TrainingCheckpoints, save_model
 from sparsevlm.config import RUN_ONLY_FIELDS, PretrainConfig, VisionConfig, VLMConfig, builtin_vlm_config
-from sparsevlm.data.builtin import task_module
+from sparsevlm.data.builtin import data_fingerprint, task_module
 from sparsevlm.data.batch import (
     BatchStream,
     MixedStream,
@@ -217,6 +217,7 @@ def pretrain(
     print(f"test accuracy {evaluation['accuracy']:.4f} on {evaluation['n']} questions; by type {evaluation['by_type']}")
     metadata: dict[str, Any] = {
         "pretrain": dataclasses.asdict(config),
+        "data": data_fingerprint(config.task),
         "train_seconds": round(result.seconds, 1),
         "test_accuracy": evaluation["accuracy"],
         "test_by_type": evaluation["by_type"],

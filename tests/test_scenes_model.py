@@ -10,6 +10,7 @@ import pytest
 from sparsevlm import hub
 from sparsevlm.config import PretrainConfig, VisionConfig, builtin_vlm_config, default_vlm_config, pretrain_preset
 from sparsevlm.data import scenes
+from sparsevlm.data.builtin import data_fingerprint
 from sparsevlm.masks import prunable_paths
 from sparsevlm.models.vlm import VLM
 from sparsevlm.pretrain import CellProbe
@@ -75,8 +76,11 @@ def test_a_cached_built_in_model_of_another_recipe_is_retrained(monkeypatch, tin
     trained = []
     monkeypatch.setattr(sparsevlm.pretrain, "pretrain", lambda recipe, path, progress: trained.append(recipe))
 
-    def cache(name: str, recipe: dict) -> None:
-        bundle = ModelBundle(tiny_bundle.config, tiny_bundle.params, tiny_bundle.tokenizer, {"pretrain": recipe})
+    def cache(name: str, recipe: dict, data: str | None = None) -> None:
+        # data: the generator fingerprint recorded (None: today's; "": none, as models before the record)
+        data = data_fingerprint(hub.BUILTIN_MODEL_TASKS[name]) if data is None else data
+        metadata = {"pretrain": recipe} | ({"data": data} if data else {})
+        bundle = ModelBundle(tiny_bundle.config, tiny_bundle.params, tiny_bundle.tokenizer, metadata)
         save_model(hub.default_model_dir(name), bundle, overwrite=True)
 
     scenes_recipe = pretrain_preset("scenes")
@@ -94,3 +98,8 @@ def test_a_cached_built_in_model_of_another_recipe_is_retrained(monkeypatch, tin
     assert trained == [scenes_recipe]
     assert hub.saved_recipe(hub.default_model_dir("scenes")) == dataclasses.replace(
         scenes_recipe, steps=650, freeze_vision=False)
+    # Today's recipe on data its task no longer generates (or a model that does not record its data) too.
+    for data in ("0" * 16, ""):
+        cache("scenes", dataclasses.asdict(scenes_recipe), data)
+        hub.ensure_default_model(progress=False, name="scenes")
+    assert trained == [scenes_recipe] * 3

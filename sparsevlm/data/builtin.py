@@ -3,10 +3,13 @@
 A task module has `SPLITS`, `QUESTION_TYPES`, `build_split(split, num_images, seed, image_size)`,
 `captioning_view(dataset)` and `vocabulary()`; its vision-stage labels are `probe_grid(patches_per_side)`,
 `probe_classes(grid)` and `probe_labels(scene_key, grid)` (every patch for scenes, the 3×3 cells for shapes).
+Underneath, `iter_scenes(split, num_images, seed)`, `render(scene, rng)` and `questions(scene, rng)` make the rows.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from types import ModuleType
 from typing import Any, Mapping
 
@@ -27,3 +30,17 @@ def task_module(task: str) -> ModuleType:
 def model_task(metadata: Mapping[str, Any]) -> str:
     """The built-in task a saved model was pretrained on (shapes for models that do not record one)."""
     return (metadata.get("pretrain") or {}).get("task", "shapes")
+
+
+@functools.cache
+def data_fingerprint(task: str, num_images: int = 16) -> str:
+    """A hash of what built-in task `task` generates (vocabulary, and the first training scenes: their
+    keys, images, questions and captions); it changes whenever the generator does."""
+    module = task_module(task)
+    digest = hashlib.sha256(" ".join(module.vocabulary()).encode())
+    for scene, rng in module.iter_scenes("train", num_images, 0):
+        digest.update(scene.key.encode())
+        digest.update(module.render(scene, rng).tobytes())
+        digest.update(repr(module.questions(scene, rng)).encode())
+        digest.update(scene.caption().encode())
+    return digest.hexdigest()[:16]
