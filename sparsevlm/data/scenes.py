@@ -207,21 +207,55 @@ def _inside_or_outside(box: SceneObject, obj: SceneObject) -> bool:
     return inside or outside
 
 
+def _window(obj: SceneObject, size: int) -> tuple[slice, slice]:
+    """Rows and columns of a `size`-pixel grid that hold every pixel of `obj` (a pixel of margin each side)."""
+    extent = obj.extent()
+
+    def span(centre: float) -> slice:
+        low, high = np.floor((centre - extent) * size), np.ceil((centre + extent) * size)
+        return slice(max(int(low) - 1, 0), min(int(high) + 1, size))
+
+    return span(obj.y), span(obj.x)
+
+
+class _Layers:
+    """The objects placed so far, each with the pixels of its own area that no later silhouette covers."""
+
+    def __init__(self) -> None:
+        self.yy, self.xx = _grid(_GEOMETRY_GRID)
+        self.visible: list[np.ndarray] = []
+        self.areas: list[int] = []
+
+    def add(self, obj: SceneObject) -> bool:
+        """Place `obj` on top if every object (it too) keeps `MIN_VISIBLE` of its own area; whether it was placed."""
+        rows, cols = _window(obj, _GEOMETRY_GRID)
+        shape = silhouette(obj, self.yy[rows, cols], self.xx[rows, cols])
+        if not shape.any():
+            return False
+        for visible, area in zip(self.visible, self.areas):
+            if (visible.sum() - (visible[rows, cols] & shape).sum()) / max(area, 1) < MIN_VISIBLE:
+                return False
+        for visible in self.visible:
+            visible[rows, cols] &= ~shape
+        own = np.zeros(self.yy.shape, bool)
+        own[rows, cols] = own_area(obj, self.yy[rows, cols], self.xx[rows, cols])
+        self.visible.append(own)
+        self.areas.append(int(own.sum()))
+        return True
+
+
 def sample_scene(rng: np.random.Generator) -> Scene:
     """2–4 shapes (half the draws also a box) at free positions, each placement redrawn until the rules hold."""
     colors = list(COLORS)
-    yy, xx = _grid(_GEOMETRY_GRID)
+    layers = _Layers()
     objects: list[SceneObject] = []
-    areas: list[np.ndarray] = []
-    silhouettes: list[np.ndarray] = []
     box = None
     if rng.random() < 0.5:
         half = float(rng.uniform(*BOX_HALF))
         bx, by = (float(rng.uniform(half + 0.02, 1 - half - 0.02)) for _ in range(2))
         box = SceneObject(BOX, colors[int(rng.integers(len(colors)))], "outlined", *_round(bx, by, half))
         objects.append(box)
-        areas.append(own_area(box, yy, xx))
-        silhouettes.append(silhouette(box, yy, xx))
+        layers.add(box)
     target = int(rng.integers(2, MAX_SHAPES + 1))
     tries = 0
     while len(objects) - (box is not None) < target and tries < 200:
@@ -243,11 +277,8 @@ def sample_scene(rng: np.random.Generator) -> Scene:
                                 *_round(x, y, radius))
         if box is not None and not _inside_or_outside(box, candidate):
             continue
-        shape = silhouette(candidate, yy, xx)
-        if min(_visible([*areas, shape], [*silhouettes, shape])) >= MIN_VISIBLE:
+        if layers.add(candidate):
             objects.append(candidate)
-            areas.append(shape)
-            silhouettes.append(shape)
     if len(objects) - (box is not None) < 2:
         return sample_scene(rng)
     return Scene(tuple(objects))
@@ -261,12 +292,14 @@ def _round(x: float, y: float, size: float) -> tuple[float, float, float]:
 def render(scene: Scene, rng: np.random.Generator, image_size: int = 64) -> np.ndarray:
     """Draw a scene as uint8 RGB `[S, S, 3]`, with colour and pixel noise (the geometry is the scene's)."""
     supersample = 2
-    yy, xx = _grid(image_size * supersample)
+    side = image_size * supersample
+    yy, xx = _grid(side)
     background = np.array([200.0, 200.0, 200.0]) + rng.normal(0, 6, 3)
     canvas = np.broadcast_to(background, yy.shape + (3,)).copy()
     for obj in scene.objects:
         color = np.clip(np.array(COLORS[obj.color], float) + rng.normal(0, 10, 3), 0, 255)
-        canvas[painted(obj, yy, xx)] = color
+        rows, cols = _window(obj, side)
+        canvas[rows, cols][painted(obj, yy[rows, cols], xx[rows, cols])] = color
     image = canvas.reshape(image_size, supersample, image_size, supersample, 3).mean(axis=(1, 3))
     image = image + rng.normal(0, 4, image.shape)
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
