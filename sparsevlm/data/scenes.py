@@ -185,19 +185,12 @@ def own_area(obj: SceneObject, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     return painted(obj, yy, xx) if obj.kind == BOX else silhouette(obj, yy, xx)
 
 
-def visible_fractions(scene: Scene, size: int = _GEOMETRY_GRID) -> list[float]:
+def visible_fractions(scene: Scene) -> list[float]:
     """Per object, the fraction of its own area (`own_area`) outside every later shape's silhouette."""
-    yy, xx = _grid(size)
-    return _visible([own_area(o, yy, xx) for o in scene.objects], [silhouette(o, yy, xx) for o in scene.objects])
-
-
-def _visible(areas: list[np.ndarray], silhouettes: list[np.ndarray]) -> list[float]:
-    out = []
-    covered = np.zeros_like(areas[0])
-    for area, later in zip(reversed(areas), reversed(silhouettes)):  # from the top layer down
-        out.append(float((area & ~covered).sum() / max(area.sum(), 1)))
-        covered |= later
-    return out[::-1]
+    layers = _Layers()
+    for obj in scene.objects:
+        layers.add(obj, check=False)
+    return layers.fractions()
 
 
 def _inside_or_outside(box: SceneObject, obj: SceneObject) -> bool:
@@ -226,14 +219,15 @@ class _Layers:
         self.visible: list[np.ndarray] = []
         self.areas: list[int] = []
 
-    def add(self, obj: SceneObject) -> bool:
-        """Place `obj` on top if every object (it too) keeps `MIN_VISIBLE` of its own area; whether it was placed."""
+    def add(self, obj: SceneObject, check: bool = True) -> bool:
+        """Place `obj` on top if every object (it too) keeps `MIN_VISIBLE` of its own area, or unchecked;
+        whether it was placed."""
         rows, cols = _window(obj, _GEOMETRY_GRID)
         shape = silhouette(obj, self.yy[rows, cols], self.xx[rows, cols])
-        if not shape.any():
+        if check and not shape.any():
             return False
         for visible, area in zip(self.visible, self.areas):
-            if (visible.sum() - (visible[rows, cols] & shape).sum()) / max(area, 1) < MIN_VISIBLE:
+            if check and (visible.sum() - (visible[rows, cols] & shape).sum()) / max(area, 1) < MIN_VISIBLE:
                 return False
         for visible in self.visible:
             visible[rows, cols] &= ~shape
@@ -242,6 +236,10 @@ class _Layers:
         self.visible.append(own)
         self.areas.append(int(own.sum()))
         return True
+
+    def fractions(self) -> list[float]:
+        """Per object placed, the fraction of its own area that no later silhouette covers."""
+        return [float(visible.sum() / max(area, 1)) for visible, area in zip(self.visible, self.areas)]
 
 
 def sample_scene(rng: np.random.Generator) -> Scene:
