@@ -325,6 +325,9 @@ class PretrainConfig:
     vision_steps: int = dataclasses.field(default=300, metadata=cli(
         "stage 1: steps of per-cell attribute pretraining of the vision tower (0: off)", "non_negative_int"))
     vision_batch_size: int = dataclasses.field(default=128, metadata=cli("stage 1: images per step", "positive_int"))
+    caption_weight: float | None = dataclasses.field(default=None, metadata=cli(
+        "share of the whole-model stage's batches drawn from the captions (default: by size, captions vs questions)",
+        "fraction"))
     freeze_vision: bool = dataclasses.field(default=False, metadata=cli(
         "stage 2 keeps the vision tower as stage 1 left it (LLaVA's frozen encoder); only the connector and LM train"))
     eval_every: int = dataclasses.field(default=0, metadata=cli("validation accuracy every N steps (0: off)",
@@ -348,6 +351,8 @@ class PretrainConfig:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
         if not self.grad_clip > 0:
             raise ValueError(f"grad_clip={self.grad_clip} must be > 0")
+        if self.caption_weight is not None and not 0.0 <= self.caption_weight < 1.0:
+            raise ValueError(f"caption_weight={self.caption_weight} must be in [0, 1) (or None: by size)")
 
 
 # Per tower, the kernels the paper adapts with LoRA, as regexes over our paths. In HF names: ViT qkv,

@@ -167,8 +167,10 @@ def pretrain(
                     rows)
         for p in pools
     ]
-    # Each batch comes from the questions or the captions, in proportion to their sizes.
-    stream = MixedStream(streams, [len(p) for p in pools], rng)
+    # Each batch comes from the questions or the captions: in proportion to their sizes, or by `caption_weight`.
+    weights = [len(p) for p in pools] if config.caption_weight is None else [1 - config.caption_weight,
+                                                                           config.caption_weight]
+    stream = MixedStream(streams, weights, rng)
 
     model = VLM(model_config)
     init_batch = next(iter(iterate_batches(pools[0], 2, 8 * 2, tokenizer.pad_token_id, model_config.vision)))[0]

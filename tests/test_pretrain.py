@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from sparsevlm import pretrain as pretrain_module
 from sparsevlm.checkpoint import load_model_dir
 from sparsevlm.config import PretrainConfig
 from sparsevlm.data import shapes
@@ -100,3 +101,33 @@ def test_short_pretrain_lowers_loss_saves_the_model_and_resumes_after_a_kill(tok
                                                          flatten(resumed.params).values())) == 0.0
     assert resumed.metadata["loss_history"] == history
     assert resumed.metadata["test_accuracy"] == bundle.metadata["test_accuracy"]
+
+
+class _Recorded(Exception):
+    """Stops `pretrain` once its batch mixture is built."""
+
+
+@pytest.mark.parametrize("caption_weight, expected", [(None, "by size"), (0.0, [1.0, 0.0]), (0.25, [0.75, 0.25])])
+def test_caption_weight_sets_the_share_of_caption_batches(monkeypatch, caption_weight, expected):
+    seen = {}
+
+    class Recording(pretrain_module.MixedStream):
+        def __init__(self, streams, weights, rng):
+            super().__init__(streams, weights, rng)
+            seen["sizes"], seen["probabilities"] = [len(s.data) for s in streams], list(self.probabilities)
+            raise _Recorded
+
+    monkeypatch.setattr(pretrain_module, "MixedStream", Recording)
+    with pytest.raises(_Recorded):
+        pretrain_module.pretrain(PretrainConfig(steps=2, warmup_steps=0, batch_size=4, train_images=20,
+                                                vision_steps=0, caption_weight=caption_weight), progress=False)
+    questions, captions = seen["sizes"]
+    if expected == "by size":
+        expected = [questions / (questions + captions), captions / (questions + captions)]
+    np.testing.assert_allclose(seen["probabilities"], expected)
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1])
+def test_caption_weight_outside_0_1_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match=rf"caption_weight={bad}"):
+        PretrainConfig(caption_weight=bad)
