@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,3 +81,71 @@ def test_dsnot_error_quick_guard_never_raises_a_layers_squared_error(trained_mod
         if variant == "DSnoT + guard":
             assert row["squared_ratio_max"] <= 1 + 1e-4, setting
     assert (tmp_path / "dsnot_error.png").stat().st_size > 0
+
+
+def test_scenes_lm_stage_object_tokens_put_each_objects_attributes_at_its_centre(script):
+    study = script(ROOT / "experiments", "scenes_lm_stage")
+    from sparsevlm.data import scenes
+
+    box = scenes.SceneObject("box", "green", "outlined", 0.4, 0.4, 0.35)
+    inside = scenes.SceneObject("circle", "red", "striped", 0.3, 0.45, 0.12)
+    outside = scenes.SceneObject("square", "blue", "filled", 0.88, 0.1, 0.1)
+    scene = scenes.Scene((box, inside, outside))
+    tokens = study.object_tokens(scene.key, 4, 128)
+    colors, bins = list(scenes.COLORS), scenes.POSITION_BINS
+    kinds = len(scenes.SHAPES) + 1
+    offsets = np.cumsum([0, len(colors), kinds, len(scenes.STYLES), bins, bins])
+
+    def expected(obj, in_box):
+        hot = [colors.index(obj.color), (*scenes.SHAPES, "box").index(obj.kind), scenes.STYLES.index(obj.style),
+               int(obj.x * bins), int(obj.y * bins), in_box]
+        return sorted(int(o + h) for o, h in zip(offsets, hot))
+
+    # The box's centre (0.4, 0.4) and the circle's (0.3, 0.45) share patch (1, 1): their one-hots add up.
+    shared = np.zeros(128)
+    shared[expected(box, 0)] += 1
+    shared[expected(inside, 1)] += 1
+    np.testing.assert_array_equal(tokens[5], shared)
+    assert sorted(np.flatnonzero(tokens[3])) == expected(outside, 0)
+    assert set(np.flatnonzero(tokens.sum(axis=1))) == {5, 3}
+    # Cell tokens: one one-hot per vision-stage target in every patch.
+    cell = study.cell_tokens(scene.key, 4, 128)
+    assert (cell.sum(axis=1) == len(scenes.probe_classes(4))).all()
+
+
+def test_scenes_lm_stage_from_tower_features_is_the_whole_forward(script):
+    study = script(ROOT / "experiments", "scenes_lm_stage")
+    import jax
+
+    from sparsevlm.config import scenes_vlm_config
+    from sparsevlm.data import scenes
+    from sparsevlm.data.batch import encode_vqa
+    from sparsevlm.data.tokenize import build_word_tokenizer
+    from sparsevlm.models.vlm import VLM
+
+    tokenizer = build_word_tokenizer(scenes.vocabulary())
+    model = VLM(scenes_vlm_config(len(tokenizer)))
+    pool = encode_vqa(scenes.build_split("train", 3), tokenizer, with_targets=True)
+    batch = pool.collate(np.arange(4), 16, tokenizer.pad_token_id, model.config.vision)
+    params = model.init(jax.random.key(0), batch.images, batch.tokens, batch.text_mask)["params"]
+    features = study.tower_features(model, params, pool.images)
+    rows = study.batch_from(pool, features, np.arange(4), 16, tokenizer.pad_token_id, model.config.vision)
+    split = study.lm_stage_logits(model)(params, rows)
+    whole, _ = model.apply({"params": params}, batch.images, batch.tokens, batch.text_mask,
+                           target_mask=batch.loss_mask)
+    np.testing.assert_allclose(np.asarray(split), np.asarray(whole[:, -16:]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_scenes_lm_stage_quick_scores_every_kind_of_tokens(tmp_path, script):
+    study = script(ROOT / "experiments", "scenes_lm_stage")
+    study.main(["--quick", "--features", "tower", "objects", "--out", str(tmp_path)])
+    rows = {r["features"]: r for r in json.loads((tmp_path / "scenes_lm_stage.json").read_text())["rows"]}
+    assert set(rows) == {"tower", "objects"}
+    assert rows["tower"]["n"] == rows["objects"]["n"] > 0
+    for row in rows.values():
+        assert 0.0 <= row["accuracy"] <= 1.0 and np.isfinite(row["final_loss"])
+        assert set(row["by_type"]) <= set(study.TYPES)
+    # A greedy exact match starts with the right answer word: never above the answer-word accuracy.
+    assert rows["tower"]["greedy_accuracy"] <= rows["tower"]["accuracy"] + 1e-9
+    assert (tmp_path / "scenes_lm_stage.png").stat().st_size > 0

@@ -1,0 +1,273 @@
+"""Which stage limits the scenes model: its LM stage trained on the tower's features or on perfect ones.
+
+The scenes recipe (`config.pretrain_preset("scenes")`) trains a vision tower, freezes it, then trains
+the connector and language model. Here that second stage runs on three kinds of frozen image tokens,
+with the recipe's optimizer, batch size, steps and question/caption mixture, and is scored per
+question type on the test split:
+
+  tower    the trained tower's features (what `pretrain` gives the LM stage; features computed once)
+  cells    a perfect tower for the vision stage's own targets: per patch, one-hots of the top object's
+           colour, kind, style, centre column and row, the kind of a shape centred there, the patch
+  objects  object tokens: a shape's colour, kind, style, centre column and row, and whether it is in
+           the box, at the patch holding its centre (the box at its own); other patches empty
+
+If the LM stage is far from the target even on `objects`, no better tower can close the gap.
+Accuracy is the answer word's: the argmax at the answer position (scenes answers are one word);
+`tower` rows also give greedy exact match through `evaluate_vqa`, the metric of `pretrain`.
+
+    python experiments/scenes_lm_stage.py [--features tower cells objects] [--steps 3000]
+        [--question-types relation] [--caption-weight 0.05] [--out results] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sparsevlm.bundle import ModelBundle  # noqa: E402
+from sparsevlm.config import VLMConfig, pretrain_preset, scenes_vlm_config  # noqa: E402
+from sparsevlm.data import scenes  # noqa: E402
+from sparsevlm.data.batch import EncodedSet, encode_vqa, preprocess_images, round_up  # noqa: E402
+from sparsevlm.data.tokenize import build_word_tokenizer  # noqa: E402
+from sparsevlm.eval.evaluate import evaluate_vqa  # noqa: E402
+from sparsevlm.losses import token_cross_entropy  # noqa: E402
+from sparsevlm.models.stages import run_stages  # noqa: E402
+from sparsevlm.models.vlm import VLM, forward_stages  # noqa: E402
+from sparsevlm.pretrain import frozen_tower, pretrain_vision  # noqa: E402
+from sparsevlm.train import TrainState, make_optimizer, make_train_step  # noqa: E402
+
+from common import markdown_table, write_outputs  # noqa: E402
+
+STEM = "scenes_lm_stage"
+FEATURES = ("tower", "cells", "objects")
+TYPES = scenes.QUESTION_TYPES
+
+
+def split_at_connector(config: VLMConfig) -> int:
+    """Index of the first stage after the vision tower in `forward_stages(config)`."""
+    return next(i for i, s in enumerate(forward_stages(config)) if not s.prefix.startswith("vision"))
+
+
+def tower_features(model: VLM, params: Any, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The vision tower's output tokens `[N, tokens, width]` for uint8 images (what the connector reads)."""
+    head = forward_stages(model.config)[: split_at_connector(model.config)]
+    run = jax.jit(lambda p, x: model.apply({"params": p}, {"images": x},
+                                           method=lambda m, c: run_stages(m, head, c))["x"])
+    return np.concatenate([np.asarray(run(params, preprocess_images(images[i:i + batch], model.config.vision)))
+                           for i in range(0, len(images), batch)])
+
+
+def _one_hot_rows(columns: list[tuple[np.ndarray, int]], width: int) -> np.ndarray:
+    """Per row, the one-hots of each `(labels, classes)` column side by side, zero-padded to `width`."""
+    out = np.zeros((len(columns[0][0]), width), np.float32)
+    offset = 0
+    for labels, classes in columns:
+        out[np.arange(len(labels)), offset + labels] = 1.0
+        offset += classes
+    if offset > width:
+        raise ValueError(f"{offset} one-hot features do not fit the tower's width {width}")
+    return out
+
+
+def cell_tokens(scene_key: str, grid: int, width: int) -> np.ndarray:
+    """`[grid², width]`: the vision stage's per-patch targets (`scenes.probe_labels`) as one-hots."""
+    labels = scenes.probe_labels(scene_key, grid)
+    classes = scenes.probe_classes(grid)
+    return _one_hot_rows([(labels[name], classes[name]) for name in classes], width)
+
+
+def object_tokens(scene_key: str, grid: int, width: int) -> np.ndarray:
+    """`[grid², width]`: each object's attributes at the patch holding its centre (two sharing one: summed)."""
+    scene = scenes.Scene.from_key(scene_key)
+    colors, kinds = list(scenes.COLORS), (*scenes.SHAPES, scenes.BOX)
+    bins = scenes.POSITION_BINS
+    out = np.zeros((grid * grid, width), np.float32)
+    for obj in scene.objects:
+        cell = min(int(obj.y * grid), grid - 1) * grid + min(int(obj.x * grid), grid - 1)
+        style = scenes.STYLES.index(obj.style)
+        column, row = (min(int(v * bins), bins - 1) for v in (obj.x, obj.y))
+        in_box = int(obj.kind != scenes.BOX and scene.in_box(obj))
+        columns = [(colors.index(obj.color), len(colors)), (kinds.index(obj.kind), len(kinds)),
+                   (style, len(scenes.STYLES)), (column, bins), (row, bins), (in_box, 2)]
+        out[cell] += _one_hot_rows([(np.array([v]), n) for v, n in columns], width)[0]
+    return out
+
+
+def image_scenes(data: Any, pool: EncodedSet) -> list[str]:
+    """The scene key of every image row of `pool` (encoded from `data`)."""
+    first = {}
+    for example, image in enumerate(pool.image_index):
+        first.setdefault(int(image), example)
+    keys = data["scene"]
+    return [keys[first[image]] for image in range(len(pool.images))]
+
+
+def features_for(kind: str, data: Any, pool: EncodedSet, model: VLM, params: Any) -> np.ndarray:
+    """Frozen image tokens of `kind` for every image row of `pool`."""
+    if kind == "tower":
+        return tower_features(model, params, pool.images)
+    vision = model.config.vision
+    grid, width = vision.image_size // vision.patch_size, vision.width
+    make = cell_tokens if kind == "cells" else object_tokens
+    return np.stack([make(key, grid, width) for key in image_scenes(data, pool)])
+
+
+def batch_from(pool: EncodedSet, features: np.ndarray, chosen: np.ndarray, length: int, pad_id: int,
+               vision: Any) -> dict[str, np.ndarray]:
+    """The examples at `chosen`, their images replaced by their frozen tokens."""
+    batch = pool.collate(chosen, length, pad_id, vision)
+    return {"x": features[pool.image_index[chosen]], "tokens": batch.tokens, "text_mask": batch.text_mask,
+            "loss_mask": batch.loss_mask}
+
+
+def lm_stage_logits(model: VLM) -> Callable[[Any, dict[str, Any]], jax.Array]:
+    """`logits(params, batch)` over the text positions, from frozen tokens `batch["x"]` on (connector and LM)."""
+    tail = forward_stages(model.config)[split_at_connector(model.config):]
+
+    def logits(params: Any, batch: dict[str, Any]) -> jax.Array:
+        carry = {"x": batch["x"], "tokens": batch["tokens"], "text_mask": batch["text_mask"],
+                 "target_mask": batch["loss_mask"]}
+        out = model.apply({"params": params}, carry, method=lambda m, c: run_stages(m, tail, c))["logits"]
+        return out[:, -batch["tokens"].shape[1]:]
+
+    return logits
+
+
+def answer_accuracy(logits_fn: Any, params: Any, pool: EncodedSet, features: np.ndarray, pad_id: int,
+                    vision: Any, batch: int = 256) -> dict[str, Any]:
+    """Accuracy of the argmax at each example's first answer position, overall and per question type."""
+    length = round_up(pool.max_length, 8)
+    right = []
+    for start in range(0, len(pool), batch):
+        chosen = np.arange(start, min(start + batch, len(pool)))
+        rows = batch_from(pool, features, chosen, length, pad_id, vision)
+        first = rows["loss_mask"].argmax(axis=1)
+        logits = np.asarray(logits_fn(params, rows))
+        predicted = logits[np.arange(len(chosen)), first - 1].argmax(-1)
+        right.append(predicted == rows["tokens"][np.arange(len(chosen)), first])
+    hits = np.concatenate(right)
+    types = np.asarray(pool.question_types)
+    return {"accuracy": float(hits.mean()), "n": int(hits.size),
+            "by_type": {t: float(hits[types == t].mean()) for t in TYPES if (types == t).any()}}
+
+
+def run(features: list[str], steps: int, images: int, vision_steps: int, question_types: list[str] | None,
+        caption_weight: float | None, seed: int, eval_images: int | None) -> list[dict[str, Any]]:
+    """Train the LM stage once per kind of frozen tokens; test accuracy per question type."""
+    preset = pretrain_preset("scenes")
+    recipe = dataclasses.replace(preset, steps=steps, train_images=images, vision_steps=vision_steps, seed=seed,
+                                 warmup_steps=min(preset.warmup_steps, steps // 10))  # a short run warms up less
+    tokenizer = build_word_tokenizer(scenes.vocabulary())
+    config = scenes_vlm_config(len(tokenizer))
+    size = config.vision.image_size
+    train = scenes.build_split("train", images, seed=seed, image_size=size)
+    asked = train if not question_types else train.filter(lambda t: t in question_types,
+                                                          input_columns="question_type")
+    captions = scenes.captioning_view(train)
+    test = scenes.build_split("test", eval_images, seed=seed, image_size=size)
+    data = [asked, captions]
+    pools = [encode_vqa(d, tokenizer, with_targets=True) for d in data]
+    test_pool = encode_vqa(test, tokenizer, with_targets=True)
+    model = VLM(config)
+    init = pools[0].collate(np.arange(2), round_up(pools[0].max_length, 8), tokenizer.pad_token_id, config.vision)
+    params = model.init(jax.random.key(seed), init.images, init.tokens, init.text_mask)["params"]
+    tower_stats = None
+    if "tower" in features:
+        params["vision"], tower_stats = pretrain_vision(config.vision, pools[1].images, list(captions["scene"]),
+                                                        vision_steps, recipe.vision_batch_size, seed, False,
+                                                        task="scenes")
+    weights = np.asarray([len(p) for p in pools], float) if caption_weight is None else np.asarray(
+        [1.0 - caption_weight, caption_weight])
+    logits_fn = lm_stage_logits(model)
+
+    def loss_fn(params: Any, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        total, count = token_cross_entropy(logits_fn(params, batch), batch["tokens"], batch["loss_mask"])
+        return total / jnp.maximum(count, 1.0), {"tokens": count}
+
+    rows = []
+    for kind in features:
+        started = time.perf_counter()
+        frozen = [features_for(kind, d, p, model, params) for d, p in zip(data, pools)]
+        test_tokens = features_for(kind, test, test_pool, model, params)
+        optimizer = make_optimizer(recipe.learning_rate, recipe.end_learning_rate, recipe.warmup_steps, steps,
+                                   recipe.weight_decay, recipe.grad_clip)
+        frozen_loss, frozen_optimizer = frozen_tower(loss_fn, optimizer, params, "vision")
+        step = make_train_step(frozen_loss, frozen_optimizer)
+        state = TrainState(params, frozen_optimizer.init(params), jnp.zeros((), jnp.int32))
+        rng = np.random.default_rng(seed)
+        lengths = [round_up(p.max_length, 8) for p in pools]
+        for done in range(1, steps + 1):
+            which = int(rng.choice(len(pools), p=weights / weights.sum()))
+            chosen = rng.choice(len(pools[which]), recipe.batch_size, replace=False)
+            state, metrics = step(state, batch_from(pools[which], frozen[which], chosen, lengths[which],
+                                                    tokenizer.pad_token_id, config.vision))
+            if done % 500 == 0:
+                print(f"{kind}: step {done} loss {float(metrics['loss']):.3f}", flush=True)
+        score = answer_accuracy(jax.jit(logits_fn), state.params, test_pool, test_tokens, tokenizer.pad_token_id,
+                                config.vision)
+        row = {"features": kind, "steps": steps, "images": images, "question_types": question_types or "all",
+               "final_loss": float(metrics["loss"]), "seconds": round(time.perf_counter() - started, 1)} | score
+        if kind == "tower":
+            greedy = evaluate_vqa(ModelBundle(config, jax.device_get(state.params), tokenizer), test, progress=False)
+            row |= {"greedy_accuracy": greedy["accuracy"], "vision_stage": tower_stats}
+        print(f"{kind}: test {row['accuracy']:.4f} {row['by_type']} ({row['seconds']} s)", flush=True)
+        rows.append(row)
+    return rows
+
+
+def report(rows: list[dict[str, Any]]) -> tuple[str, Any]:
+    """Table and bar chart: accuracy per question type for each kind of frozen tokens."""
+    table = [[r["features"], r["accuracy"], *(r["by_type"].get(t, "") for t in TYPES)] for r in rows]
+    markdown = f"## {STEM}\n\n" + markdown_table(["features", "test", *TYPES], table)
+    figure, ax = plt.subplots(figsize=(7, 3))
+    width = 0.8 / max(len(rows), 1)
+    for i, r in enumerate(rows):
+        ax.bar(np.arange(len(TYPES)) + i * width, [r["by_type"].get(t, 0.0) for t in TYPES], width,
+               label=f"{r['features']} ({r['accuracy']:.3f})")
+    ax.set_xticks(np.arange(len(TYPES)) + 0.4 - width / 2, TYPES)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    return markdown, figure
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, run the study, write the outputs."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--features", nargs="+", default=list(FEATURES), choices=FEATURES)
+    parser.add_argument("--steps", type=int, default=None, help="LM steps (default: the scenes recipe's)")
+    parser.add_argument("--images", type=int, default=None, help="training images (default: the recipe's)")
+    parser.add_argument("--vision-steps", type=int, default=None, help="vision stage steps (default: the recipe's)")
+    parser.add_argument("--question-types", nargs="+", default=None, choices=TYPES, help="train on these only")
+    parser.add_argument("--caption-weight", type=float, default=None,
+                        help="share of caption batches (default: by pool size, as pretrain)")
+    parser.add_argument("--eval-images", type=int, default=None, help="test images (default: the whole split)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--quick", action="store_true", help="small budgets, for CI")
+    args = parser.parse_args(argv)
+    if args.caption_weight is not None and not 0.0 <= args.caption_weight < 1.0:
+        parser.error(f"--caption-weight={args.caption_weight} must be in [0, 1)")
+    recipe = pretrain_preset("scenes")
+    quick = {"steps": 30, "images": 300, "vision_steps": 10, "eval_images": 40} if args.quick else {}
+    budget = {name: getattr(args, name) if getattr(args, name) is not None else quick.get(name, default)
+              for name, default in (("steps", recipe.steps), ("images", recipe.train_images),
+                                    ("vision_steps", recipe.vision_steps), ("eval_images", None))}
+    rows = run(args.features, budget["steps"], budget["images"], budget["vision_steps"], args.question_types,
+               args.caption_weight, args.seed, budget["eval_images"])
+    markdown, figure = report(rows)
+    write_outputs(args.out, STEM, {"rows": rows, "recipe": budget}, markdown, figure)
+
+
+if __name__ == "__main__":
+    main()
