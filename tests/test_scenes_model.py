@@ -103,3 +103,17 @@ def test_a_cached_built_in_model_of_another_recipe_is_retrained(monkeypatch, tin
         cache("scenes", dataclasses.asdict(scenes_recipe), data)
         hub.ensure_default_model(progress=False, name="scenes")
     assert trained == [scenes_recipe] * 3
+
+
+def test_the_data_fingerprint_covers_the_vision_stage_targets(monkeypatch):
+    before = data_fingerprint("scenes", 2)
+    original = scenes.probe_labels
+    extra = {"extra": np.zeros(16, np.int32)}
+    monkeypatch.setattr(scenes, "probe_labels", lambda key, grid: original(key, grid) | extra)
+    data_fingerprint.cache_clear()
+    try:
+        assert data_fingerprint("scenes", 2) != before
+    finally:
+        monkeypatch.undo()
+        data_fingerprint.cache_clear()
+    assert data_fingerprint("scenes", 2) == before

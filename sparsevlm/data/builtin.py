@@ -13,6 +13,8 @@ import hashlib
 from types import ModuleType
 from typing import Any, Mapping
 
+import numpy as np
+
 from sparsevlm.data import scenes, shapes
 from sparsevlm.data.tasks import BUILTIN_TASKS
 
@@ -32,15 +34,21 @@ def model_task(metadata: Mapping[str, Any]) -> str:
     return (metadata.get("pretrain") or {}).get("task", "shapes")
 
 
+FINGERPRINT_PATCHES = 4  # patches per side whose vision-stage targets the fingerprint covers (64-px, 16-px patches)
+
+
 @functools.cache
 def data_fingerprint(task: str, num_images: int = 16) -> str:
     """A hash of what built-in task `task` generates (vocabulary, and the first training scenes: their
-    keys, images, questions and captions); it changes whenever the generator does."""
+    keys, images, questions, captions and vision-stage targets); it changes whenever the generator does."""
     module = task_module(task)
     digest = hashlib.sha256(" ".join(module.vocabulary()).encode())
+    grid = module.probe_grid(FINGERPRINT_PATCHES)
     for scene, rng in module.iter_scenes("train", num_images, 0):
         digest.update(scene.key.encode())
         digest.update(module.render(scene, rng).tobytes())
         digest.update(repr(module.questions(scene, rng)).encode())
         digest.update(scene.caption().encode())
+        for name, labels in sorted(module.probe_labels(scene.key, grid).items()):
+            digest.update(name.encode() + np.ascontiguousarray(labels, np.int32).tobytes())
     return digest.hexdigest()[:16]
