@@ -8,7 +8,8 @@ scene that cannot fit two shapes is redrawn). Questions (one-word answers, all n
   count     "how many circles are there ?"               (zero … four)
   color     "what color is the circle ?"                 (asked only about a shape that occurs once)
   style     "what style is the red circle ?"             (filled / outlined / striped)
-  relation  "is the red circle left of the blue square ?" (left of / right of / above / below; yes / no)
+  relation  "what shape is left of the red circle ?"      (left of / right of / above / below; asked only
+                                                          where exactly one shape is, CLEVR's "relate")
   nearest   "what shape is nearest to the red circle ?"
   inside    "how many circles are in the box ?"          (or "how many shapes …"; scenes with a box)
 Every image also has a caption listing its objects left to right.
@@ -19,8 +20,11 @@ unambiguous (the generator redraws a placement that breaks one):
   visibility  shapes are painted in order, later over earlier; at least `MIN_VISIBLE` of every
               shape's silhouette (the box: of its outline) lies outside every later shape's
               silhouette, so every object counts and shows its shape (none is a sliver);
-  relations   asked only when the two centres differ by at least `RELATION_MARGIN` along the axis;
+  relations   asked only when every other centre differs from the anchor's by at least `RELATION_MARGIN`
+              along the axis, and exactly one lies on the asked side;
   nearest     asked only when the nearest centre is `NEAREST_MARGIN` closer than the next one;
+  distractor  relation and nearest questions only where a third shape of another kind than the answer
+              exists, so "the other shape's kind" is no answer (it was for 83% of them without the rule);
   inside      a shape's bounding square lies inside the box's inner edge by `BOX_MARGIN`, or its
               bounding square clears the box's outer edge by `BOX_MARGIN`;
   referents   "the red circle" is used only where exactly one object is a red circle.
@@ -315,6 +319,15 @@ def relation_holds(a: SceneObject, relation: str, b: SceneObject) -> bool | None
     return None if abs(delta) < RELATION_MARGIN else delta > 0
 
 
+def related_shape(scene: Scene, relation: str, anchor: SceneObject) -> SceneObject | None:
+    """The one shape that is `relation` `anchor`; None unless exactly one is and every other clearly is not."""
+    holds = [(relation_holds(o, relation, anchor), o) for o in scene.shapes if o is not anchor]
+    if any(h is None for h, _ in holds):
+        return None
+    found = [o for h, o in holds if h]
+    return found[0] if len(found) == 1 else None
+
+
 def nearest(scene: Scene, anchor: SceneObject) -> SceneObject | None:
     """The shape whose centre is nearest to `anchor`'s, or None when the runner-up is within the margin."""
     others = sorted((float(np.hypot(o.x - anchor.x, o.y - anchor.y)), i) for i, o in enumerate(scene.shapes)
@@ -322,6 +335,11 @@ def nearest(scene: Scene, anchor: SceneObject) -> SceneObject | None:
     if not others or (len(others) > 1 and others[1][0] - others[0][0] < NEAREST_MARGIN):
         return None
     return scene.shapes[others[0][1]]
+
+
+def _has_distractor(scene: Scene, anchor: SceneObject, answer: SceneObject) -> bool:
+    """Whether a third shape of another kind than `answer` makes the answer depend on where shapes are."""
+    return any(o.kind != answer.kind for o in scene.shapes if o is not anchor and o is not answer)
 
 
 def _pick(items: list, rng: np.random.Generator):
@@ -344,13 +362,12 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, st
     if referents:
         obj = _pick(referents, rng)
         out.append(("style", f"what style is the {obj.color} {obj.kind} ?", obj.style))
-    pairs = [(a, r, b) for a in referents for b in referents if a is not b for r in RELATIONS
-             if relation_holds(a, r, b) is not None]
-    if pairs:
-        a, relation, b = _pick(pairs, rng)
-        answer = "yes" if relation_holds(a, relation, b) else "no"
-        out.append(("relation", f"is the {a.color} {a.kind} {relation} the {b.color} {b.kind} ?", answer))
-    anchors = [o for o in referents if nearest(scene, o) is not None]
+    related = [(anchor, r, related_shape(scene, r, anchor)) for anchor in referents for r in RELATIONS]
+    related = [q for q in related if q[2] is not None and _has_distractor(scene, q[0], q[2])]
+    if related:
+        anchor, relation, other = _pick(related, rng)
+        out.append(("relation", f"what shape is {relation} the {anchor.color} {anchor.kind} ?", other.kind))
+    anchors = [o for o in referents if nearest(scene, o) is not None and _has_distractor(scene, o, nearest(scene, o))]
     if anchors:
         anchor = _pick(anchors, rng)
         out.append(("nearest", f"what shape is nearest to the {anchor.color} {anchor.kind} ?",
@@ -395,7 +412,7 @@ def build_split(split: str, num_images: int | None = None, seed: int = 0, image_
 def vocabulary() -> list[str]:
     """Every word the generator can emit, sorted (the tokenizer's closed vocabulary)."""
     words = {"a", "an", "and", "the", "?", ".", "what", "color", "is", "how", "many", "are", "there", "style",
-             "shape", "shapes", "yes", "no", "describe", "image", "nearest", "to", "in", "box"}  # fmt: skip
+             "shape", "shapes", "describe", "image", "nearest", "to", "in", "box"}  # fmt: skip
     words.update(SHAPES)
     words.update(s + "s" for s in SHAPES)
     words.update(COLORS)

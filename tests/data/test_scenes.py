@@ -62,6 +62,11 @@ def _referent(scene: scenes.Scene, color: str, kind: str) -> scenes.SceneObject:
     return matches[0]
 
 
+def _assert_distractor(scene: scenes.Scene, anchor: scenes.SceneObject, answer: str) -> None:
+    """A shape of another kind than the answer, besides the anchor, so "the other shape" is no answer."""
+    assert any(o.kind != answer for o in scene.shapes if o is not anchor)
+
+
 def _check_answer(scene: scenes.Scene, qtype: str, question: str, answer: str) -> None:
     words = question.split()
     if qtype == "count":  # how many circles are there ?
@@ -71,18 +76,24 @@ def _check_answer(scene: scenes.Scene, qtype: str, question: str, answer: str) -
         assert len(matches) == 1 and matches[0].color == answer
     elif qtype == "style":  # what style is the red circle ?
         assert _referent(scene, words[4], words[5]).style == answer
-    elif qtype == "relation":  # is the red circle left of the blue square ?
-        match = re.fullmatch(r"is the (\w+) (\w+) (left of|right of|above|below) the (\w+) (\w+) \?", question)
-        a, b = _referent(scene, *match.group(1, 2)), _referent(scene, *match.group(4, 5))
-        (ax, ay), (bx, by) = _centroid(a), _centroid(b)
-        delta = {"left of": bx - ax, "right of": ax - bx, "above": by - ay, "below": ay - by}[match.group(3)]
-        # The centroids move at most 0.2 r (triangles) from the centres the margin is measured on.
-        assert abs(delta) >= scenes.RELATION_MARGIN - 0.1 and answer == ("yes" if delta > 0 else "no")
+    elif qtype == "relation":  # what shape is left of the red circle ?
+        match = re.fullmatch(r"what shape is (left of|right of|above|below) the (\w+) (\w+) \?", question)
+        anchor = _referent(scene, *match.group(2, 3))
+        ax, ay = _centroid(anchor)
+        deltas = {o: {"left of": ax - x, "right of": x - ax, "above": ay - y, "below": y - ay}[match.group(1)]
+                  for o in scene.shapes if o is not anchor for x, y in [_centroid(o)]}
+        # Exactly one shape is on that side; every other clearly is not. The centroids move at most 0.2 r
+        # (triangles) from the centres the margin is measured on.
+        on_side = [o for o, d in deltas.items() if d > 0]
+        assert len(on_side) == 1 and on_side[0].kind == answer
+        assert all(abs(d) >= scenes.RELATION_MARGIN - 0.1 for d in deltas.values())
+        _assert_distractor(scene, anchor, answer)
     elif qtype == "nearest":  # what shape is nearest to the red circle ?
         anchor = _referent(scene, words[6], words[7])
         distances = sorted((np.hypot(o.x - anchor.x, o.y - anchor.y), o.kind) for o in scene.shapes if o is not anchor)
         assert distances[0][1] == answer
         assert len(distances) == 1 or distances[1][0] - distances[0][0] >= scenes.NEAREST_MARGIN
+        _assert_distractor(scene, anchor, answer)
     elif qtype == "inside":  # how many circles / shapes are in the box ?
         assert scene.box is not None
         where = [_in_box_by_pixels(scene, o) for o in scene.shapes]
@@ -152,8 +163,8 @@ def test_question_types_answers_and_captions():
     data = scenes.build_split("train", 120)
     types, answers = np.array(data["question_type"]), np.array(data["answer"])
     assert set(types) == set(scenes.QUESTION_TYPES)
-    assert 0.3 < np.mean(answers[types == "relation"] == "yes") < 0.7
-    assert len(set(answers[types == "count"])) >= 3 and len(set(answers[types == "nearest"])) == 4
+    assert len(set(answers[types == "count"])) >= 3
+    assert set(answers[types == "nearest"]) == set(answers[types == "relation"]) == set(scenes.SHAPES)
     view = scenes.captioning_view(data)
     assert len(view) == len(set(data["image_id"])) and set(view["question_type"]) == {"caption"}
     assert all(answer == caption for answer, caption in zip(view["answer"], view["caption"]))
