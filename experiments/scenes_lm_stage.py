@@ -10,13 +10,19 @@ question type on the test split:
            colour, kind, style, centre column and row, the kind of a shape centred there, the patch
   objects  object tokens: a shape's colour, kind, style, centre column and row, and whether it is in
            the box, at the patch holding its centre (the box at its own); other patches empty
+  relations  objects, plus each shape's relational labels (`RELATED_LABELS`), what a tower would give
+           that computed the relations itself, so that the LM only looks the anchor up: the kind
+           of the next shape left of / right of / above / below it and of its nearest
+           (where a relation question is asked, the next shape on that side is its answer)
 
 If the LM stage is far from the target even on `objects`, no better tower can close the gap.
+`--multi-turn` trains on all of an image's questions per row, as turns with a loss on every answer
+(LLaVA's conversations); evaluation still asks one question at a time.
 Accuracy is the answer word's: the argmax at the answer position (scenes answers are one word);
 `tower` rows also give greedy exact match through `evaluate_vqa`, the metric of `pretrain`.
 
-    python experiments/scenes_lm_stage.py [--features tower cells objects] [--steps 3000]
-        [--question-types relation] [--caption-weight 0.05] [--out results] [--quick]
+    python experiments/scenes_lm_stage.py [--features tower cells objects relations] [--steps 3000]
+        [--question-types relation] [--caption-weight 0.05] [--multi-turn] [--out results] [--quick]
 """
 
 from __future__ import annotations
@@ -49,8 +55,10 @@ from sparsevlm.train import TrainState, make_optimizer, make_train_step  # noqa:
 from common import markdown_table, write_outputs  # noqa: E402
 
 STEM = "scenes_lm_stage"
-FEATURES = ("tower", "cells", "objects")
+FEATURES = ("tower", "cells", "objects", "relations")
 TYPES = scenes.QUESTION_TYPES
+# Relational labels of a shape: the next shape on each side (`side_neighbour`), and its nearest (`scenes.nearest`).
+RELATED_LABELS = {"left": "left of", "right": "right of", "above": "above", "below": "below", "nearest": None}
 
 
 def split_at_connector(config: VLMConfig) -> int:
@@ -86,8 +94,9 @@ def cell_tokens(scene_key: str, grid: int, width: int) -> np.ndarray:
     return _one_hot_rows([(labels[name], classes[name]) for name in classes], width)
 
 
-def object_tokens(scene_key: str, grid: int, width: int) -> np.ndarray:
-    """`[grid², width]`: each object's attributes at the patch holding its centre (two sharing one: summed)."""
+def object_tokens(scene_key: str, grid: int, width: int, related: bool = False) -> np.ndarray:
+    """`[grid², width]`: each object's attributes at the patch holding its centre (two sharing one: summed);
+    `related` adds the kinds of the next shape on each side and of the nearest (`RELATED_LABELS`)."""
     scene = scenes.Scene.from_key(scene_key)
     colors, kinds = list(scenes.COLORS), (*scenes.SHAPES, scenes.BOX)
     bins = scenes.POSITION_BINS
@@ -99,8 +108,26 @@ def object_tokens(scene_key: str, grid: int, width: int) -> np.ndarray:
         in_box = int(obj.kind != scenes.BOX and scene.in_box(obj))
         columns = [(colors.index(obj.color), len(colors)), (kinds.index(obj.kind), len(kinds)),
                    (style, len(scenes.STYLES)), (column, bins), (row, bins), (in_box, 2)]
+        if related:
+            columns += [(_related_kind(scene, obj, relation), len(scenes.SHAPES) + 1)
+                        for relation in RELATED_LABELS.values()]
         out[cell] += _one_hot_rows([(np.array([v]), n) for v, n in columns], width)[0]
     return out
+
+
+def side_neighbour(scene: scenes.Scene, relation: str, anchor: scenes.SceneObject) -> scenes.SceneObject | None:
+    """The shape nearest `anchor` along the axis among those clearly `relation` it; None when there is none."""
+    axis = "x" if relation in ("left of", "right of") else "y"
+    beyond = [o for o in scene.shapes if o is not anchor and scenes.relation_holds(o, relation, anchor)]
+    return min(beyond, key=lambda o: abs(getattr(o, axis) - getattr(anchor, axis)), default=None)
+
+
+def _related_kind(scene: scenes.Scene, obj: scenes.SceneObject, relation: str | None) -> int:
+    """`obj`'s relational label: 1 + the related shape's kind (0: none, or `obj` is the box)."""
+    if obj.kind == scenes.BOX:
+        return 0
+    other = scenes.nearest(scene, obj) if relation is None else side_neighbour(scene, relation, obj)
+    return 0 if other is None else scenes.SHAPES.index(other.kind) + 1
 
 
 def image_scenes(data: Any, pool: EncodedSet) -> list[str]:
@@ -118,8 +145,9 @@ def features_for(kind: str, data: Any, pool: EncodedSet, model: VLM, params: Any
         return tower_features(model, params, pool.images)
     vision = model.config.vision
     grid, width = vision.image_size // vision.patch_size, vision.width
-    make = cell_tokens if kind == "cells" else object_tokens
-    return np.stack([make(key, grid, width) for key in image_scenes(data, pool)])
+    if kind == "cells":
+        return np.stack([cell_tokens(key, grid, width) for key in image_scenes(data, pool)])
+    return np.stack([object_tokens(key, grid, width, kind == "relations") for key in image_scenes(data, pool)])
 
 
 def batch_from(pool: EncodedSet, features: np.ndarray, chosen: np.ndarray, length: int, pad_id: int,
@@ -128,6 +156,35 @@ def batch_from(pool: EncodedSet, features: np.ndarray, chosen: np.ndarray, lengt
     batch = pool.collate(chosen, length, pad_id, vision)
     return {"x": features[pool.image_index[chosen]], "tokens": batch.tokens, "text_mask": batch.text_mask,
             "loss_mask": batch.loss_mask}
+
+
+def image_turns(pool: EncodedSet) -> list[np.ndarray]:
+    """Per image row of `pool`, the indices of its examples (its questions)."""
+    order = np.argsort(pool.image_index, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(pool.image_index, minlength=len(pool.images)))[:-1])
+
+
+def conversation_from(pool: EncodedSet, features: np.ndarray, turns: list[np.ndarray], chosen: np.ndarray,
+                      length: int, pad_id: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One row per chosen image: all its questions as turns in a random order (BOS once), left-padded to
+    `length`, the loss on every answer (LLaVA's multi-turn conversations)."""
+    tokens = np.full((len(chosen), length), pad_id, np.int32)
+    text_mask = np.zeros((len(chosen), length), bool)
+    loss_mask = np.zeros((len(chosen), length), bool)
+    for row, image in enumerate(chosen):
+        ids: list[int] = []
+        answer: list[bool] = []
+        for turn, example in enumerate(rng.permutation(turns[image])):
+            seq, n_prompt = pool.sequences[example]
+            skip = 1 if turn else 0  # the BOS starts the first turn only
+            ids += seq[skip:]
+            answer += [False] * (n_prompt - skip) + [True] * (len(seq) - n_prompt)
+        if len(ids) > length:
+            raise ValueError(f"a conversation of {len(ids)} tokens does not fit length={length}")
+        tokens[row, length - len(ids):] = ids
+        text_mask[row, length - len(ids):] = True
+        loss_mask[row, length - len(ids):] = answer
+    return {"x": features[chosen], "tokens": tokens, "text_mask": text_mask, "loss_mask": loss_mask}
 
 
 def lm_stage_logits(model: VLM) -> Callable[[Any, dict[str, Any]], jax.Array]:
@@ -162,8 +219,12 @@ def answer_accuracy(logits_fn: Any, params: Any, pool: EncodedSet, features: np.
 
 
 def run(features: list[str], steps: int, images: int, vision_steps: int, question_types: list[str] | None,
-        caption_weight: float | None, seed: int, eval_images: int | None) -> list[dict[str, Any]]:
-    """Train the LM stage once per kind of frozen tokens; test accuracy per question type."""
+        caption_weight: float | None, seed: int, eval_images: int | None,
+        multi_turn: bool = False) -> list[dict[str, Any]]:
+    """Train the LM stage once per kind of frozen tokens; test accuracy per question type.
+
+    `multi_turn`: a question batch holds images, each with all its questions as turns (`conversation_from`);
+    the mixture then counts images, not questions, for the question pool's size."""
     preset = pretrain_preset("scenes")
     recipe = dataclasses.replace(preset, steps=steps, train_images=images, vision_steps=vision_steps, seed=seed,
                                  warmup_steps=min(preset.warmup_steps, steps // 10))  # a short run warms up less
@@ -186,7 +247,9 @@ def run(features: list[str], steps: int, images: int, vision_steps: int, questio
         params["vision"], tower_stats = pretrain_vision(config.vision, pools[1].images, list(captions["scene"]),
                                                         vision_steps, recipe.vision_batch_size, seed, False,
                                                         task="scenes")
-    weights = np.asarray([len(p) for p in pools], float) if caption_weight is None else np.asarray(
+    turns = image_turns(pools[0]) if multi_turn else None
+    sizes = [len(turns) if multi_turn else len(pools[0]), len(pools[1])]
+    weights = np.asarray(sizes, float) if caption_weight is None else np.asarray(
         [1.0 - caption_weight, caption_weight])
     logits_fn = lm_stage_logits(model)
 
@@ -206,16 +269,23 @@ def run(features: list[str], steps: int, images: int, vision_steps: int, questio
         state = TrainState(params, frozen_optimizer.init(params), jnp.zeros((), jnp.int32))
         rng = np.random.default_rng(seed)
         lengths = [round_up(p.max_length, 8) for p in pools]
+        if multi_turn:
+            lengths[0] = round_up(max(len(t) for t in turns) * pools[0].max_length, 8)
         for done in range(1, steps + 1):
             which = int(rng.choice(len(pools), p=weights / weights.sum()))
-            chosen = rng.choice(len(pools[which]), recipe.batch_size, replace=False)
-            state, metrics = step(state, batch_from(pools[which], frozen[which], chosen, lengths[which],
-                                                    tokenizer.pad_token_id, config.vision))
+            chosen = rng.choice(sizes[which], recipe.batch_size, replace=False)
+            if which == 0 and multi_turn:
+                batch = conversation_from(pools[0], frozen[0], turns, chosen, lengths[0], tokenizer.pad_token_id, rng)
+            else:
+                batch = batch_from(pools[which], frozen[which], chosen, lengths[which], tokenizer.pad_token_id,
+                                   config.vision)
+            state, metrics = step(state, batch)
             if done % 500 == 0:
                 print(f"{kind}: step {done} loss {float(metrics['loss']):.3f}", flush=True)
         score = answer_accuracy(jax.jit(logits_fn), state.params, test_pool, test_tokens, tokenizer.pad_token_id,
                                 config.vision)
         row = {"features": kind, "steps": steps, "images": images, "question_types": question_types or "all",
+               "multi_turn": multi_turn,
                "final_loss": float(metrics["loss"]), "seconds": round(time.perf_counter() - started, 1)} | score
         if kind == "tower":
             greedy = evaluate_vqa(ModelBundle(config, jax.device_get(state.params), tokenizer), test, progress=False)
@@ -252,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--caption-weight", type=float, default=None,
                         help="share of caption batches (default: by pool size, as pretrain)")
     parser.add_argument("--eval-images", type=int, default=None, help="test images (default: the whole split)")
+    parser.add_argument("--multi-turn", action="store_true",
+                        help="train on all of an image's questions per row (loss on every answer)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results")
     parser.add_argument("--quick", action="store_true", help="small budgets, for CI")
@@ -264,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
               for name, default in (("steps", recipe.steps), ("images", recipe.train_images),
                                     ("vision_steps", recipe.vision_steps), ("eval_images", None))}
     rows = run(args.features, budget["steps"], budget["images"], budget["vision_steps"], args.question_types,
-               args.caption_weight, args.seed, budget["eval_images"])
+               args.caption_weight, args.seed, budget["eval_images"], args.multi_turn)
     markdown, figure = report(rows)
     write_outputs(args.out, STEM, {"rows": rows, "recipe": budget}, markdown, figure)
 

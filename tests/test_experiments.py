@@ -108,9 +108,69 @@ def test_scenes_lm_stage_object_tokens_put_each_objects_attributes_at_its_centre
     np.testing.assert_array_equal(tokens[5], shared)
     assert sorted(np.flatnonzero(tokens[3])) == expected(outside, 0)
     assert set(np.flatnonzero(tokens.sum(axis=1))) == {5, 3}
+    # With relations: each shape's next shape per side and nearest (left, right, above, below, nearest),
+    # 0 for none, after the attributes; the box has none.
+    related = study.object_tokens(scene.key, 4, 128, related=True)
+    start, groups = offsets[-1] + 2, len(study.RELATED_LABELS)
+    none, square, circle = 0, scenes.SHAPES.index("square") + 1, scenes.SHAPES.index("circle") + 1
+    side = lambda labels: [start + kinds * g + k for g, k in enumerate(labels)]  # noqa: E731
+    assert sorted(np.flatnonzero(related[3])) == expected(outside, 0) + side([circle, none, none, circle, circle])
+    np.testing.assert_array_equal(related[5, :start], shared[:start])
+    np.testing.assert_array_equal(related[5, start:start + kinds * groups],
+                                  np.bincount(side([none, square, square, none, square]) + side([none] * groups),
+                                              minlength=start + kinds * groups)[start:])
     # Cell tokens: one one-hot per vision-stage target in every patch.
     cell = study.cell_tokens(scene.key, 4, 128)
     assert (cell.sum(axis=1) == len(scenes.probe_classes(4))).all()
+
+
+def test_scenes_lm_stage_relational_labels_name_the_next_shape_on_each_side(script):
+    study = script(ROOT / "experiments", "scenes_lm_stage")
+    from sparsevlm.data import scenes
+
+    circle, square, diamond = (scenes.SceneObject(kind, "red", "filled", x, 0.6, 0.1)
+                               for kind, x in (("circle", 0.1), ("square", 0.35), ("diamond", 0.85)))
+    scene = scenes.Scene((circle, square, diamond))
+    label = {name: {obj.kind: study._related_kind(scene, obj, relation) for obj in scene.shapes}
+             for name, relation in study.RELATED_LABELS.items()}
+    kind = {name: scenes.SHAPES.index(name) + 1 for name in scenes.SHAPES}
+    assert label["left"] == {"circle": 0, "square": kind["circle"], "diamond": kind["square"]}  # the next one
+    assert label["right"] == {"circle": kind["square"], "square": kind["diamond"], "diamond": 0}
+    assert set(label["above"].values()) == set(label["below"].values()) == {0}  # one row: within the margin
+    assert label["nearest"] == {"circle": kind["square"], "square": kind["circle"], "diamond": kind["square"]}
+    # Where a relation question is asked (one shape on that side), the label is its answer.
+    asked = scenes.related_shape(scene, "left of", square)
+    assert asked is circle and label["left"]["square"] == kind[asked.kind]
+    assert scenes.related_shape(scene, "left of", diamond) is None  # two on its left
+
+
+def test_scenes_lm_stage_conversations_hold_every_question_of_an_image_once(script):
+    study = script(ROOT / "experiments", "scenes_lm_stage")
+    from sparsevlm.data import scenes
+    from sparsevlm.data.batch import encode_vqa
+    from sparsevlm.data.tokenize import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(scenes.vocabulary())
+    pool = encode_vqa(scenes.build_split("train", 4), tokenizer, with_targets=True)
+    turns = study.image_turns(pool)
+    assert len(turns) == len(pool.images) and sorted(np.concatenate(turns)) == list(range(len(pool)))
+    assert all((pool.image_index[t] == image).all() for image, t in enumerate(turns))
+    features = np.arange(len(pool.images), dtype=np.float32)[:, None, None] * np.ones((1, 16, 8), np.float32)
+    rows = study.conversation_from(pool, features, turns, np.array([2, 0]), 96, tokenizer.pad_token_id,
+                                   np.random.default_rng(0))
+    bos = tokenizer.bos_token_id
+    for row, image in enumerate([2, 0]):
+        ids = rows["tokens"][row][rows["text_mask"][row]]
+        assert ids[0] == bos and (ids == bos).sum() == 1  # one BOS, then every question of the image
+        targets = [pool.sequences[e][0][pool.sequences[e][1]:] for e in turns[image]]  # answer + EOS per turn
+        assert rows["loss_mask"][row].sum() == sum(len(t) for t in targets)
+        answered = rows["tokens"][row][rows["loss_mask"][row]]
+        assert sorted(answered.tolist()) == sorted(sum(targets, []))
+        assert len(ids) == sum(len(pool.sequences[e][0]) for e in turns[image]) - (len(turns[image]) - 1)
+        assert (rows["x"][row] == image).all()
+    with pytest.raises(ValueError, match="does not fit length=8"):
+        study.conversation_from(pool, features, turns, np.array([0]), 8, tokenizer.pad_token_id,
+                                np.random.default_rng(0))
 
 
 def test_scenes_lm_stage_from_tower_features_is_the_whole_forward(script):
@@ -139,10 +199,10 @@ def test_scenes_lm_stage_from_tower_features_is_the_whole_forward(script):
 @pytest.mark.slow
 def test_scenes_lm_stage_quick_scores_every_kind_of_tokens(tmp_path, script):
     study = script(ROOT / "experiments", "scenes_lm_stage")
-    study.main(["--quick", "--features", "tower", "objects", "--out", str(tmp_path)])
+    study.main(["--quick", "--features", "tower", "relations", "--multi-turn", "--out", str(tmp_path)])
     rows = {r["features"]: r for r in json.loads((tmp_path / "scenes_lm_stage.json").read_text())["rows"]}
-    assert set(rows) == {"tower", "objects"}
-    assert rows["tower"]["n"] == rows["objects"]["n"] > 0
+    assert set(rows) == {"tower", "relations"}
+    assert rows["tower"]["n"] == rows["relations"]["n"] > 0
     for row in rows.values():
         assert 0.0 <= row["accuracy"] <= 1.0 and np.isfinite(row["final_loss"])
         assert set(row["by_type"]) <= set(study.TYPES)
