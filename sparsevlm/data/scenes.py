@@ -367,11 +367,11 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, st
     if related:
         anchor, relation, other = _pick(related, rng)
         out.append(("relation", f"what shape is {relation} the {anchor.color} {anchor.kind} ?", other.kind))
-    anchors = [o for o in referents if nearest(scene, o) is not None and _has_distractor(scene, o, nearest(scene, o))]
-    if anchors:
-        anchor = _pick(anchors, rng)
-        out.append(("nearest", f"what shape is nearest to the {anchor.color} {anchor.kind} ?",
-                    nearest(scene, anchor).kind))
+    near = [(anchor, nearest(scene, anchor)) for anchor in referents]
+    near = [q for q in near if q[1] is not None and _has_distractor(scene, *q)]
+    if near:
+        anchor, other = _pick(near, rng)
+        out.append(("nearest", f"what shape is nearest to the {anchor.color} {anchor.kind} ?", other.kind))
     if scene.box is not None:
         inside = [o for o in shapes if scene.in_box(o)]
         if rng.random() < 0.5:
