@@ -18,7 +18,7 @@ from sparsevlm.config import CALIBRATION_MODES, SparsitySpec
 from sparsevlm.integrity import write_atomic
 from sparsevlm.masks import measure_sparsity
 
-from common import Study, add_arguments, load_study, machine
+from common import Study, add_arguments, check_seeds, load_study, machine
 
 SPECS = {
     "both 50%": SparsitySpec.same(0.5),
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)  # --method is ignored: both calibrated methods are compared
     args = parser.parse_args(argv)
+    check_seeds(parser, args, most=1)
     started = time.perf_counter()
     study = load_study(args)
     rows = run(study)
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"model": args.model, "calib_samples": args.calib_samples, "calib_data": args.calib_data,
-               "seed": args.seed, "dense_accuracy": dense_accuracy, "rows": rows,
+               "seed": args.seeds[0], "dense_accuracy": dense_accuracy, "rows": rows,
                "seconds": round(time.perf_counter() - started, 1), "machine": machine()}
     write_atomic(out / "calibration_mode.json", json.dumps(payload, indent=2))
     markdown = to_markdown(rows, dense_accuracy)

@@ -9,9 +9,10 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 
 from sparsevlm import hub
 from sparsevlm.config import ECOFLAP_BATCHES, DataSource, PruneConfig, SparsitySpec
@@ -51,6 +52,15 @@ class Study:
         return PruneConfig(method=method or self.method, sparsity=spec, calibration_mode=mode, allocation=allocation,
                            **self.settings)
 
+    @property
+    def seed(self) -> int:
+        """The calibration sample (and random pruner) seed of every run."""
+        return self.settings["seed"]
+
+    def with_seed(self, seed: int) -> "Study":
+        """The same study (same loaded model and pipeline) calibrating with `seed`."""
+        return dataclasses.replace(self, settings=self.settings | {"seed": seed})
+
     def pruners(self) -> dict[str, tuple[str, str]]:
         """`{name: (method, allocation)}`: the study's method first, then the other pruners compared."""
         return {self.method: (self.method, "uniform")} | PRUNERS
@@ -75,7 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-data", default=BUILTIN_SETS[0], type=data_flag, help=DATA_HELP)
     add_config_flags(parser, DataSource)  # --dataset-config, --streaming, --images: how TASK=SOURCE data is read
     parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N test images")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                        help="calibration seeds (the random pruner's and restoration's too); with several, every "
+                             "number is their mean ± sample standard deviation")
     parser.add_argument("--out", default="results")
     parser.add_argument("--quick", action="store_true", help="small budgets, for CI")
 
@@ -91,9 +103,67 @@ def load_study(args: argparse.Namespace) -> Study:
     eval_images = args.eval_images if args.eval_images else (40 if args.quick else None)
     # --quick: 16 calibration samples, and ECoFLaP sums its importance over 4 batches instead of 32.
     settings = {"calib_data": args.calib_data, "calib_samples": min(args.calib_samples, 16) if args.quick
-                else args.calib_samples, "seed": args.seed, "importance_batches": 4 if args.quick else ECOFLAP_BATCHES,
+                else args.calib_samples, "seed": args.seeds[0], "importance_batches": 4 if args.quick else ECOFLAP_BATCHES,
                 "calib_source": data_source(args)}
     return Study(Pipeline(bundle, eval_images, progress=False), args.method, settings)
+
+
+def check_seeds(parser: argparse.ArgumentParser, args: argparse.Namespace, most: int | None = None) -> None:
+    """Refuse repeated or negative `--seeds`, or more than `most` of them (a study that runs one seed)."""
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: seeds must be distinct and non-negative")
+    if most is not None and len(args.seeds) > most:
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: this study runs {most} seed")
+
+
+# Fields of a study's row that vary with the seed and are averaged; every other field must agree.
+AVERAGED = ("accuracy", "measured", "train_seconds")
+
+
+def over_seeds(study: Study, seeds: Sequence[int], run: Callable[[Study], list[dict[str, Any]]]
+               ) -> list[dict[str, Any]]:
+    """`run` once per seed on the same loaded model; its rows merged: `accuracy` is the mean over seeds,
+    with `accuracy_std` (sample standard deviation, 0 for one seed), `accuracies` and `seeds`."""
+    runs = [run(study.with_seed(seed)) for seed in seeds]
+    return merge_seeds(runs, list(seeds))
+
+
+def merge_seeds(runs: list[list[dict[str, Any]]], seeds: list[int]) -> list[dict[str, Any]]:
+    """Rows of the same runs at several seeds, row by row, into one row each (see `over_seeds`)."""
+    if len({len(rows) for rows in runs}) != 1:
+        raise ValueError(f"the seeds {seeds} ran different numbers of rows: {[len(rows) for rows in runs]}")
+    merged = []
+    for rows in zip(*runs):
+        first = rows[0]
+        for row in rows[1:]:
+            differ = [k for k in first if k not in AVERAGED and row.get(k) != first[k]]
+            if differ or set(row) != set(first):
+                raise ValueError(f"rows of one setting differ between seeds {seeds} in {differ or 'their fields'}")
+        accuracies = [float(r["accuracy"]) for r in rows]
+        out = dict(first) | {"accuracy": float(np.mean(accuracies)),
+                             "accuracy_std": float(np.std(accuracies, ddof=1)) if len(rows) > 1 else 0.0,
+                             "accuracies": accuracies, "seeds": seeds}
+        if "measured" in first:
+            out["measured"] = {k: float(np.mean([r["measured"][k] for r in rows])) for k in first["measured"]}
+        if "train_seconds" in first:
+            out["train_seconds"] = round(float(np.mean([r["train_seconds"] for r in rows])), 1)
+        merged.append(out)
+    return merged
+
+
+def with_spread(row: dict[str, Any], key: str = "accuracy") -> Any:
+    """`row[key]` as a table cell: the float for one seed, "mean ± sd" for several."""
+    if len(row.get("seeds", ())) < 2:
+        return row[key]
+    return f"{row[key]:.4f} ± {row[key + '_std']:.4f}"
+
+
+def seeds_note(rows: list[dict[str, Any]]) -> str:
+    """What a table's numbers are over: "seed 0", or "mean ± sd over seeds 0, 1, 2"."""
+    seeds = rows[0].get("seeds", []) if rows else []
+    if len(seeds) < 2:
+        return f"seed {seeds[0]}" if seeds else "one seed"
+    return "mean ± sample sd over seeds " + ", ".join(map(str, seeds))
 
 
 def machine() -> dict[str, Any]:

@@ -30,7 +30,7 @@ from sparsevlm.pruning.calibrate import prune_blockwise  # noqa: E402
 from sparsevlm.pruning.dsnot import dsnot, expected_error, squared_error  # noqa: E402
 from sparsevlm.pruning.pruner import prune_layer  # noqa: E402
 
-from common import Study, add_arguments, load_study, markdown_table, write_outputs  # noqa: E402
+from common import Study, add_arguments, check_seeds, load_study, markdown_table, write_outputs  # noqa: E402
 
 STEM = "dsnot_error"
 SETTINGS = {"50%": SparsitySpec.same(0.5), "70%": SparsitySpec.same(0.7), "2:4": SparsitySpec.same(0.5, "2:4")}
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)  # --method is ignored: DSnoT always starts from Wanda's masks here
     args = parser.parse_args(argv)
+    check_seeds(parser, args, most=1)
     study = load_study(args)
     rows = run(study)
     markdown, figure = report(rows)

@@ -5,7 +5,7 @@ setting is pruned with the study's method (Wanda), with DSnoT (Wanda's mask refi
 ECoFLaP (Wanda at per-block ratios from zeroth-order importance, one budget across the pruned
 towers; unstructured levels only, since N:M fixes every layer's sparsity).
 
-    python experiments/modality.py [--method wanda] [--out results] [--quick]
+    python experiments/modality.py [--method wanda] [--seeds 0 1 2] [--out results] [--quick]
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 
 from sparsevlm.config import SparsitySpec  # noqa: E402
 
-from common import Study, add_arguments, load_study, markdown_table, write_outputs  # noqa: E402
+from common import (Study, add_arguments, check_seeds, load_study, markdown_table, over_seeds, seeds_note,  # noqa: E402
+                    with_spread, write_outputs)
 
 STEM = "modality"
 SETTINGS = {
@@ -48,7 +49,8 @@ def run(study: Study, levels: dict[str, tuple[float, str]], extra_settings: tupl
                     continue
                 row = study.prune_row(make(sparsity, pattern), method, allocation, setting=setting, level=level,
                                       pruner=pruner)
-                print(f"{pruner:<8} {setting:<14} {level:<4} accuracy {row['accuracy']:.4f}", flush=True)
+                print(f"seed {study.seed}  {pruner:<8} {setting:<14} {level:<4} accuracy {row['accuracy']:.4f}",
+                      flush=True)
                 rows.append(row)
     return rows
 
@@ -57,18 +59,23 @@ def report(rows: list[dict], dense: float | None, method: str) -> tuple[str, obj
     """Markdown table (pruner × settings × levels) and a grouped bar chart per pruner."""
     levels = list(dict.fromkeys(r["level"] for r in rows))
     pruners = list(dict.fromkeys(r["pruner"] for r in rows))
-    by = {(r["pruner"], r["setting"], r["level"]): r["accuracy"] for r in rows}
+    keyed = {(r["pruner"], r["setting"], r["level"]): r for r in rows}
+    by = {key: r["accuracy"] for key, r in keyed.items()}
+    spread = {key: r.get("accuracy_std", 0.0) for key, r in keyed.items()}
     table = markdown_table(
         ["pruner", "pruned towers", *levels],
-        [[p, s, *[by.get((p, s, lv), "–") for lv in levels]] for p in pruners for s in SETTINGS],
+        [[p, s, *[with_spread(keyed[(p, s, lv)]) if (p, s, lv) in keyed else "–" for lv in levels]]
+         for p in pruners for s in SETTINGS],
     )
-    header = f"Modality ({method} is the base pruner; dense accuracy {dense:.4f})\n\n" if dense is not None else ""
+    dense_note = f"; dense accuracy {dense:.4f}" if dense is not None else ""
+    header = f"Modality ({method} is the base pruner; {seeds_note(rows)}{dense_note})\n\n"
     figure, axes = plt.subplots(1, len(pruners), figsize=(4.5 * len(pruners), 3.5), sharey=True, squeeze=False)
     width = 0.8 / len(SETTINGS)
     for axis, pruner in zip(axes[0], pruners):
         for i, setting in enumerate(SETTINGS):
             values = [by.get((pruner, setting, lv), np.nan) for lv in levels]
-            axis.bar(np.arange(len(levels)) + i * width, values, width, label=setting)
+            errors = [spread.get((pruner, setting, lv), 0.0) for lv in levels]
+            axis.bar(np.arange(len(levels)) + i * width, values, width, yerr=errors, capsize=2, label=setting)
         axis.set_xticks(np.arange(len(levels)) + width, levels)
         axis.set_title(pruner)
     axes[0][0].set_ylabel("test accuracy")
@@ -82,13 +89,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
+    check_seeds(parser, args)
     study = load_study(args)
     levels = {k: LEVELS[k] for k in ("50%", "2:4")} if args.quick else LEVELS
     # --quick: the other pruners on both towers only.
-    rows = run(study, levels, ("both",) if args.quick else tuple(SETTINGS))
+    extra = ("both",) if args.quick else tuple(SETTINGS)
+    rows = over_seeds(study, args.seeds, lambda seeded: run(seeded, levels, extra))
     dense = study.bundle.metadata.get("test_accuracy")
     markdown, figure = report(rows, dense, args.method)
-    write_outputs(args.out, STEM, {"method": args.method, "dense_accuracy": dense, "rows": rows}, markdown, figure)
+    write_outputs(args.out, STEM, {"method": args.method, "dense_accuracy": dense, "seeds": args.seeds, "rows": rows},
+                  markdown, figure)
 
 
 if __name__ == "__main__":

@@ -220,14 +220,18 @@ def answer_accuracy(logits_fn: Any, params: Any, pool: EncodedSet, features: np.
 
 def run(features: list[str], steps: int, images: int, vision_steps: int, question_types: list[str] | None,
         caption_weight: float | None, seed: int, eval_images: int | None,
-        multi_turn: bool = False) -> list[dict[str, Any]]:
+        multi_turn: bool = False, learning_rate: float | None = None,
+        batch_size: int | None = None) -> list[dict[str, Any]]:
     """Train the LM stage once per kind of frozen tokens; test accuracy per question type.
 
     `multi_turn`: a question batch holds images, each with all its questions as turns (`conversation_from`);
-    the mixture then counts images, not questions, for the question pool's size."""
+    the mixture then counts images, not questions, for the question pool's size. `learning_rate` and
+    `batch_size` override the recipe's (None: keep them)."""
     preset = pretrain_preset("scenes")
+    overrides = {k: v for k, v in (("learning_rate", learning_rate), ("batch_size", batch_size)) if v is not None}
     recipe = dataclasses.replace(preset, steps=steps, train_images=images, vision_steps=vision_steps, seed=seed,
-                                 warmup_steps=min(preset.warmup_steps, steps // 10))  # a short run warms up less
+                                 warmup_steps=min(preset.warmup_steps, steps // 10),  # a short run warms up less
+                                 **overrides)
     tokenizer = build_word_tokenizer(scenes.vocabulary())
     config = scenes_vlm_config(len(tokenizer))
     size = config.vision.image_size
@@ -285,7 +289,7 @@ def run(features: list[str], steps: int, images: int, vision_steps: int, questio
         score = answer_accuracy(jax.jit(logits_fn), state.params, test_pool, test_tokens, tokenizer.pad_token_id,
                                 config.vision)
         row = {"features": kind, "steps": steps, "images": images, "question_types": question_types or "all",
-               "multi_turn": multi_turn,
+               "multi_turn": multi_turn, "learning_rate": recipe.learning_rate, "batch_size": recipe.batch_size,
                "final_loss": float(metrics["loss"]), "seconds": round(time.perf_counter() - started, 1)} | score
         if kind == "tower":
             greedy = evaluate_vqa(ModelBundle(config, jax.device_get(state.params), tokenizer), test, progress=False)
@@ -324,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-images", type=int, default=None, help="test images (default: the whole split)")
     parser.add_argument("--multi-turn", action="store_true",
                         help="train on all of an image's questions per row (loss on every answer)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="peak LR (default: the recipe's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results")
     parser.add_argument("--quick", action="store_true", help="small budgets, for CI")
@@ -336,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
               for name, default in (("steps", recipe.steps), ("images", recipe.train_images),
                                     ("vision_steps", recipe.vision_steps), ("eval_images", None))}
     rows = run(args.features, budget["steps"], budget["images"], budget["vision_steps"], args.question_types,
-               args.caption_weight, args.seed, budget["eval_images"], args.multi_turn)
+               args.caption_weight, args.seed, budget["eval_images"], args.multi_turn, args.learning_rate,
+               args.batch_size)
     markdown, figure = report(rows)
     write_outputs(args.out, STEM, {"rows": rows, "recipe": budget}, markdown, figure)
 

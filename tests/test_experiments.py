@@ -16,7 +16,7 @@ def test_reproduce_quick_writes_every_study(trained_model_dir, tmp_path, script)
     # In this process (the script's own code path from its `main`): no second interpreter, JAX start-up
     # or recompilation of what the other tests compiled already.
     reproduce = script(ROOT / "experiments", "reproduce")
-    reproduce.main(["--quick", "--model", trained_model_dir, "--out", str(tmp_path)])
+    reproduce.main(["--quick", "--model", trained_model_dir, "--out", str(tmp_path), "--seeds", "0"])
     for stem in ("split_sweep", "modality", "restoration"):
         for suffix in (".json", ".md", ".png"):
             assert (tmp_path / f"{stem}{suffix}").stat().st_size > 0, stem + suffix
@@ -49,6 +49,53 @@ def test_reproduce_quick_writes_every_study(trained_model_dir, tmp_path, script)
         assert by[("70%", pruner, "SparseLoRA + KL")]["measured"] == by[("70%", pruner, "pruned")]["measured"]
         assert ("2:4", pruner, "pruned") not in by
     assert "## restoration" in (tmp_path / "reproduce.md").read_text()
+
+
+@pytest.mark.slow
+def test_split_sweep_over_seeds_is_the_mean_of_each_seeds_run(trained_model_dir, tmp_path, script):
+    sweep = script(ROOT / "experiments", "split_sweep")
+    common = ["--quick", "--model", trained_model_dir, "--totals", "1.0", "--eval-images", "24"]
+    sweep.main([*common, "--seeds", "0", "3", "--out", str(tmp_path / "both")])
+    sweep.main([*common, "--seeds", "3", "--out", str(tmp_path / "one")])
+    both = json.loads((tmp_path / "both" / "split_sweep.json").read_text())["rows"]
+    alone = json.loads((tmp_path / "one" / "split_sweep.json").read_text())["rows"]
+    assert [r["vision"] for r in both] == [r["vision"] for r in alone] == [0.1, 0.5, 0.9]
+    for merged, single in zip(both, alone):
+        assert merged["seeds"] == [0, 3] and single["seeds"] == [3]
+        # Seed 3's run inside the pair is the same prune as seed 3's run alone (one model, seeded calibration).
+        assert merged["accuracies"][1] == single["accuracy"]
+        assert merged["accuracy"] == pytest.approx(np.mean(merged["accuracies"]))
+        assert merged["accuracy_std"] == pytest.approx(np.std(merged["accuracies"], ddof=1))
+    table = (tmp_path / "both" / "split_sweep.md").read_text()
+    assert "mean ± sample sd over seeds 0, 3" in table
+    assert f"{both[0]['accuracy']:.4f} ± {both[0]['accuracy_std']:.4f}" in table
+    with pytest.raises(SystemExit):
+        sweep.main([*common, "--seeds", "1", "1", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_rows_merge_over_seeds_only_where_their_settings_agree(script):
+    common = script(ROOT / "experiments", "common")
+    restoration = script(ROOT / "experiments", "restoration")
+
+    def row(accuracy, vision=0.5, measured=0.5):
+        return {"vision": vision, "accuracy": accuracy, "measured": {"vision": measured}, "train_seconds": 2.0}
+
+    merged = common.merge_seeds([[row(0.6), row(0.8, 0.9)], [row(0.7, measured=0.7), row(0.5, 0.9)]], [0, 1])
+    assert [m["accuracy"] for m in merged] == pytest.approx([0.65, 0.65])
+    assert merged[0]["accuracy_std"] == pytest.approx(np.std([0.6, 0.7], ddof=1))
+    assert merged[0]["measured"] == {"vision": pytest.approx(0.6)} and merged[1]["accuracies"] == [0.8, 0.5]
+    assert common.with_spread(merged[0]) == "0.6500 ± 0.0707"
+    assert common.with_spread(common.merge_seeds([[row(0.6)]], [4])[0]) == 0.6
+    assert common.seeds_note(merged) == "mean ± sample sd over seeds 0, 1"
+    with pytest.raises(ValueError, match="differ between seeds .* in \\['vision'\\]"):
+        common.merge_seeds([[row(0.6)], [row(0.6, vision=0.4)]], [0, 1])
+    with pytest.raises(ValueError, match="different numbers of rows"):
+        common.merge_seeds([[row(0.6)], []], [0, 1])
+    # A restoration gain is paired seed by seed: its spread is the gains', not the accuracies'.
+    restored = common.merge_seeds([[row(0.70)], [row(0.90)]], [0, 1])[0]
+    pruned = common.merge_seeds([[row(0.60)], [row(0.80)]], [0, 1])[0]
+    assert restoration.gain(restored, pruned) == "+0.1000 ± 0.0000"
 
 
 @pytest.mark.slow
