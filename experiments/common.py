@@ -103,8 +103,8 @@ def load_study(args: argparse.Namespace) -> Study:
     eval_images = args.eval_images if args.eval_images else (40 if args.quick else None)
     # --quick: 16 calibration samples, and ECoFLaP sums its importance over 4 batches instead of 32.
     settings = {"calib_data": args.calib_data, "calib_samples": min(args.calib_samples, 16) if args.quick
-                else args.calib_samples, "seed": args.seeds[0], "importance_batches": 4 if args.quick else ECOFLAP_BATCHES,
-                "calib_source": data_source(args)}
+                else args.calib_samples, "seed": args.seeds[0],
+                "importance_batches": 4 if args.quick else ECOFLAP_BATCHES, "calib_source": data_source(args)}
     return Study(Pipeline(bundle, eval_images, progress=False), args.method, settings)
 
 
