@@ -85,11 +85,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-data", default=BUILTIN_SETS[0], type=data_flag, help=DATA_HELP)
     add_config_flags(parser, DataSource)  # --dataset-config, --streaming, --images: how TASK=SOURCE data is read
     parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N test images")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
-                        help="calibration seeds (the random pruner's and restoration's too); with several, every "
-                             "number is their mean ± sample standard deviation")
+    add_seeds_flag(parser, [0])
     parser.add_argument("--out", default="results")
     parser.add_argument("--quick", action="store_true", help="small budgets, for CI")
+
+
+def add_seeds_flag(parser: argparse.ArgumentParser, default: Sequence[int]) -> None:
+    """`--seeds`: the calibration seeds a study runs (checked by `check_seeds`)."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(default), metavar="SEED",
+                        help="calibration seeds (the random pruner's and restoration's too); with several, every "
+                             "number is their mean ± sample standard deviation (default: %(default)s)")
 
 
 def data_source(args: argparse.Namespace) -> DataSource:

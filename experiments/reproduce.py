@@ -18,7 +18,7 @@ from pathlib import Path
 import modality
 import restoration
 import split_sweep
-from common import check_seeds, machine
+from common import add_seeds_flag, check_seeds, machine
 from sparsevlm import hub
 from sparsevlm.integrity import write_atomic
 
@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="results")
     parser.add_argument("--quick", action="store_true", help="small budgets, for CI")
     parser.add_argument("--studies", nargs="+", default=list(STUDIES), choices=list(STUDIES))
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), metavar="SEED",
-                        help="calibration seeds of every study (default: %(default)s)")
+    add_seeds_flag(parser, SEEDS)
     args = parser.parse_args(argv)
     check_seeds(parser, args)
     hub.resolve_model_path(args.model)  # train the default model up front, not inside a study
