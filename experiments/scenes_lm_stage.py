@@ -41,7 +41,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sparsevlm.bundle import ModelBundle  # noqa: E402
-from sparsevlm.config import VLMConfig, pretrain_preset, scenes_vlm_config  # noqa: E402
+from sparsevlm.config import INIT_SCHEMES, VLMConfig, pretrain_preset, scenes_vlm_config  # noqa: E402
 from sparsevlm.data import scenes  # noqa: E402
 from sparsevlm.data.batch import EncodedSet, encode_vqa, preprocess_images, round_up  # noqa: E402
 from sparsevlm.data.tokenize import build_word_tokenizer  # noqa: E402
@@ -49,7 +49,7 @@ from sparsevlm.eval.evaluate import evaluate_vqa  # noqa: E402
 from sparsevlm.losses import token_cross_entropy  # noqa: E402
 from sparsevlm.models.stages import run_stages  # noqa: E402
 from sparsevlm.models.vlm import VLM, forward_stages  # noqa: E402
-from sparsevlm.pretrain import frozen_tower, pretrain_vision  # noqa: E402
+from sparsevlm.pretrain import frozen_tower, initialise, pretrain_vision  # noqa: E402
 from sparsevlm.train import TrainState, make_optimizer, make_train_step  # noqa: E402
 
 from common import markdown_table, write_outputs  # noqa: E402
@@ -221,14 +221,15 @@ def answer_accuracy(logits_fn: Any, params: Any, pool: EncodedSet, features: np.
 def run(features: list[str], steps: int, images: int, vision_steps: int, question_types: list[str] | None,
         caption_weight: float | None, seed: int, eval_images: int | None,
         multi_turn: bool = False, learning_rate: float | None = None,
-        batch_size: int | None = None) -> list[dict[str, Any]]:
+        batch_size: int | None = None, init: str | None = None) -> list[dict[str, Any]]:
     """Train the LM stage once per kind of frozen tokens; test accuracy per question type.
 
     `multi_turn`: a question batch holds images, each with all its questions as turns (`conversation_from`);
-    the mixture then counts images, not questions, for the question pool's size. `learning_rate` and
-    `batch_size` override the recipe's (None: keep them)."""
+    the mixture then counts images, not questions, for the question pool's size. `learning_rate`,
+    `batch_size` and `init` (`config.INIT_SCHEMES`) override the recipe's (None: keep them)."""
     preset = pretrain_preset("scenes")
-    overrides = {k: v for k, v in (("learning_rate", learning_rate), ("batch_size", batch_size)) if v is not None}
+    overrides = {k: v for k, v in (("learning_rate", learning_rate), ("batch_size", batch_size), ("init", init))
+                 if v is not None}
     recipe = dataclasses.replace(preset, steps=steps, train_images=images, vision_steps=vision_steps, seed=seed,
                                  warmup_steps=min(preset.warmup_steps, steps // 10),  # a short run warms up less
                                  **overrides)
@@ -246,6 +247,7 @@ def run(features: list[str], steps: int, images: int, vision_steps: int, questio
     model = VLM(config)
     init = pools[0].collate(np.arange(2), round_up(pools[0].max_length, 8), tokenizer.pad_token_id, config.vision)
     params = model.init(jax.random.key(seed), init.images, init.tokens, init.text_mask)["params"]
+    params = initialise(params, recipe.init, jax.random.key(seed + 2))
     tower_stats = None
     if "tower" in features:
         params["vision"], tower_stats = pretrain_vision(config.vision, pools[1].images, list(captions["scene"]),
@@ -290,6 +292,7 @@ def run(features: list[str], steps: int, images: int, vision_steps: int, questio
                                 config.vision)
         row = {"features": kind, "steps": steps, "images": images, "question_types": question_types or "all",
                "multi_turn": multi_turn, "learning_rate": recipe.learning_rate, "batch_size": recipe.batch_size,
+               "init": recipe.init,
                "final_loss": float(metrics["loss"]), "seconds": round(time.perf_counter() - started, 1)} | score
         if kind == "tower":
             greedy = evaluate_vqa(ModelBundle(config, jax.device_get(state.params), tokenizer), test, progress=False)
@@ -330,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="train on all of an image's questions per row (loss on every answer)")
     parser.add_argument("--learning-rate", type=float, default=None, help="peak LR (default: the recipe's)")
     parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the recipe's)")
+    parser.add_argument("--init", default=None, choices=INIT_SCHEMES,
+                        help="initial linear kernels (default: the recipe's; see PretrainConfig.init)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results")
     parser.add_argument("--quick", action="store_true", help="small budgets, for CI")
@@ -343,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
                                     ("vision_steps", recipe.vision_steps), ("eval_images", None))}
     rows = run(args.features, budget["steps"], budget["images"], budget["vision_steps"], args.question_types,
                args.caption_weight, args.seed, budget["eval_images"], args.multi_turn, args.learning_rate,
-               args.batch_size)
+               args.batch_size, args.init)
     markdown, figure = report(rows)
     write_outputs(args.out, STEM, {"rows": rows, "recipe": budget}, markdown, figure)
 

@@ -296,6 +296,7 @@ class DataSource:
 
 # PretrainConfig fields that change how a run is watched or saved, never the model it trains.
 RUN_ONLY_FIELDS = ("checkpoint_every", "skip_nonfinite", "eval_every")
+INIT_SCHEMES = ("normal", "fan-in")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,6 +309,9 @@ class PretrainConfig:
     task: str = dataclasses.field(default="shapes", metadata=cli(
         "built-in task trained on (its own default architecture): shapes, or scenes (objects across patches)",
         choices=BUILTIN_TASKS))
+    init: str = dataclasses.field(default="normal", metadata=cli(
+        "initial weights of every linear kernel: normal (std 0.02, HF's initializer_range) or fan-in "
+        "(std 1/sqrt(fan_in), LeCun normal: at width 128 four times larger)", choices=INIT_SCHEMES))
 
     steps: int = dataclasses.field(default=3000, metadata=cli("optimizer steps of the whole-model stage",
                                                                "positive_int"))
@@ -340,6 +344,7 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, BUILTIN_TASKS)
+        _check_choice("init", self.init, INIT_SCHEMES)
         for name in ("steps", "batch_size", "train_images", "vision_batch_size"):
             _check_positive(name, getattr(self, name))
         for name in ("vision_steps", "eval_every", "checkpoint_every", "skip_nonfinite", "seed", "weight_decay",

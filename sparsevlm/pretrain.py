@@ -67,6 +67,22 @@ def pool_to_grid(features: jax.Array, grid: int) -> jax.Array:
     return pooled.reshape(batch, grid * grid, width)
 
 
+def initialise(params: dict[str, Any], scheme: str, key: jax.Array) -> dict[str, Any]:
+    """`params` as initialised under `scheme` (`config.INIT_SCHEMES`): "normal" keeps the modules' own init;
+    "fan-in" redraws every 2-D `kernel` from N(0, 1/fan_in) (LeCun normal), keeping the other leaves."""
+    if scheme == "normal":
+        return params
+    if scheme != "fan-in":
+        raise ValueError(f"init={scheme!r}; allowed: normal, fan-in")
+    leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+    drawn = [
+        jax.random.normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype) / np.sqrt(leaf.shape[0])
+        if leaf.ndim == 2 and getattr(path[-1], "key", None) == "kernel" else leaf
+        for i, (path, leaf) in enumerate(leaves)
+    ]
+    return jax.tree_util.tree_unflatten(tree, drawn)
+
+
 def frozen_tower(loss_fn: Any, optimizer: optax.GradientTransformation, params: dict[str, Any],
                  tower: str) -> tuple[Any, optax.GradientTransformation]:
     """`loss_fn` and `optimizer` that leave `params[tower]` exactly as it is.
@@ -175,6 +191,7 @@ def pretrain(
     model = VLM(model_config)
     init_batch = next(iter(iterate_batches(pools[0], 2, 8 * 2, tokenizer.pad_token_id, model_config.vision)))[0]
     params = model.init(jax.random.key(config.seed), init_batch.images, init_batch.tokens, init_batch.text_mask)["params"]
+    params = initialise(params, config.init, jax.random.key(config.seed + 2))
     optimizer = make_optimizer(
         config.learning_rate, config.end_learning_rate, config.warmup_steps, config.steps,
         config.weight_decay, config.grad_clip,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -13,7 +14,7 @@ from sparsevlm.config import PretrainConfig
 from sparsevlm.data import shapes
 from sparsevlm.data.batch import encode_vqa
 from sparsevlm.eval.evaluate import evaluate_vqa
-from sparsevlm.pretrain import frozen_tower, pool_to_grid, pretrain, pretrain_vision
+from sparsevlm.pretrain import frozen_tower, initialise, pool_to_grid, pretrain, pretrain_vision
 from sparsevlm.train import TrainState, make_optimizer, make_train_step
 from sparsevlm.tree import flatten
 from tests.conftest import Killed, tiny_config
@@ -131,3 +132,54 @@ def test_caption_weight_sets_the_share_of_caption_batches(monkeypatch, caption_w
 def test_caption_weight_outside_0_1_is_refused_by_name(bad):
     with pytest.raises(ValueError, match=rf"caption_weight={bad}"):
         PretrainConfig(caption_weight=bad)
+
+
+def _vlm_params(config):
+    model = pretrain_module.VLM(config)
+    images = np.zeros((1, config.vision.image_size, config.vision.image_size, 3), np.float32)
+    tokens = np.zeros((1, 8), np.int32)
+    return model.init(jax.random.key(0), images, tokens, np.ones((1, 8), bool))["params"]
+
+
+def test_fan_in_init_redraws_every_linear_kernel_at_one_over_sqrt_fan_in():
+    params = _vlm_params(tiny_config(64))
+    assert initialise(params, "normal", jax.random.key(1)) is params
+    drawn = flatten(initialise(params, "fan-in", jax.random.key(1)))
+    kernels = 0
+    for name, before in flatten(params).items():
+        after = np.asarray(drawn[name])
+        assert after.shape == before.shape and after.dtype == before.dtype
+        if name.endswith("kernel") and before.ndim == 2:
+            kernels += 1
+            # 0.02 under the modules' own init; 1/sqrt(32..64) = 0.125..0.177 here.
+            assert after.std() == pytest.approx(1 / np.sqrt(before.shape[0]), rel=0.25), name
+            assert abs(after.mean()) < 5 * after.std() / np.sqrt(after.size)  # zero-mean
+        else:
+            np.testing.assert_array_equal(after, np.asarray(before), err_msg=name)
+    assert kernels >= 20  # vision, connector and language blocks all redrawn
+    again = flatten(initialise(params, "fan-in", jax.random.key(1)))
+    assert all(np.array_equal(again[k], drawn[k]) for k in drawn)  # a function of the key alone
+
+
+def test_an_unknown_init_scheme_is_refused_by_name():
+    with pytest.raises(ValueError, match="init='xavier'"):
+        initialise({}, "xavier", jax.random.key(0))
+    with pytest.raises(ValueError, match="xavier"):
+        PretrainConfig(init="xavier")
+
+
+def test_pretrain_starts_from_the_recipes_init(monkeypatch):
+    seen = {}
+    real = pretrain_module.initialise
+
+    def recording(params, scheme, key):
+        seen["scheme"], seen["params"] = scheme, real(params, scheme, key)
+        raise _Recorded
+
+    monkeypatch.setattr(pretrain_module, "initialise", recording)
+    with pytest.raises(_Recorded):
+        pretrain_module.pretrain(PretrainConfig(steps=2, warmup_steps=0, batch_size=4, train_images=20,
+                                                vision_steps=0, init="fan-in"), progress=False)
+    assert seen["scheme"] == "fan-in"
+    kernel = np.asarray(seen["params"]["language"]["blocks_0"]["mlp"]["up"]["kernel"])
+    assert kernel.std() == pytest.approx(1 / np.sqrt(kernel.shape[0]), rel=0.1)
