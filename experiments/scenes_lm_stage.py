@@ -221,12 +221,14 @@ def answer_accuracy(logits_fn: Any, params: Any, pool: EncodedSet, features: np.
 def run(features: list[str], steps: int, images: int, vision_steps: int, question_types: list[str] | None,
         caption_weight: float | None, seed: int, eval_images: int | None,
         multi_turn: bool = False, learning_rate: float | None = None,
-        batch_size: int | None = None, init: str | None = None) -> list[dict[str, Any]]:
+        batch_size: int | None = None, init: str | None = None,
+        vision_init: str | None = None) -> list[dict[str, Any]]:
     """Train the LM stage once per kind of frozen tokens; test accuracy per question type.
 
     `multi_turn`: a question batch holds images, each with all its questions as turns (`conversation_from`);
     the mixture then counts images, not questions, for the question pool's size. `learning_rate`,
-    `batch_size` and `init` (`config.INIT_SCHEMES`) override the recipe's (None: keep them)."""
+    `batch_size` and `init` (`config.INIT_SCHEMES`) override the recipe's (None: keep them); `vision_init`
+    overrides `init` for the vision stage alone."""
     preset = pretrain_preset("scenes")
     overrides = {k: v for k, v in (("learning_rate", learning_rate), ("batch_size", batch_size), ("init", init))
                  if v is not None}
@@ -252,7 +254,7 @@ def run(features: list[str], steps: int, images: int, vision_steps: int, questio
     if "tower" in features:
         params["vision"], tower_stats = pretrain_vision(config.vision, pools[1].images, list(captions["scene"]),
                                                         vision_steps, recipe.vision_batch_size, seed, False,
-                                                        task="scenes")
+                                                        task="scenes", init=vision_init or recipe.init)
     turns = image_turns(pools[0]) if multi_turn else None
     sizes = [len(turns) if multi_turn else len(pools[0]), len(pools[1])]
     weights = np.asarray(sizes, float) if caption_weight is None else np.asarray(
@@ -292,7 +294,7 @@ def run(features: list[str], steps: int, images: int, vision_steps: int, questio
                                 config.vision)
         row = {"features": kind, "steps": steps, "images": images, "question_types": question_types or "all",
                "multi_turn": multi_turn, "learning_rate": recipe.learning_rate, "batch_size": recipe.batch_size,
-               "init": recipe.init,
+               "init": recipe.init, "vision_init": (vision_init or recipe.init) if kind == "tower" else None,
                "final_loss": float(metrics["loss"]), "seconds": round(time.perf_counter() - started, 1)} | score
         if kind == "tower":
             greedy = evaluate_vqa(ModelBundle(config, jax.device_get(state.params), tokenizer), test, progress=False)
@@ -335,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the recipe's)")
     parser.add_argument("--init", default=None, choices=INIT_SCHEMES,
                         help="initial linear kernels (default: the recipe's; see PretrainConfig.init)")
+    parser.add_argument("--vision-init", default=None, choices=INIT_SCHEMES,
+                        help="initial linear kernels of the vision stage (default: --init's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results")
     parser.add_argument("--quick", action="store_true", help="small budgets, for CI")
@@ -348,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
                                     ("vision_steps", recipe.vision_steps), ("eval_images", None))}
     rows = run(args.features, budget["steps"], budget["images"], budget["vision_steps"], args.question_types,
                args.caption_weight, args.seed, budget["eval_images"], args.multi_turn, args.learning_rate,
-               args.batch_size, args.init)
+               args.batch_size, args.init, args.vision_init)
     markdown, figure = report(rows)
     write_outputs(args.out, STEM, {"rows": rows, "recipe": budget}, markdown, figure)
 

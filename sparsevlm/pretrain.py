@@ -113,9 +113,11 @@ def _placed(loss_fn: Any, optimizer: optax.GradientTransformation, state: TrainS
 
 def pretrain_vision(
     config: VisionConfig, images: np.ndarray, scene_keys: list[str], steps: int, batch_size: int, seed: int,
-    progress: bool = True, mesh: Mesh | None = None, task: str = "shapes",
+    progress: bool = True, mesh: Mesh | None = None, task: str = "shapes", init: str = "normal",
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Train the vision tower to name every cell's attributes (the task's `probe_labels`); its params and accuracies."""
+    """Train the vision tower to name every cell's attributes (the task's `probe_labels`); its params and accuracies.
+
+    `init` (`config.INIT_SCHEMES`) initialises the tower and its heads (`initialise`)."""
     module = task_module(task)
     grid = module.probe_grid(config.image_size // config.patch_size)
     heads = tuple(module.probe_classes(grid).items())
@@ -123,7 +125,7 @@ def pretrain_vision(
     targets = {name: np.stack([label[name] for label in labels]) for name, _ in heads}
     inputs = preprocess_images(images, config)
     probe = CellProbe(config, grid, heads)
-    params = probe.init(jax.random.key(seed + 1), inputs[:1])["params"]
+    params = initialise(probe.init(jax.random.key(seed + 1), inputs[:1])["params"], init, jax.random.key(seed + 3))
     # A tenth of the steps warm up (at least one, and none for a one-step run, whose decay needs a step).
     schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-3, min(max(steps // 10, 1), steps - 1), steps, 2e-5)
     optimizer = optax.adamw(schedule, weight_decay=0.05)
@@ -204,7 +206,7 @@ def pretrain(
     if config.vision_steps and (checkpoints is None or checkpoints.latest_step() is None):
         params["vision"], probe_accuracy = pretrain_vision(
             model_config.vision, pools[1].images, list(captions["scene"]), config.vision_steps,
-            config.vision_batch_size, config.seed, progress, mesh, config.task,
+            config.vision_batch_size, config.seed, progress, mesh, config.task, config.init,
         )
         print(f"vision tower pretrained: per-cell accuracy {probe_accuracy}")
     loss_fn = lm_loss(model)
