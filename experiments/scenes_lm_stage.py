@@ -250,11 +250,11 @@ def run(features: list[str], steps: int, images: int, vision_steps: int, questio
     init = pools[0].collate(np.arange(2), round_up(pools[0].max_length, 8), tokenizer.pad_token_id, config.vision)
     params = model.init(jax.random.key(seed), init.images, init.tokens, init.text_mask)["params"]
     params = initialise(params, recipe.init, jax.random.key(seed + 2))
-    tower_stats = None
+    tower_stats, vision_init = None, vision_init or recipe.init
     if "tower" in features:
         params["vision"], tower_stats = pretrain_vision(config.vision, pools[1].images, list(captions["scene"]),
                                                         vision_steps, recipe.vision_batch_size, seed, False,
-                                                        task="scenes", init=vision_init or recipe.init)
+                                                        task="scenes", init=vision_init)
     turns = image_turns(pools[0]) if multi_turn else None
     sizes = [len(turns) if multi_turn else len(pools[0]), len(pools[1])]
     weights = np.asarray(sizes, float) if caption_weight is None else np.asarray(
@@ -294,7 +294,7 @@ def run(features: list[str], steps: int, images: int, vision_steps: int, questio
                                 config.vision)
         row = {"features": kind, "steps": steps, "images": images, "question_types": question_types or "all",
                "multi_turn": multi_turn, "learning_rate": recipe.learning_rate, "batch_size": recipe.batch_size,
-               "init": recipe.init, "vision_init": (vision_init or recipe.init) if kind == "tower" else None,
+               "init": recipe.init, "vision_init": vision_init if kind == "tower" else None,
                "final_loss": float(metrics["loss"]), "seconds": round(time.perf_counter() - started, 1)} | score
         if kind == "tower":
             greedy = evaluate_vqa(ModelBundle(config, jax.device_get(state.params), tokenizer), test, progress=False)

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from sparsevlm import sharding, trainer
 from sparsevlm.bundle import ModelBundle
 from sparsevlm.checkpoint import TrainingCheckpoints, save_model
-from sparsevlm.config import RUN_ONLY_FIELDS, PretrainConfig, VisionConfig, VLMConfig, builtin_vlm_config
+from sparsevlm.config import INIT_SCHEMES, RUN_ONLY_FIELDS, PretrainConfig, _check_choice, VisionConfig, VLMConfig, builtin_vlm_config
 from sparsevlm.data.builtin import data_fingerprint, task_module
 from sparsevlm.data.batch import (
     BatchStream,
@@ -70,10 +70,9 @@ def pool_to_grid(features: jax.Array, grid: int) -> jax.Array:
 def initialise(params: dict[str, Any], scheme: str, key: jax.Array) -> dict[str, Any]:
     """`params` as initialised under `scheme` (`config.INIT_SCHEMES`): "normal" keeps the modules' own init;
     "fan-in" redraws every 2-D `kernel` from N(0, 1/fan_in) (LeCun normal), keeping the other leaves."""
+    _check_choice("init", scheme, INIT_SCHEMES)
     if scheme == "normal":
         return params
-    if scheme != "fan-in":
-        raise ValueError(f"init={scheme!r}; allowed: normal, fan-in")
     leaves, tree = jax.tree_util.tree_flatten_with_path(params)
     drawn = [
         jax.random.normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype) / np.sqrt(leaf.shape[0])
