@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     study = load_study(args)
     rows = run(study)
-    dense_accuracy = study.bundle.metadata.get("test_accuracy")
+    dense_accuracy = study.dense_accuracy
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"model": args.model, "calib_samples": args.calib_samples, "calib_data": args.calib_data,
+    payload = {"model": args.model, "calib_samples": args.calib_samples, "calib_data": study.settings["calib_data"],
                "seed": args.seeds[0], "dense_accuracy": dense_accuracy, "rows": rows,
                "seconds": round(time.perf_counter() - started, 1), "machine": machine()}
     write_atomic(out / "calibration_mode.json", json.dumps(payload, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -17,7 +18,8 @@ import numpy as np
 from sparsevlm import hub
 from sparsevlm.config import ECOFLAP_BATCHES, DataSource, PruneConfig, SparsitySpec
 from sparsevlm.cli import add_config_flags, config_from_args, data_flag
-from sparsevlm.data.tasks import BUILTIN_SETS, DATA_HELP
+from sparsevlm.data.builtin import model_task
+from sparsevlm.data.tasks import DATA_HELP
 from sparsevlm.integrity import write_atomic
 from sparsevlm.pipeline import Pipeline, Pruned
 from sparsevlm.pruning.registry import METHODS
@@ -52,6 +54,11 @@ class Study:
         return PruneConfig(method=method or self.method, sparsity=spec, calibration_mode=mode, allocation=allocation,
                            **self.settings)
 
+    @functools.cached_property
+    def dense_accuracy(self) -> float:
+        """The dense model's accuracy on the study's own test set (what every pruned row is scored on)."""
+        return self.evaluate(self.bundle.params)
+
     @property
     def seed(self) -> int:
         """The calibration sample (and random pruner) seed of every run."""
@@ -82,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="'default' or a saved model directory")
     parser.add_argument("--method", default="wanda", choices=tuple(METHODS))
     parser.add_argument("--calib-samples", type=int, default=128)
-    parser.add_argument("--calib-data", default=BUILTIN_SETS[0], type=data_flag, help=DATA_HELP)
+    parser.add_argument("--calib-data", default=None, type=data_flag,
+                        help=f"{DATA_HELP} (default: the model's own task's captions, e.g. scenes-captions)")
     add_config_flags(parser, DataSource)  # --dataset-config, --streaming, --images: how TASK=SOURCE data is read
     parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N test images")
     add_seeds_flag(parser, [0])
@@ -107,10 +115,16 @@ def load_study(args: argparse.Namespace) -> Study:
     bundle = hub.load_model(args.model)
     eval_images = args.eval_images if args.eval_images else (40 if args.quick else None)
     # --quick: 16 calibration samples, and ECoFLaP sums its importance over 4 batches instead of 32.
-    settings = {"calib_data": args.calib_data, "calib_samples": min(args.calib_samples, 16) if args.quick
-                else args.calib_samples, "seed": args.seeds[0],
+    settings = {"calib_data": args.calib_data or own_set(bundle, "captions"),
+                "calib_samples": min(args.calib_samples, 16) if args.quick else args.calib_samples,
+                "seed": args.seeds[0],
                 "importance_batches": 4 if args.quick else ECOFLAP_BATCHES, "calib_source": data_source(args)}
     return Study(Pipeline(bundle, eval_images, progress=False), args.method, settings)
+
+
+def own_set(bundle: Any, view: str) -> str:
+    """The built-in example set `view` (captions, vqa, mix) of the task `bundle` was pretrained on."""
+    return f"{model_task(bundle.metadata)}-{view}"
 
 
 def check_seeds(parser: argparse.ArgumentParser, args: argparse.Namespace, most: int | None = None) -> None:

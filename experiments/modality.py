@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     # --quick: the other pruners on both towers only.
     extra = ("both",) if args.quick else tuple(SETTINGS)
     rows = over_seeds(study, args.seeds, lambda seeded: run(seeded, levels, extra))
-    dense = study.bundle.metadata.get("test_accuracy")
+    dense = study.dense_accuracy
     markdown, figure = report(rows, dense, args.method)
     write_outputs(args.out, STEM, {"method": args.method, "dense_accuracy": dense, "seeds": args.seeds, "rows": rows},
                   markdown, figure)

@@ -26,7 +26,7 @@ from sparsevlm.data.tasks import DATA_HELP  # noqa: E402
 from sparsevlm.masks import apply_masks, measure_sparsity  # noqa: E402
 
 from common import (Study, add_arguments, check_seeds, data_flag, data_source, load_study, markdown_table,  # noqa: E402
-                    over_seeds, seeds_note, with_spread, write_outputs)
+                    over_seeds, own_set, seeds_note, with_spread, write_outputs)
 
 STEM = "restoration"
 SETTINGS = {"2:4": SparsitySpec.same(0.5, "2:4"), "70%": SparsitySpec.same(0.7)}
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--kl-weight", type=float, default=defaults.kl_weight)
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--train-data", default=defaults.train_data, type=data_flag, help=DATA_HELP)
+    parser.add_argument("--train-data", default=None, type=data_flag,
+                        help=f"{DATA_HELP} (default: the model's own task's questions and captions, e.g. scenes-mix)")
     args = parser.parse_args(argv)
     check_seeds(parser, args)
     study = load_study(args)
@@ -127,13 +128,13 @@ def main(argv: list[str] | None = None) -> None:
         steps=4 if args.quick else args.steps, warmup_steps=1 if args.quick else defaults.warmup_steps,
         batch_size=8 if args.quick else defaults.batch_size, train_images=40 if args.quick else defaults.train_images,
         learning_rate=args.learning_rate, kl_weight=args.kl_weight, temperature=args.temperature,
-        train_data=args.train_data, train_source=data_source(args),
+        train_data=args.train_data or own_set(study.bundle, "mix"), train_source=data_source(args),
     )
     # --quick: the other pruners at 70% only.
     extra = ("70%",) if args.quick else tuple(SETTINGS)
     rows = over_seeds(study, args.seeds,
                       lambda seeded: run(seeded, dataclasses.replace(config, seed=seeded.seed), extra))
-    dense = study.bundle.metadata.get("test_accuracy")
+    dense = study.dense_accuracy
     markdown, figure = report(rows, dense, args.method, config)
     payload = {"method": args.method, "dense_accuracy": dense, "seeds": args.seeds,
                "restore": dataclasses.asdict(config) | {"seed": args.seeds}, "rows": rows}

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     study = load_study(args)
     vision_values = [0.1, 0.5, 0.9] if args.quick else [round(0.1 * i, 1) for i in range(1, 10)]
     rows = over_seeds(study, args.seeds, lambda seeded: run(seeded, args.totals, vision_values))
-    dense = study.bundle.metadata.get("test_accuracy")
+    dense = study.dense_accuracy
     markdown, figure = report(rows, dense, args.method)
     write_outputs(args.out, STEM, {"method": args.method, "dense_accuracy": dense, "seeds": args.seeds, "rows": rows},
                   markdown, figure)
