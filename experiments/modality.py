@@ -1,9 +1,10 @@
 """Which tower to prune: both towers vs language only vs vision only, at 50%, 70%, 2:4 and 4:8.
 
 The paper found pruning only the language model keeps far more accuracy than pruning both. Each
-setting is pruned with the study's method (Wanda), with DSnoT (Wanda's mask refined), and with
-ECoFLaP (Wanda at per-block ratios from zeroth-order importance, one budget across the pruned
-towers; unstructured levels only, since N:M fixes every layer's sparsity).
+setting is pruned with the study's method (Wanda), with every other pruner of the registry
+(magnitude, random, SparseGPT, DSnoT: Wanda's mask refined), and with ECoFLaP (Wanda at per-block
+ratios from zeroth-order importance, one budget across the pruned towers; unstructured levels only,
+since N:M fixes every layer's sparsity).
 
     python experiments/modality.py [--method wanda] [--seeds 0 1 2] [--out results] [--quick]
 """
@@ -19,9 +20,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sparsevlm.config import SparsitySpec  # noqa: E402
+from sparsevlm.pruning.registry import METHODS  # noqa: E402
 
-from common import (Study, add_arguments, check_seeds, load_study, markdown_table, over_seeds, seeds_note,  # noqa: E402
-                    with_spread, write_outputs)
+from common import (PRUNERS, Study, add_arguments, check_seeds, load_study, markdown_table, over_seeds,  # noqa: E402
+                    seeds_note, with_spread, write_outputs)
 
 STEM = "modality"
 SETTINGS = {
@@ -38,7 +40,7 @@ def run(study: Study, levels: dict[str, tuple[float, str]], extra_settings: tupl
 
     The study's method runs every setting; the other pruners only `extra_settings`.
     """
-    pruners = study.pruners()
+    pruners = every_pruner(study.method)
     rows = []
     for pruner, (method, allocation) in pruners.items():
         for level, (sparsity, pattern) in levels.items():
@@ -53,6 +55,11 @@ def run(study: Study, levels: dict[str, tuple[float, str]], extra_settings: tupl
                       flush=True)
                 rows.append(row)
     return rows
+
+
+def every_pruner(method: str) -> dict[str, tuple[str, str]]:
+    """`{name: (method, allocation)}`: `method` first, then every registered pruner, then ECoFLaP."""
+    return {method: (method, "uniform")} | {m: (m, "uniform") for m in METHODS} | PRUNERS
 
 
 def report(rows: list[dict], dense: float | None, method: str) -> tuple[str, object]:

@@ -27,10 +27,13 @@ def test_reproduce_quick_writes_every_study(trained_model_dir, tmp_path, script)
     modality = json.loads((tmp_path / "modality.json").read_text())["rows"]
     only_language = [r for r in modality if r["setting"] == "language only"]
     assert only_language and all(r["measured"]["vision"] == 0.0 for r in only_language)
-    # DSnoT rows at every level; ECoFLaP rows (one budget over both towers) at unstructured levels only.
-    # --quick runs them on both towers only.
+    # Every other registered pruner at every level; ECoFLaP (one budget over both towers) at unstructured
+    # levels only. --quick runs them on both towers only.
     pruners = {(r["pruner"], r["setting"], r["level"]) for r in modality if r["pruner"] != "wanda"}
-    assert pruners == {("dsnot", "both", "50%"), ("dsnot", "both", "2:4"), ("ecoflap", "both", "50%")}
+    assert pruners == {(p, "both", lv) for p in ("magnitude", "random", "sparsegpt", "dsnot") for lv in ("50%", "2:4")
+                       } | {("ecoflap", "both", "50%")}
+    assert [r["pruner"] for r in modality if r["setting"] == "both" and r["level"] == "2:4"] == [
+        "wanda", "magnitude", "random", "sparsegpt", "dsnot"]
     assert {(r["setting"], r["level"]) for r in modality if r["pruner"] == "wanda"} == {
         (s, lv) for s in ("both", "language only", "vision only") for lv in ("50%", "2:4")}
     ecoflap = next(r for r in modality if r["pruner"] == "ecoflap" and r["setting"] == "both")
