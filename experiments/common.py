@@ -18,7 +18,7 @@ import numpy as np
 from sparsevlm import hub
 from sparsevlm.config import ECOFLAP_BATCHES, DataSource, PruneConfig, SparsitySpec
 from sparsevlm.cli import add_config_flags, config_from_args, data_flag
-from sparsevlm.data.builtin import model_task
+from sparsevlm.data.builtin import own_set
 from sparsevlm.data.tasks import DATA_HELP
 from sparsevlm.integrity import write_atomic
 from sparsevlm.pipeline import Pipeline, Pruned
@@ -115,16 +115,11 @@ def load_study(args: argparse.Namespace) -> Study:
     bundle = hub.load_model(args.model)
     eval_images = args.eval_images if args.eval_images else (40 if args.quick else None)
     # --quick: 16 calibration samples, and ECoFLaP sums its importance over 4 batches instead of 32.
-    settings = {"calib_data": args.calib_data or own_set(bundle, "captions"),
+    settings = {"calib_data": args.calib_data or own_set(bundle.metadata, "captions"),
                 "calib_samples": min(args.calib_samples, 16) if args.quick else args.calib_samples,
                 "seed": args.seeds[0],
                 "importance_batches": 4 if args.quick else ECOFLAP_BATCHES, "calib_source": data_source(args)}
     return Study(Pipeline(bundle, eval_images, progress=False), args.method, settings)
-
-
-def own_set(bundle: Any, view: str) -> str:
-    """The built-in example set `view` (captions, vqa, mix) of the task `bundle` was pretrained on."""
-    return f"{model_task(bundle.metadata)}-{view}"
 
 
 def check_seeds(parser: argparse.ArgumentParser, args: argparse.Namespace, most: int | None = None) -> None:

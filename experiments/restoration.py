@@ -22,11 +22,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sparsevlm.config import RestoreConfig, SparsitySpec  # noqa: E402
+from sparsevlm.data.builtin import own_set  # noqa: E402
 from sparsevlm.data.tasks import DATA_HELP  # noqa: E402
 from sparsevlm.masks import apply_masks, measure_sparsity  # noqa: E402
 
 from common import (Study, add_arguments, check_seeds, data_flag, data_source, load_study, markdown_table,  # noqa: E402
-                    over_seeds, own_set, seeds_note, with_spread, write_outputs)
+                    over_seeds, seeds_note, with_spread, write_outputs)
 
 STEM = "restoration"
 SETTINGS = {"2:4": SparsitySpec.same(0.5, "2:4"), "70%": SparsitySpec.same(0.7)}
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         steps=4 if args.quick else args.steps, warmup_steps=1 if args.quick else defaults.warmup_steps,
         batch_size=8 if args.quick else defaults.batch_size, train_images=40 if args.quick else defaults.train_images,
         learning_rate=args.learning_rate, kl_weight=args.kl_weight, temperature=args.temperature,
-        train_data=args.train_data or own_set(study.bundle, "mix"), train_source=data_source(args),
+        train_data=args.train_data or own_set(study.bundle.metadata, "mix"), train_source=data_source(args),
     )
     # --quick: the other pruners at 70% only.
     extra = ("70%",) if args.quick else tuple(SETTINGS)

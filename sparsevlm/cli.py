@@ -99,7 +99,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         kind = KINDS[spec["kind"]] if spec["kind"] else {"int": int, "float": float}.get(str(field.type), str)
         required = spec["required"]
-        shown = "" if required else f" (default: {default})"
+        shown = "" if required or default is None else f" (default: {default})"
         parser.add_argument(flag, dest=dest, type=kind, choices=choices, required=required, metavar=None if choices
                             else path[-1].upper(), default=None if required else default, help=spec["help"] + shown)
 

@@ -433,7 +433,8 @@ class RestoreConfig:
     kl_weight: float = dataclasses.field(default=0.1, metadata=cli("λ of (1 − λ)·CE + λ·KL (paper: 0.1)"))
     temperature: float = dataclasses.field(default=1.0, metadata=cli("KL temperature (paper: 1)"))
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig, metadata=cli("LoRA targets", prefix=""))
-    train_data: str = dataclasses.field(default="shapes-mix", metadata=cli(DATA_HELP, "data"))
+    train_data: str | None = dataclasses.field(default=None, metadata=cli(
+        DATA_HELP + " (default: the model's own task's questions and captions, e.g. scenes-mix)", "data"))
     train_source: DataSource = dataclasses.field(default_factory=DataSource, metadata=cli(
         "how --train-data TASK=SOURCE is read", prefix=""))
     train_images: int = dataclasses.field(default=2000, metadata=cli("training images (rows, for TASK=SOURCE)",
@@ -471,7 +472,8 @@ class RestoreConfig:
             _check_non_negative(name, getattr(self, name))
         if not self.grad_clip > 0:
             raise ValueError(f"grad_clip={self.grad_clip} must be > 0")
-        parse_data_spec(self.train_data)
+        if self.train_data is not None:
+            parse_data_spec(self.train_data)
 
 
 UNSTRUCTURED = "unstructured"
@@ -667,7 +669,8 @@ class PruneConfig:
     sparsity: SparsitySpec = dataclasses.field(default_factory=SparsitySpec, metadata=cli("targets", prefix=""))
     calib_samples: int = dataclasses.field(default=128, metadata=cli("calibration examples (paper: 128)",
                                                                      "positive_int"))
-    calib_data: str = dataclasses.field(default="shapes-captions", metadata=cli(DATA_HELP, "data"))
+    calib_data: str | None = dataclasses.field(default=None, metadata=cli(
+        DATA_HELP + " (default: the model's own task's captions, e.g. scenes-captions)", "data"))
     calib_source: DataSource = dataclasses.field(default_factory=DataSource, metadata=cli(
         "how --calib-data TASK=SOURCE is read", prefix=""))
     calibration_mode: str = dataclasses.field(default="sequential", metadata=cli(
@@ -696,7 +699,8 @@ class PruneConfig:
         _check_choice("calibration_mode", self.calibration_mode, CALIBRATION_MODES)
         _check_choice("allocation", self.allocation, ALLOCATIONS)
         _check_non_negative("seed", self.seed)
-        parse_data_spec(self.calib_data)
+        if self.calib_data is not None:
+            parse_data_spec(self.calib_data)
         if self.allocation != "uniform":
             check_global_allocation(self.sparsity, self.max_layer_sparsity, f"--allocation {self.allocation}",
                                     "--max-layer-sparsity")

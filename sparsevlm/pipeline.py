@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -18,8 +18,8 @@ from jax.sharding import Mesh
 from sparsevlm import sharding
 from sparsevlm.bundle import ModelBundle
 from sparsevlm.config import PruneConfig, RestoreConfig
-from sparsevlm.data.builtin import model_task, task_module
-from sparsevlm.data.examples import load_examples
+from sparsevlm.data.builtin import model_task, own_set, task_module
+from sparsevlm.data.examples import EncodedSet, load_examples
 from sparsevlm.data.prompts import bundle_format
 from sparsevlm.eval.evaluate import evaluate_vqa
 from sparsevlm.masks import apply_masks, measure_sparsity, prunable_paths
@@ -30,6 +30,7 @@ from sparsevlm.pruning.pruner import PruneResult, prune
 from sparsevlm.restoration import RestoreResult, dense_where_pruned, restore
 
 PyTree = Any
+_Config = TypeVar("_Config", PruneConfig, RestoreConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Pipeline:
     source: str | None = None
     mesh: Mesh | None = None
     _calibration: dict[tuple, Carry] = dataclasses.field(default_factory=dict, repr=False)
+    _train_examples: dict[tuple, EncodedSet] = dataclasses.field(default_factory=dict, repr=False)
     _scores: dict[tuple, dict[str, float]] = dataclasses.field(default_factory=dict, repr=False)
     _test: Any = dataclasses.field(default=None, repr=False)
 
@@ -83,6 +85,7 @@ class Pipeline:
 
     def calibration(self, config: PruneConfig) -> Carry:
         """The calibration carry `config` asks for: its data, number of samples and seed."""
+        config = self._own_data(config)
         key = (config.calib_data, config.calib_source, config.calib_samples, config.seed)
         if key not in self._calibration:
             bundle = self.bundle
@@ -100,6 +103,7 @@ class Pipeline:
         batches, and serves every spec.
         """
         scores = None
+        config = self._own_data(config)
         if config.allocation != "uniform":
             order = ECOFLAP_ORDERS[config.allocation]
             key = (order, config.importance_batches, config.seed, config.calib_data, config.calib_source,
@@ -115,6 +119,7 @@ class Pipeline:
     def prune(self, config: PruneConfig) -> Pruned:
         """Prune the dense model per `config`, evaluate it, and describe both in a report."""
         bundle = self.bundle
+        config = self._own_data(config)
         calibration = self.calibration(config) if config.needs_calibration else None
         started = time.perf_counter()
         ratios = self.ratios(config)
@@ -164,6 +169,16 @@ class Pipeline:
                                              "test_accuracy": evaluation["accuracy"]}
         return Pruned(dataclasses.replace(pruned, metadata=metadata), report, result)
 
+    def _own_data(self, config: _Config) -> _Config:
+        """`config` with its calibration or training data, where not given, set to the dense model's own task's
+        built-in set (`scenes-captions` / `scenes-mix` for the scenes model, `shapes-…` otherwise)."""
+        if isinstance(config, PruneConfig):
+            if config.calib_data is None:
+                config = dataclasses.replace(config, calib_data=own_set(self.bundle.metadata, "captions"))
+        elif config.train_data is None:
+            config = dataclasses.replace(config, train_data=own_set(self.bundle.metadata, "mix"))
+        return config
+
     def restore(self, pruned: ModelBundle, config: RestoreConfig, checkpoint_dir: str | None = None,
                 plan_only: bool = False) -> Restored:
         """Restore a pruned model of this dense one (its teacher) per `config`; evaluate it and report.
@@ -172,13 +187,20 @@ class Pipeline:
         """
         if pruned.masks is None:
             raise ValueError("the model to restore has no masks: prune it first with `sparsevlm prune`")
+        config = self._own_data(config)
         teacher = self.bundle
         if teacher.config != pruned.config:
             raise ValueError("the teacher's architecture differs from the pruned model's")
         base = dense_where_pruned(pruned.params, pruned.masks, teacher.params)
+        fmt = bundle_format(pruned.metadata)
+        key = (config.train_data, config.train_source, config.train_images, config.seed)
+        if key not in self._train_examples:  # a study's restorations at one seed train on the same examples
+            self._train_examples[key] = load_examples(
+                config.train_data, pruned.tokenizer, config.train_images, config.seed, pruned.config.vision.image_size,
+                fmt, pruned.instruction_tokenizer, pruned.image_processor, config.train_source)
         result = restore(base, pruned.masks, pruned.config, pruned.tokenizer, config, checkpoint_dir, self.progress,
-                         bundle_format(pruned.metadata), pruned.instruction_tokenizer, pruned.image_processor,
-                         self.mesh, plan_only)
+                         fmt, pruned.instruction_tokenizer, pruned.image_processor, self.mesh, plan_only,
+                         self._train_examples[key])
         if plan_only:
             return Restored(None, {"memory": result.memory}, result)
         params = jax.device_get(apply_masks(result.params, pruned.masks) if config.remask else result.params)

@@ -18,7 +18,7 @@ from sparsevlm import sharding, trainer
 from sparsevlm.checkpoint import TrainingCheckpoints
 from sparsevlm.config import RestoreConfig, VLMConfig
 from sparsevlm.data.batch import BatchStream, round_up
-from sparsevlm.data.examples import load_examples
+from sparsevlm.data.examples import EncodedSet, load_examples
 from sparsevlm.data.prompts import BUILTIN, PromptFormat
 from sparsevlm.lora import init_lora, lora_param_count, merge
 from sparsevlm.masks import check_masks, flat_masks, mask_weights, pack_masks
@@ -92,19 +92,24 @@ def restore(
     image_processor: Any = None,
     mesh: Mesh | None = None,
     plan_only: bool = False,
+    examples: EncodedSet | None = None,
 ) -> RestoreResult:
     """Train LoRA factors (`config.method`, `config.lora`); returns them and the merged params (masked per the mode).
 
     `base_params` are `dense_where_pruned(...)`: the student masks them, the teacher does not. With
     `mesh`, params, masks, LoRA, optimizer state and batches are sharded over it
     (`sparsevlm.sharding`); each process loads only its rows of every batch (`sharding.host_rows`). The
-    per-device memory is reported before the first step; `plan_only` stops there.
+    per-device memory is reported before the first step; `plan_only` stops there. `examples` are
+    `config.train_data`'s, already loaded (`load_examples` of the same config; a `Pipeline` keeps them).
     """
     check_masks(base_params, masks)
+    if config.train_data is None:
+        raise ValueError("config.train_data is None: name the restoration data (e.g. shapes-mix); Pipeline.restore "
+                         "and `sparsevlm restore` default it to the model's own task's set")
     lora = init_lora(base_params, config.lora, jax.random.key(config.seed))
-    data = load_examples(config.train_data, tokenizer, config.train_images, config.seed,
-                         model_config.vision.image_size, fmt, instruction_tokenizer, image_processor,
-                         config.train_source)
+    data = examples if examples is not None else load_examples(
+        config.train_data, tokenizer, config.train_images, config.seed, model_config.vision.image_size, fmt,
+        instruction_tokenizer, image_processor, config.train_source)
     if mesh is None and jax.process_count() > 1:
         raise ValueError(f"restoring as {jax.process_count()} processes needs a mesh over their devices (--mesh)")
     # Every process draws the same batches from the same generator and loads only its own rows of

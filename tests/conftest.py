@@ -111,6 +111,24 @@ def tiny_bundle(tokenizer) -> ModelBundle:
 
 
 @pytest.fixture(scope="session")
+def scenes_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random-weight tiny VLM saved as pretrained on scenes VQA (its tokenizer: the scenes vocabulary)."""
+    from sparsevlm.checkpoint import save_model
+    from sparsevlm.data import scenes
+
+    tokenizer = build_word_tokenizer(scenes.vocabulary())
+    config = tiny_config(len(tokenizer))
+    side = config.vision.image_size
+    params = VLM(config).init(jax.random.key(0), np.zeros((1, side, side, 3), np.float32), np.ones((1, 4), np.int32),
+                              np.ones((1, 4), bool))["params"]
+    # The recorded test accuracy is not what this model scores: a study must measure its own.
+    metadata = {"pretrain": {"task": "scenes"}, "test_accuracy": 0.5}
+    path = tmp_path_factory.mktemp("scenes") / "model"
+    save_model(path, ModelBundle(config, jax.tree.map(np.asarray, params), tokenizer, metadata))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def test_split():
     """A small shapes-VQA test split."""
     return shapes.build_split("test", 24)

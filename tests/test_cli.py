@@ -198,6 +198,20 @@ def test_prune_refuses_to_overwrite_a_nonempty_out(saved_model, tmp_path, capsys
     assert (out / "keep.txt").read_text() == "precious"
 
 
+def test_prune_and_restore_default_to_the_models_own_task_data(scenes_model_dir, tmp_path):
+    # A scenes model calibrates on scenes captions and restores on the scenes mixture unless told otherwise
+    # (shapes data would be refused: its tokenizer lacks those words).
+    pruned, restored = tmp_path / "pruned", tmp_path / "restored"
+    assert main(["prune", "--model", scenes_model_dir, "--method", "wanda", "--language-sparsity", "0.5",
+                 "--calib-samples", "8", "--eval-images", "4", "--out", str(pruned)]) == 0
+    assert json.loads((pruned / "report.json").read_text())["calibration"]["data"] == "scenes-captions"
+    assert main(["restore", "--model", str(pruned), "--method", "sparselora", "--steps", "2", "--warmup-steps", "0",
+                 "--batch-size", "4", "--train-images", "8", "--eval-images", "4", "--out", str(restored)]) == 0
+    report = json.loads((restored / "report.json").read_text())
+    assert report["config"]["train_data"] == "scenes-mix"
+    assert report["measured"]["language"] == 0.5
+
+
 @pytest.fixture(scope="module")
 def pruned_dir(trained_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("pruned") / "wanda-2of4"

@@ -262,30 +262,6 @@ def test_scenes_lm_stage_quick_scores_every_kind_of_tokens(tmp_path, script):
     assert (tmp_path / "scenes_lm_stage.png").stat().st_size > 0
 
 
-@pytest.fixture(scope="module")
-def scenes_model_dir(tmp_path_factory) -> str:
-    """A random-weight tiny VLM saved as pretrained on scenes VQA (its tokenizer: the scenes vocabulary)."""
-    import jax
-
-    from sparsevlm.bundle import ModelBundle
-    from sparsevlm.checkpoint import save_model
-    from sparsevlm.data import scenes
-    from sparsevlm.data.tokenize import build_word_tokenizer
-    from sparsevlm.models.vlm import VLM
-    from tests.conftest import tiny_config
-
-    tokenizer = build_word_tokenizer(scenes.vocabulary())
-    config = tiny_config(len(tokenizer))
-    side = config.vision.image_size
-    params = VLM(config).init(jax.random.key(0), np.zeros((1, side, side, 3), np.float32), np.ones((1, 4), np.int32),
-                              np.ones((1, 4), bool))["params"]
-    # The recorded test accuracy is not what this model scores: a study must measure its own.
-    metadata = {"pretrain": {"task": "scenes"}, "test_accuracy": 0.5}
-    path = tmp_path_factory.mktemp("scenes") / "model"
-    save_model(path, ModelBundle(config, jax.tree.map(np.asarray, params), tokenizer, metadata))
-    return str(path)
-
-
 def test_a_study_of_a_scenes_model_uses_its_tasks_data_and_scores_dense_on_its_own_test_set(
         scenes_model_dir, tmp_path, script):
     common = script(ROOT / "experiments", "common")
@@ -295,7 +271,7 @@ def test_a_study_of_a_scenes_model_uses_its_tasks_data_and_scores_dense_on_its_o
     common.add_arguments(parser)
     study = common.load_study(parser.parse_args(flags))
     assert study.settings["calib_data"] == "scenes-captions"
-    assert common.own_set(study.bundle, "mix") == "scenes-mix"
+    assert common.own_set(study.bundle.metadata, "mix") == "scenes-mix"
     dense = study.pipeline.evaluate(study.bundle)["accuracy"]
     sweep.main([*flags, "--totals", "1.0", "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "split_sweep.json").read_text())

@@ -155,7 +155,7 @@ def test_bad_lora_input_is_a_clear_error(tiny_bundle, pruned):
 def test_non_finite_loss_stops_with_the_step(tiny_bundle, pruned):
     broken = dict(flatten(tiny_bundle.params))
     broken["language/norm/scale"] = np.full_like(broken["language/norm/scale"], np.nan)
-    config = RestoreConfig(steps=3, warmup_steps=0, batch_size=4, train_images=8)
+    config = RestoreConfig(train_data="shapes-mix", steps=3, warmup_steps=0, batch_size=4, train_images=8)
     with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 0 \(micro-batch 0\)"):
         restore(unflatten(broken), pruned.masks, tiny_bundle.config, tiny_bundle.tokenizer, config, progress=False)
 
@@ -173,7 +173,7 @@ def test_restore_config_rejects_bad_values():
 
 
 def test_bf16_and_gradient_accumulation_train_and_keep_the_pattern(tiny_bundle, pruned, tmp_path):
-    config = RestoreConfig(steps=2, warmup_steps=0, batch_size=4, grad_accum=2, train_images=8, bf16=True,
+    config = RestoreConfig(train_data="shapes-mix", steps=2, warmup_steps=0, batch_size=4, grad_accum=2, train_images=8, bf16=True,
                            checkpoint_every=1)
     result = restore(tiny_bundle.params, pruned.masks, tiny_bundle.config, tiny_bundle.tokenizer, config,
                      checkpoint_dir=tmp_path / "ckpt", progress=False)
@@ -187,7 +187,7 @@ def test_bf16_and_gradient_accumulation_train_and_keep_the_pattern(tiny_bundle, 
 
 
 def test_divergence_stops_training_and_keeps_only_finite_checkpoints(tiny_bundle, pruned, tmp_path):
-    config = RestoreConfig(steps=40, warmup_steps=0, batch_size=4, train_images=8, learning_rate=1e30,
+    config = RestoreConfig(train_data="shapes-mix", steps=40, warmup_steps=0, batch_size=4, train_images=8, learning_rate=1e30,
                            grad_clip=1e30, checkpoint_every=1)
     with pytest.raises(FloatingPointError, match=r"non-finite .* at step \d+ .*the last good checkpoint is step \d+"):
         restore(tiny_bundle.params, pruned.masks, tiny_bundle.config, tiny_bundle.tokenizer, config,

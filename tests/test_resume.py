@@ -55,7 +55,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
 
 
 def test_resuming_another_runs_checkpoints_is_an_error(tiny_bundle, pruned, tmp_path):
-    config = RestoreConfig(steps=2, warmup_steps=0, batch_size=4, train_images=8, checkpoint_every=1)
+    config = RestoreConfig(train_data="shapes-mix", steps=2, warmup_steps=0, batch_size=4, train_images=8, checkpoint_every=1)
     args = (tiny_bundle.params, pruned.masks, tiny_bundle.config, tiny_bundle.tokenizer)
     restore(*args, config, checkpoint_dir=tmp_path / "c", progress=False)
     before = sorted(p.name for p in (tmp_path / "c").iterdir())
@@ -80,7 +80,7 @@ def _poison(monkeypatch, bad: set[int]) -> None:
 
 
 def test_skip_mode_skips_non_finite_steps_and_counts_them(tiny_bundle, pruned, monkeypatch, capsys):
-    config = RestoreConfig(steps=4, warmup_steps=0, batch_size=4, train_images=8, skip_nonfinite=1)
+    config = RestoreConfig(train_data="shapes-mix", steps=4, warmup_steps=0, batch_size=4, train_images=8, skip_nonfinite=1)
     args = (tiny_bundle.params, pruned.masks, tiny_bundle.config, tiny_bundle.tokenizer)
     clean = restore(*args, config, progress=False)
     _poison(monkeypatch, {1})
@@ -97,7 +97,7 @@ def test_skip_mode_skips_non_finite_steps_and_counts_them(tiny_bundle, pruned, m
 
 def test_non_finite_step_leaves_the_state_unchanged(tiny_bundle, pruned, monkeypatch):
     """The jit step itself keeps the old state, so a skipped step costs one batch and nothing else."""
-    config = RestoreConfig(steps=1, warmup_steps=0, batch_size=4, train_images=8, skip_nonfinite=1)
+    config = RestoreConfig(train_data="shapes-mix", steps=1, warmup_steps=0, batch_size=4, train_images=8, skip_nonfinite=1)
     _poison(monkeypatch, {0})
     result = restore(tiny_bundle.params, pruned.masks, tiny_bundle.config, tiny_bundle.tokenizer, config,
                      progress=False)
@@ -164,7 +164,7 @@ def test_restore_killed_after_its_second_checkpoint_resumes_to_the_same_params(t
 def test_a_damaged_training_checkpoint_is_a_clear_error(tiny_bundle, pruned, tmp_path, damage, message):
     from sparsevlm.integrity import CorruptCheckpointError
 
-    config = RestoreConfig(steps=2, warmup_steps=0, batch_size=4, train_images=8, checkpoint_every=1)
+    config = RestoreConfig(train_data="shapes-mix", steps=2, warmup_steps=0, batch_size=4, train_images=8, checkpoint_every=1)
     args = (tiny_bundle.params, pruned.masks, tiny_bundle.config, tiny_bundle.tokenizer, config)
     restore(*args, checkpoint_dir=tmp_path / "c", progress=False)
     data = max((p for p in (tmp_path / "c" / "2" / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
@@ -181,7 +181,7 @@ def test_sharded_restore_resumes_onto_its_mesh(tiny_bundle, pruned, tmp_path, ki
     from sparsevlm.sharding import MeshConfig, make_mesh
 
     mesh = make_mesh(MeshConfig.parse("data=2,fsdp=4"))
-    config = RestoreConfig(steps=4, warmup_steps=0, batch_size=8, train_images=8, checkpoint_every=2)
+    config = RestoreConfig(train_data="shapes-mix", steps=4, warmup_steps=0, batch_size=8, train_images=8, checkpoint_every=2)
     args = (tiny_bundle.params, pruned.masks, tiny_bundle.config, tiny_bundle.tokenizer, config)
     whole = restore(*args, checkpoint_dir=tmp_path / "a", progress=False, mesh=mesh)
     kill_after_checkpoint(1)

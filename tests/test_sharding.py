@@ -316,7 +316,7 @@ def test_restore_on_a_mesh_trains_the_same_factors_as_on_one_device(tiny_bundle)
     from sparsevlm.restoration import restore
 
     masks = prune(tiny_bundle.params, None, SparsitySpec(vision=0.5, language=0.5), "magnitude").masks
-    config = RestoreConfig(steps=3, warmup_steps=0, batch_size=8, train_images=16)
+    config = RestoreConfig(train_data="shapes-mix", steps=3, warmup_steps=0, batch_size=8, train_images=16)
     args = (tiny_bundle.params, masks, tiny_bundle.config, tiny_bundle.tokenizer, config)
     want = restore(*args, progress=False)
     got = restore(*args, progress=False, mesh=sh.make_mesh("data=2,fsdp=4"))

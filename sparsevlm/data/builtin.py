@@ -34,6 +34,11 @@ def model_task(metadata: Mapping[str, Any]) -> str:
     return (metadata.get("pretrain") or {}).get("task", "shapes")
 
 
+def own_set(metadata: Mapping[str, Any], view: str) -> str:
+    """The built-in example set `view` (captions, vqa, mix) of the task the model with `metadata` was pretrained on."""
+    return f"{model_task(metadata)}-{view}"
+
+
 FINGERPRINT_PATCHES = 4  # patches per side whose vision-stage targets the fingerprint covers (64-px, 16-px patches)
 
 
