@@ -334,6 +334,9 @@ class PretrainConfig:
         "fraction"))
     freeze_vision: bool = dataclasses.field(default=False, metadata=cli(
         "stage 2 keeps the vision tower as stage 1 left it (LLaVA's frozen encoder); only the connector and LM train"))
+    pack_questions: bool = dataclasses.field(default=False, metadata=cli(
+        "stage 2: one row per image holding all its questions (or its caption), each attending only to the image "
+        "and to itself (shared-image packing); batch_size then counts images"))
     eval_every: int = dataclasses.field(default=0, metadata=cli("validation accuracy every N steps (0: off)",
                                                                 "non_negative_int"))
     checkpoint_every: int = dataclasses.field(default=0, metadata=cli(

@@ -26,7 +26,7 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     instruction = None
     if batch.get("instruction_tokens") is not None:
         instruction = (batch["instruction_tokens"], batch["instruction_mask"])
-    return {"instruction": instruction, "target_mask": batch["loss_mask"]}
+    return {"instruction": instruction, "target_mask": batch["loss_mask"], "segments": batch.get("segments")}
 
 
 def token_cross_entropy(logits: Array, tokens: Array, loss_mask: Array) -> tuple[Array, Array]:

@@ -106,7 +106,8 @@ def abstract_batch(config: VLMConfig, batch_size: int, seq_len: int) -> dict[str
     spec = jax.ShapeDtypeStruct
     batch = {"images": spec((batch_size, size, size, config.vision.num_channels), jnp.float32),
              "tokens": spec((batch_size, text), jnp.int32), "text_mask": spec((batch_size, text), jnp.bool_),
-             "loss_mask": spec((batch_size, text), jnp.bool_), "instruction_tokens": None, "instruction_mask": None}
+             "loss_mask": spec((batch_size, text), jnp.bool_), "instruction_tokens": None, "instruction_mask": None,
+             "segments": None}
     if config.connector.reads_text:
         batch |= {"instruction_tokens": spec((batch_size, 32), jnp.int32),
                   "instruction_mask": spec((batch_size, 32), jnp.bool_)}

@@ -26,6 +26,7 @@ from sparsevlm.data.batch import (
     RandomRows,
     encode_vqa,
     iterate_batches,
+    pack_by_image,
     preprocess_images,
     round_up,
 )
@@ -179,13 +180,15 @@ def pretrain(
     ]
     rng = np.random.default_rng(config.seed)
     rows = sharding.host_rows(mesh, config.batch_size) if mesh is not None else None
+    # Packed, captions too (one per image: the same rows), so every batch has the same arrays.
+    units = [pack_by_image(p) for p in pools] if config.pack_questions else pools
     streams = [
         BatchStream(p, config.batch_size, round_up(p.max_length, 8), tokenizer.pad_token_id, model_config.vision, rng,
                     rows)
-        for p in pools
+        for p in units
     ]
     # Each batch comes from the questions or the captions: in proportion to their sizes, or by `caption_weight`.
-    weights = [len(p) for p in pools] if config.caption_weight is None else [1 - config.caption_weight,
+    weights = [len(p) for p in units] if config.caption_weight is None else [1 - config.caption_weight,
                                                                            config.caption_weight]
     stream = MixedStream(streams, weights, rng)
 
@@ -215,7 +218,8 @@ def pretrain(
     step, state, place = _placed(loss_fn, optimizer, state, batch_arrays(streams[0].example()), mesh,
                                  config.batch_size)
     print(f"pretraining the {config.task} VLM: {count_params(params):,} params, {len(pools[0]):,} questions, "
-          f"{len(pools[1]):,} captions, {config.steps} steps of {config.batch_size}")
+          f"{len(pools[1]):,} captions, {config.steps} steps of {config.batch_size}"
+          + (" images (questions packed)" if config.pack_questions else ""))
 
     def validate(done: int, state: TrainState) -> None:
         partial = ModelBundle(model_config, sharding.to_host(state.params), tokenizer)

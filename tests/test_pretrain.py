@@ -12,10 +12,10 @@ from sparsevlm import pretrain as pretrain_module
 from sparsevlm.checkpoint import load_model_dir
 from sparsevlm.config import PretrainConfig
 from sparsevlm.data import shapes
-from sparsevlm.data.batch import encode_vqa
+from sparsevlm.data.batch import PackedSet, encode_vqa
 from sparsevlm.eval.evaluate import evaluate_vqa
 from sparsevlm.pretrain import frozen_tower, initialise, pool_to_grid, pretrain, pretrain_vision
-from sparsevlm.train import TrainState, make_optimizer, make_train_step
+from sparsevlm.train import TrainState, batch_arrays, lm_loss, make_optimizer, make_train_step
 from sparsevlm.tree import flatten
 from tests.conftest import Killed, tiny_config
 
@@ -126,6 +126,32 @@ def test_caption_weight_sets_the_share_of_caption_batches(monkeypatch, caption_w
     if expected == "by size":
         expected = [questions / (questions + captions), captions / (questions + captions)]
     np.testing.assert_allclose(seen["probabilities"], expected)
+
+
+def test_packed_questions_train_on_the_losses_of_rows_of_their_own(monkeypatch, tokenizer):
+    seen = {}
+
+    class Recording(pretrain_module.MixedStream):
+        def __init__(self, streams, weights, rng):
+            seen["streams"] = streams
+            raise _Recorded
+
+    monkeypatch.setattr(pretrain_module, "MixedStream", Recording)
+    with pytest.raises(_Recorded):
+        pretrain_module.pretrain(PretrainConfig(steps=2, warmup_steps=0, batch_size=4, train_images=20,
+                                                vision_steps=0, pack_questions=True), progress=False)
+    questions, captions = (stream.data for stream in seen["streams"])
+    assert isinstance(questions, PackedSet) and isinstance(captions, PackedSet)
+    assert len(questions) == len(captions) == 20  # one unit per image
+    packed = seen["streams"][0].example()
+    assert packed.segments.max() >= 2 and packed.tokens.shape[1] == seen["streams"][0].length
+    config = tiny_config(len(tokenizer))
+    model, params = pretrain_module.VLM(config), _vlm_params(config)
+    alone = questions.data.collate(np.concatenate(questions.groups[:4]), 16, tokenizer.pad_token_id, config.vision)
+    loss, metrics = lm_loss(model)(params, batch_arrays(packed))
+    want, want_metrics = lm_loss(model)(params, batch_arrays(alone))
+    assert float(metrics["tokens"]) == float(want_metrics["tokens"]) > 4
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
 
 
 @pytest.mark.parametrize("bad", [1.0, -0.1])

@@ -32,6 +32,8 @@ class Batch:
     # InstructBLIP: the prompt in the Q-Former's own tokenizer, right-padded (its positions count from 0).
     instruction_tokens: np.ndarray | None = None  # int32 [B, Tq]
     instruction_mask: np.ndarray | None = None  # bool [B, Tq]
+    # Shared-image packing (`PackedSet`): k >= 1 on a row's k-th text, 0 on padding; None: one text per row.
+    segments: np.ndarray | None = None  # int32 [B, T]
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -131,6 +133,68 @@ class EncodedSet:
     def max_length(self) -> int:
         """Longest encoded sequence."""
         return max(len(ids) for ids, _ in self.sequences)
+
+    def image_rows(self, chosen: np.ndarray) -> np.ndarray:
+        """The rows of `images` the examples at `chosen` show."""
+        return self.image_index[np.asarray(chosen)]
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedSet:
+    """An `EncodedSet` seen image by image: example i is image i with all its texts in one row (`pack_by_image`)."""
+
+    data: EncodedSet
+    groups: tuple[np.ndarray, ...]  # per image row, its examples in order
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    @property
+    def max_length(self) -> int:
+        """Longest packed row: an image's texts end to end."""
+        return max(sum(len(self.data.sequences[i][0]) for i in group) for group in self.groups)
+
+    def image_rows(self, chosen: np.ndarray) -> np.ndarray:
+        """The rows of `images` the packed examples at `chosen` show (example i is image i)."""
+        return np.asarray(chosen)
+
+    def collate(self, chosen: np.ndarray, length: int, pad_id: int, vision: VisionConfig) -> Batch:
+        """One row per chosen image, left-padded: `[PAD … text 1 | text 2 | …]`, `segments` numbering the texts."""
+        tokens = np.full((len(chosen), length), pad_id, np.int32)
+        text_mask = np.zeros((len(chosen), length), bool)
+        loss_mask = np.zeros((len(chosen), length), bool)
+        segments = np.zeros((len(chosen), length), np.int32)
+        for row, image in enumerate(chosen):
+            texts = [self.data.sequences[i] for i in self.groups[image]]
+            used = sum(len(ids) for ids, _ in texts)
+            if used > length:
+                raise ValueError(f"image {image}'s {len(texts)} texts take {used} tokens and do not fit length={length}")
+            start = length - used
+            for k, (ids, n_prompt) in enumerate(texts, start=1):
+                tokens[row, start:start + len(ids)] = ids
+                loss_mask[row, start + n_prompt:start + len(ids)] = True
+                segments[row, start:start + len(ids)] = k
+                start += len(ids)
+            text_mask[row, length - used:] = True
+        images = preprocess_images(self.data.images[np.asarray(chosen)], vision)
+        return Batch(images, tokens, text_mask, loss_mask, segments=segments)
+
+
+def pack_by_image(data: EncodedSet) -> PackedSet:
+    """`data` with each image's texts packed into one row that shares the image's tokens (shared-image packing).
+
+    Each text attends only to the image and to itself, at the positions it would have alone
+    (`models.vlm.packed_layout`), so a packed row trains as its texts would in rows of their own,
+    while the image's tokens are computed once instead of once per text.
+    """
+    if data.instructions is not None:
+        raise ValueError("texts with Q-Former instructions cannot share an image row (its Q-Former reads one "
+                         "instruction per image)")
+    order = np.argsort(data.image_index, kind="stable")
+    counts = np.bincount(data.image_index, minlength=len(data.images))
+    if not counts.all():
+        raise ValueError(f"{int((counts == 0).sum())} images have no text to pack")
+    return PackedSet(data, tuple(np.split(order, np.cumsum(counts)[:-1])))
 
 
 def encode_vqa(
@@ -247,7 +311,7 @@ class BatchStream:
     state, do not depend on it.
     """
 
-    def __init__(self, data: EncodedSet, batch_size: int, length: int, pad_id: int, vision: VisionConfig,
+    def __init__(self, data: EncodedSet | PackedSet, batch_size: int, length: int, pad_id: int, vision: VisionConfig,
                  rng: np.random.Generator, rows: slice | None = None) -> None:
         if batch_size > len(data):
             raise ValueError(f"batch size {batch_size} is larger than the {len(data)} examples")

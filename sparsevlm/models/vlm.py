@@ -83,6 +83,23 @@ def join_image_tokens(
     return embeds, valid, positions
 
 
+def packed_layout(valid: Array, segments: Array) -> tuple[Array, Array]:
+    """Attention mask `[B, L, L]` and positions `[B, L]` of rows packing several texts after one shared prefix.
+
+    `segments` `[B, L]` is 0 on the shared prefix (the image tokens) and k >= 1 on the k-th text, each
+    text contiguous and after the prefix. A text attends causally to the prefix and to itself only, and
+    its positions restart after the prefix, so every text sees exactly what it would alone in its own
+    row (shared-image packing: one image's questions share its tokens).
+    """
+    count = jnp.cumsum(valid, axis=1)
+    starts = (segments > 0) & (segments != jnp.pad(segments, ((0, 0), (1, 0)))[:, :-1])
+    before = jax.lax.cummax(jnp.where(starts, count - valid, 0), axis=1)  # valid tokens before the text
+    shared = jnp.sum(valid & (segments == 0), axis=1, keepdims=True)
+    positions = jnp.where(segments > 0, shared + count - before - 1, count - 1)
+    same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
+    return causal_mask(valid, jnp.arange(valid.shape[1])) & same, jnp.maximum(positions, 0)
+
+
 class VLM(nn.Module):
     """Image + left-padded text → logits over the sequence `[image tokens | text tokens]`.
 
@@ -116,6 +133,7 @@ class VLM(nn.Module):
         cache: list[KVCache] | None = None,
         instruction: Instruction | None = None,
         target_mask: Array | None = None,
+        segments: Array | None = None,
     ) -> tuple[Array, list[KVCache] | None]:
         """Full forward (training, scoring, or generation prefill when `cache` is given).
 
@@ -123,20 +141,23 @@ class VLM(nn.Module):
         filled cache. Logits at t predict token t + 1 for every architecture: an encoder–decoder
         (T5) encodes the prompt (`text_mask` without `target_mask`) and decodes the targets, its
         start token sitting at the last prompt position. `instruction` is the Q-Former's own prompt
-        tokens and mask (InstructBLIP).
+        tokens and mask (InstructBLIP). `segments` `[B, T]` packs several texts per image row (k >= 1
+        on the k-th, 0 on padding; `packed_layout`): training only, image tokens before the text.
         """
         if cache is not None and self.config.language.arch == "t5":
             raise ValueError("an encoder-decoder model has no decoder-only prefill; use eval.generate")
-        carry = self._inputs(images, tokens, text_mask, instruction, target_mask)
+        if cache is not None and segments is not None:
+            raise ValueError("generation prefill takes one text per row: pass segments=None")
+        carry = self._inputs(images, tokens, text_mask, instruction, target_mask, segments)
         if cache is not None:
             carry |= {"cache": cache, "cache_index": 0}
         carry = run_stages(self, forward_stages(self.config, self.dtype), carry, self.remat)
         return carry["logits"], carry.get("cache")
 
     def hidden_states(self, images: Array, tokens: Array, text_mask: Array, instruction: Instruction | None = None,
-                      target_mask: Array | None = None) -> Array:
+                      target_mask: Array | None = None, segments: Array | None = None) -> Array:
         """The forward pass up to the LM head: the last hidden states `[B, L, E]` (`logits` maps them on)."""
-        carry = self._inputs(images, tokens, text_mask, instruction, target_mask)
+        carry = self._inputs(images, tokens, text_mask, instruction, target_mask, segments)
         return run_stages(self, forward_stages(self.config, self.dtype)[:-1], carry, self.remat)["x"]
 
     def logits(self, hidden: Array) -> Array:
@@ -144,11 +165,18 @@ class VLM(nn.Module):
         return run_stages(self, forward_stages(self.config, self.dtype)[-1:], {"x": hidden})["logits"]
 
     def _inputs(self, images: Array, tokens: Array, text_mask: Array, instruction: Instruction | None,
-                target_mask: Array | None) -> Carry:
+                target_mask: Array | None, segments: Array | None = None) -> Carry:
         """The first carry of the forward pass."""
         carry = {"images": images, "tokens": tokens, "text_mask": text_mask}
         if target_mask is not None:
             carry["target_mask"] = target_mask
+        if segments is not None:
+            cfg = self.config
+            if cfg.language.arch == "t5" or cfg.image_token_id is not None:
+                raise ValueError("packed texts (segments) need a decoder-only model with image tokens before the "
+                                 f"text; this one has language.arch={cfg.language.arch!r}, "
+                                 f"image_token_id={cfg.image_token_id}")
+            carry["segments"] = segments
         if instruction is not None:
             carry |= {"instruction_tokens": instruction[0], "instruction_mask": instruction[1]}
         elif self.config.connector.reads_text:
@@ -220,6 +248,11 @@ def forward_stages(config: VLMConfig, dtype: Dtype = jnp.float32) -> tuple[Stage
             text = call(carry["tokens"], method="embed_tokens")
             x, valid, positions = join_image_tokens(text, carry["x"], carry["tokens"], carry["text_mask"],
                                                     image_token_id)
+            if "segments" in carry:  # several texts share the row's image (`packed_layout`)
+                image = jnp.zeros((x.shape[0], x.shape[1] - carry["tokens"].shape[1]), carry["segments"].dtype)
+                mask, positions = packed_layout(valid, jnp.concatenate([image, carry["segments"]], axis=1))
+                return {"x": x, "valid": valid, "positions": positions, "weight": valid.astype(jnp.float32),
+                        "mask": mask}
             out = {"x": x, "valid": valid, "positions": positions, "weight": valid.astype(jnp.float32)}
             attend = valid
             if "cache" in carry:  # generation prefill: the cache's later slots are not written yet

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sparsevlm.config import VisionConfig
-from sparsevlm.data.batch import EncodedSet, collate, iterate_batches, preprocess_images
+from sparsevlm.data.batch import EncodedSet, collate, iterate_batches, pack_by_image, preprocess_images
 
 
 def test_collate_left_pads_and_marks_targets():
@@ -85,3 +85,29 @@ def test_mixed_image_sizes_stack_once_fitted():
     with pytest.raises(ValueError, match="images have 2 different shapes"):
         encode_vqa(dataset, tokenizer, with_targets=True)
     assert encode_vqa(dataset, tokenizer, with_targets=True, image_size=48).images.shape == (2, 48, 48, 3)
+
+
+def _encoded(sequences: list[tuple[list[int], int]], image_index: list[int], images: int = 2) -> EncodedSet:
+    n = len(sequences)
+    return EncodedSet(np.zeros((images, 48, 48, 3), np.uint8), np.asarray(image_index), sequences, ["vqa"] * n,
+                      [""] * n, [""] * n)
+
+
+def test_pack_by_image_puts_each_image_texts_in_one_row_numbered_by_segment():
+    data = _encoded([([2, 10, 20, 3], 2), ([2, 11, 3], 2), ([2, 12, 21, 22, 3], 2)], [1, 0, 1])
+    packed = pack_by_image(data)
+    assert len(packed) == 2 and packed.max_length == 9
+    batch = packed.collate(np.array([1, 0]), 10, 0, VisionConfig())
+    np.testing.assert_array_equal(batch.tokens, [[0, 2, 10, 20, 3, 2, 12, 21, 22, 3],
+                                                 [0, 0, 0, 0, 0, 0, 0, 2, 11, 3]])
+    np.testing.assert_array_equal(batch.segments, [[0, 1, 1, 1, 1, 2, 2, 2, 2, 2], [0] * 7 + [1] * 3])
+    np.testing.assert_array_equal(batch.loss_mask, [[0, 0, 0, 1, 1, 0, 0, 1, 1, 1], [0] * 9 + [1]])
+    np.testing.assert_array_equal(batch.text_mask, batch.segments > 0)
+    np.testing.assert_array_equal(packed.image_rows(np.array([1, 0])), [1, 0])
+    with pytest.raises(ValueError, match="image 1's 2 texts take 9 tokens and do not fit length=8"):
+        packed.collate(np.array([1]), 8, 0, VisionConfig())
+
+
+def test_pack_by_image_rejects_images_without_texts():
+    with pytest.raises(ValueError, match="1 images have no text"):
+        pack_by_image(_encoded([([2, 10, 3], 1)], [1]))

@@ -154,3 +154,42 @@ def test_vit_variants(overrides, tokens):
         assert "blocks_1" not in params and "final_norm" not in params
     else:
         assert "blocks_1" in params and "final_norm" in params
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])  # rotary positions, and a learned position table
+def test_packed_texts_see_exactly_what_they_see_alone(tiny_bundle, arch):
+    config = tiny_bundle.config
+    params = tiny_bundle.params
+    if arch == "opt":
+        language = dataclasses.replace(config.language, arch="opt", num_kv_heads=4)
+        config = dataclasses.replace(config, language=language)
+        params = VLM(config).init(jax.random.key(1), np.zeros((1, 48, 48, 3), np.float32),
+                                  np.ones((1, 4), np.int32), np.ones((1, 4), bool))["params"]
+    apply = _jit(VLM(config))
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(1, 48, 48, 3)).astype(np.float32)
+    texts = [rng.integers(4, config.language.vocab_size, size=n).astype(np.int32) for n in (5, 3, 6)]
+    length = 16  # two padding slots before the first text
+    tokens, segments = np.zeros((1, length), np.int32), np.zeros((1, length), np.int32)
+    start = length - sum(map(len, texts))
+    for k, text in enumerate(texts, start=1):
+        tokens[0, start:start + len(text)], segments[0, start:start + len(text)] = text, k
+        start += len(text)
+    packed, _ = apply({"params": params}, image, tokens, segments > 0, segments=segments)
+    packed = np.asarray(packed[0, -length:])
+    start = length - sum(map(len, texts))
+    for text in texts:
+        alone, _ = apply({"params": params}, image, text[None], np.ones((1, len(text)), bool))
+        np.testing.assert_allclose(packed[start:start + len(text)], alone[0, -len(text):], rtol=2e-5, atol=2e-5)
+        start += len(text)
+    # Without segments the later texts attend the earlier ones (one long text): their logits differ.
+    joined, _ = apply({"params": params}, image, tokens, segments > 0)
+    assert not np.allclose(np.asarray(joined[0, -6:]), packed[-6:], atol=1e-3)
+
+
+def test_packed_texts_need_image_tokens_before_a_decoder_only_text(tiny_bundle):
+    config = dataclasses.replace(tiny_bundle.config, image_token_id=5)
+    tokens = np.array([[5, 5, 5, 5, 5, 5, 5, 5, 5, 7, 8]], np.int32)
+    with pytest.raises(ValueError, match="image_token_id=5"):
+        VLM(config).apply({"params": tiny_bundle.params}, np.zeros((1, 48, 48, 3), np.float32), tokens,
+                          np.ones_like(tokens, bool), segments=np.ones_like(tokens))
