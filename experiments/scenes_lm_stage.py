@@ -16,13 +16,17 @@ question type on the test split:
            (where a relation question is asked, the next shape on that side is its answer)
 
 If the LM stage is far from the target even on `objects`, no better tower can close the gap.
-`--multi-turn` trains on all of an image's questions per row, as turns with a loss on every answer
-(LLaVA's conversations); evaluation still asks one question at a time.
+`--layouts` says how question batches hold an image's questions: `single` (one per row, the recipe),
+`multi-turn` (all of them as turns of one row, loss on every answer: LLaVA's conversations) or
+`packed` (in one row, each attending only to the image and to itself: shared-image packing,
+`data.batch.pack_by_image`; the image's tokens are computed once and no question sees another's
+answer; a batch holds as many images as fill a `single` batch's positions). Each layout trains its
+own LM stage on the same frozen tokens; evaluation asks one question at a time.
 Accuracy is the answer word's: the argmax at the answer position (scenes answers are one word);
 `tower` rows also give greedy exact match through `evaluate_vqa`, the metric of `pretrain`.
 
     python experiments/scenes_lm_stage.py [--features tower cells objects relations] [--steps 3000]
-        [--question-types relation] [--caption-weight 0.05] [--multi-turn] [--out results] [--quick]
+        [--question-types relation] [--caption-weight 0.05] [--layouts single packed] [--out results] [--quick]
 """
 
 from __future__ import annotations
@@ -41,9 +45,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sparsevlm.bundle import ModelBundle  # noqa: E402
-from sparsevlm.config import INIT_SCHEMES, VLMConfig, pretrain_preset, scenes_vlm_config  # noqa: E402
+from sparsevlm.config import INIT_SCHEMES, VLMConfig, _check_choice, pretrain_preset, scenes_vlm_config  # noqa: E402
 from sparsevlm.data import scenes  # noqa: E402
-from sparsevlm.data.batch import EncodedSet, encode_vqa, preprocess_images, round_up  # noqa: E402
+from sparsevlm.data.batch import EncodedSet, PackedSet, encode_vqa, pack_by_image, preprocess_images, round_up  # noqa: E402
 from sparsevlm.data.tokenize import build_word_tokenizer  # noqa: E402
 from sparsevlm.eval.evaluate import evaluate_vqa  # noqa: E402
 from sparsevlm.losses import token_cross_entropy  # noqa: E402
@@ -56,6 +60,7 @@ from common import markdown_table, write_outputs  # noqa: E402
 
 STEM = "scenes_lm_stage"
 FEATURES = ("tower", "cells", "objects", "relations")
+LAYOUTS = ("single", "multi-turn", "packed")  # how the LM stage's question batches hold an image's questions
 TYPES = scenes.QUESTION_TYPES
 # Relational labels of a shape: the next shape on each side (`side_neighbour`), and its nearest (`scenes.nearest`).
 RELATED_LABELS = {"left": "left of", "right": "right of", "above": "above", "below": "below", "nearest": None}
@@ -150,21 +155,16 @@ def features_for(kind: str, data: Any, pool: EncodedSet, model: VLM, params: Any
     return np.stack([object_tokens(key, grid, width, kind == "relations") for key in image_scenes(data, pool)])
 
 
-def batch_from(pool: EncodedSet, features: np.ndarray, chosen: np.ndarray, length: int, pad_id: int,
+def batch_from(pool: EncodedSet | PackedSet, features: np.ndarray, chosen: np.ndarray, length: int, pad_id: int,
                vision: Any) -> dict[str, np.ndarray]:
-    """The examples at `chosen`, their images replaced by their frozen tokens."""
+    """The examples at `chosen`, their images replaced by their frozen tokens (packed rows: with `segments`)."""
     batch = pool.collate(chosen, length, pad_id, vision)
-    return {"x": features[pool.image_index[chosen]], "tokens": batch.tokens, "text_mask": batch.text_mask,
+    rows = {"x": features[pool.image_rows(chosen)], "tokens": batch.tokens, "text_mask": batch.text_mask,
             "loss_mask": batch.loss_mask}
+    return rows if batch.segments is None else rows | {"segments": batch.segments}
 
 
-def image_turns(pool: EncodedSet) -> list[np.ndarray]:
-    """Per image row of `pool`, the indices of its examples (its questions)."""
-    order = np.argsort(pool.image_index, kind="stable")
-    return np.split(order, np.cumsum(np.bincount(pool.image_index, minlength=len(pool.images)))[:-1])
-
-
-def conversation_from(pool: EncodedSet, features: np.ndarray, turns: list[np.ndarray], chosen: np.ndarray,
+def conversation_from(pool: EncodedSet, features: np.ndarray, turns: tuple[np.ndarray, ...], chosen: np.ndarray,
                       length: int, pad_id: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """One row per chosen image: all its questions as turns in a random order (BOS once), left-padded to
     `length`, the loss on every answer (LLaVA's multi-turn conversations)."""
@@ -194,6 +194,8 @@ def lm_stage_logits(model: VLM) -> Callable[[Any, dict[str, Any]], jax.Array]:
     def logits(params: Any, batch: dict[str, Any]) -> jax.Array:
         carry = {"x": batch["x"], "tokens": batch["tokens"], "text_mask": batch["text_mask"],
                  "target_mask": batch["loss_mask"]}
+        if "segments" in batch:
+            carry["segments"] = batch["segments"]
         out = model.apply({"params": params}, carry, method=lambda m, c: run_stages(m, tail, c))["logits"]
         return out[:, -batch["tokens"].shape[1]:]
 
@@ -218,17 +220,37 @@ def answer_accuracy(logits_fn: Any, params: Any, pool: EncodedSet, features: np.
             "by_type": {t: float(hits[types == t].mean()) for t in TYPES if (types == t).any()}}
 
 
+def question_rows(layout: str, pool: EncodedSet, batch_size: int, image_tokens: int) -> tuple[Any, int, int]:
+    """The question units of `layout` (`LAYOUTS`), their padded text length and how many a batch holds.
+
+    `single` and `multi-turn` batches hold `batch_size` units; `packed` ones as many images as fill
+    the positions (image tokens included) of a `single` batch, so that a step costs about the same.
+    """
+    single = round_up(pool.max_length, 8)
+    if layout == "single":
+        return pool, single, batch_size
+    packed = pack_by_image(pool)
+    if layout == "multi-turn":
+        return packed, round_up(max(len(g) for g in packed.groups) * pool.max_length, 8), batch_size
+    length = round_up(packed.max_length, 8)
+    return packed, length, max(1, batch_size * (single + image_tokens) // (length + image_tokens))
+
+
 def run(features: list[str], steps: int, images: int, vision_steps: int, question_types: list[str] | None,
         caption_weight: float | None, seed: int, eval_images: int | None,
-        multi_turn: bool = False, learning_rate: float | None = None,
+        layouts: tuple[str, ...] = ("single",), learning_rate: float | None = None,
         batch_size: int | None = None, init: str | None = None,
         vision_init: str | None = None) -> list[dict[str, Any]]:
-    """Train the LM stage once per kind of frozen tokens; test accuracy per question type.
+    """Train the LM stage once per kind of frozen tokens and question layout; test accuracy per question type.
 
-    `multi_turn`: a question batch holds images, each with all its questions as turns (`conversation_from`);
-    the mixture then counts images, not questions, for the question pool's size. `learning_rate`,
-    `batch_size` and `init` (`config.INIT_SCHEMES`) override the recipe's (None: keep them); `vision_init`
-    overrides `init` for the vision stage alone."""
+    `layouts` (`LAYOUTS`): one question per row; `multi-turn`, each image's questions as turns of one
+    row (`conversation_from`); `packed`, in one row each attending only to the image and itself
+    (`pack_by_image`). Multi-turn and packed batches count images, also for the question pool's size
+    in the mixture; caption batches are the same in every layout. `learning_rate`, `batch_size` and
+    `init` (`config.INIT_SCHEMES`) override the recipe's (None: keep them); `vision_init` overrides
+    `init` for the vision stage alone."""
+    for layout in layouts:
+        _check_choice("layout", layout, LAYOUTS)
     preset = pretrain_preset("scenes")
     overrides = {k: v for k, v in (("learning_rate", learning_rate), ("batch_size", batch_size), ("init", init))
                  if v is not None}
@@ -255,64 +277,75 @@ def run(features: list[str], steps: int, images: int, vision_steps: int, questio
         params["vision"], tower_stats = pretrain_vision(config.vision, pools[1].images, list(captions["scene"]),
                                                         vision_steps, recipe.vision_batch_size, seed, False,
                                                         task="scenes", init=vision_init)
-    turns = image_turns(pools[0]) if multi_turn else None
-    sizes = [len(turns) if multi_turn else len(pools[0]), len(pools[1])]
-    weights = np.asarray(sizes, float) if caption_weight is None else np.asarray(
-        [1.0 - caption_weight, caption_weight])
     logits_fn = lm_stage_logits(model)
 
     def loss_fn(params: Any, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
         total, count = token_cross_entropy(logits_fn(params, batch), batch["tokens"], batch["loss_mask"])
         return total / jnp.maximum(count, 1.0), {"tokens": count}
 
+    caption_length = round_up(pools[1].max_length, 8)
     rows = []
     for kind in features:
-        started = time.perf_counter()
         frozen = [features_for(kind, d, p, model, params) for d, p in zip(data, pools)]
         test_tokens = features_for(kind, test, test_pool, model, params)
-        optimizer = make_optimizer(recipe.learning_rate, recipe.end_learning_rate, recipe.warmup_steps, steps,
-                                   recipe.weight_decay, recipe.grad_clip)
-        frozen_loss, frozen_optimizer = frozen_tower(loss_fn, optimizer, params, "vision")
-        step = make_train_step(frozen_loss, frozen_optimizer)
-        state = TrainState(params, frozen_optimizer.init(params), jnp.zeros((), jnp.int32))
-        rng = np.random.default_rng(seed)
-        lengths = [round_up(p.max_length, 8) for p in pools]
-        if multi_turn:
-            lengths[0] = round_up(max(len(t) for t in turns) * pools[0].max_length, 8)
-        for done in range(1, steps + 1):
-            which = int(rng.choice(len(pools), p=weights / weights.sum()))
-            chosen = rng.choice(sizes[which], recipe.batch_size, replace=False)
-            if which == 0 and multi_turn:
-                batch = conversation_from(pools[0], frozen[0], turns, chosen, lengths[0], tokenizer.pad_token_id, rng)
-            else:
-                batch = batch_from(pools[which], frozen[which], chosen, lengths[which], tokenizer.pad_token_id,
-                                   config.vision)
-            state, metrics = step(state, batch)
-            if done % 500 == 0:
-                print(f"{kind}: step {done} loss {float(metrics['loss']):.3f}", flush=True)
-        score = answer_accuracy(jax.jit(logits_fn), state.params, test_pool, test_tokens, tokenizer.pad_token_id,
-                                config.vision)
-        row = {"features": kind, "steps": steps, "images": images, "question_types": question_types or "all",
-               "multi_turn": multi_turn, "learning_rate": recipe.learning_rate, "batch_size": recipe.batch_size,
-               "init": recipe.init, "vision_init": vision_init if kind == "tower" else None,
-               "final_loss": float(metrics["loss"]), "seconds": round(time.perf_counter() - started, 1)} | score
-        if kind == "tower":
-            greedy = evaluate_vqa(ModelBundle(config, jax.device_get(state.params), tokenizer), test, progress=False)
-            row |= {"greedy_accuracy": greedy["accuracy"], "vision_stage": tower_stats}
-        print(f"{kind}: test {row['accuracy']:.4f} {row['by_type']} ({row['seconds']} s)", flush=True)
-        rows.append(row)
+        for layout in layouts:
+            started = time.perf_counter()
+            questions, length, per_batch = question_rows(layout, pools[0], recipe.batch_size,
+                                                         config.num_image_tokens)
+            sizes = [len(questions), len(pools[1])]
+            weights = np.asarray(sizes, float) if caption_weight is None else np.asarray(
+                [1.0 - caption_weight, caption_weight])
+            optimizer = make_optimizer(recipe.learning_rate, recipe.end_learning_rate, recipe.warmup_steps, steps,
+                                       recipe.weight_decay, recipe.grad_clip)
+            frozen_loss, frozen_optimizer = frozen_tower(loss_fn, optimizer, params, "vision")
+            step = make_train_step(frozen_loss, frozen_optimizer)
+            state = TrainState(params, frozen_optimizer.init(params), jnp.zeros((), jnp.int32))
+            rng = np.random.default_rng(seed)
+            asked_per_step = []
+            for done in range(1, steps + 1):
+                if rng.choice(2, p=weights / weights.sum()) == 1:
+                    chosen = rng.choice(sizes[1], recipe.batch_size, replace=False)
+                    batch = batch_from(pools[1], frozen[1], chosen, caption_length, tokenizer.pad_token_id,
+                                       config.vision)
+                else:
+                    chosen = rng.choice(sizes[0], per_batch, replace=False)
+                    if layout == "multi-turn":
+                        batch = conversation_from(pools[0], frozen[0], questions.groups, chosen, length,
+                                                  tokenizer.pad_token_id, rng)
+                    else:
+                        batch = batch_from(questions, frozen[0], chosen, length, tokenizer.pad_token_id,
+                                           config.vision)
+                    asked_per_step.append(int(np.sum(batch["loss_mask"][:, 1:] & ~batch["loss_mask"][:, :-1])))
+                state, metrics = step(state, batch)
+                if done % 500 == 0:
+                    print(f"{kind}, {layout}: step {done} loss {float(metrics['loss']):.3f}", flush=True)
+            trained = time.perf_counter() - started
+            score = answer_accuracy(jax.jit(logits_fn), state.params, test_pool, test_tokens,
+                                    tokenizer.pad_token_id, config.vision)
+            row = {"features": kind, "layout": layout, "steps": steps, "images": images,
+                   "question_types": question_types or "all", "learning_rate": recipe.learning_rate,
+                   "batch_size": per_batch, "questions_per_step": float(np.mean(asked_per_step or [0])),
+                   "init": recipe.init, "vision_init": vision_init if kind == "tower" else None,
+                   "final_loss": float(metrics["loss"]), "train_seconds": round(trained, 1)} | score
+            if kind == "tower":
+                greedy = evaluate_vqa(ModelBundle(config, jax.device_get(state.params), tokenizer), test,
+                                      progress=False)
+                row |= {"greedy_accuracy": greedy["accuracy"], "vision_stage": tower_stats}
+            print(f"{kind}, {layout}: test {row['accuracy']:.4f} {row['by_type']} ({row['train_seconds']} s)",
+                  flush=True)
+            rows.append(row)
     return rows
 
 
 def report(rows: list[dict[str, Any]]) -> tuple[str, Any]:
-    """Table and bar chart: accuracy per question type for each kind of frozen tokens."""
-    table = [[r["features"], r["accuracy"], *(r["by_type"].get(t, "") for t in TYPES)] for r in rows]
-    markdown = f"## {STEM}\n\n" + markdown_table(["features", "test", *TYPES], table)
+    """Table and bar chart: accuracy per question type for each kind of frozen tokens and question layout."""
+    table = [[r["features"], r["layout"], r["accuracy"], *(r["by_type"].get(t, "") for t in TYPES)] for r in rows]
+    markdown = f"## {STEM}\n\n" + markdown_table(["features", "layout", "test", *TYPES], table)
     figure, ax = plt.subplots(figsize=(7, 3))
     width = 0.8 / max(len(rows), 1)
     for i, r in enumerate(rows):
         ax.bar(np.arange(len(TYPES)) + i * width, [r["by_type"].get(t, 0.0) for t in TYPES], width,
-               label=f"{r['features']} ({r['accuracy']:.3f})")
+               label=f"{r['features']}, {r['layout']} ({r['accuracy']:.3f})")
     ax.set_xticks(np.arange(len(TYPES)) + 0.4 - width / 2, TYPES)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
@@ -331,8 +364,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--caption-weight", type=float, default=None,
                         help="share of caption batches (default: by pool size, as pretrain)")
     parser.add_argument("--eval-images", type=int, default=None, help="test images (default: the whole split)")
-    parser.add_argument("--multi-turn", action="store_true",
-                        help="train on all of an image's questions per row (loss on every answer)")
+    parser.add_argument("--layouts", nargs="+", default=["single"], choices=LAYOUTS,
+                        help="question rows: one question each, an image's questions as turns (loss on every "
+                             "answer), or packed (each attends only to the image and itself); one run per layout")
     parser.add_argument("--learning-rate", type=float, default=None, help="peak LR (default: the recipe's)")
     parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the recipe's)")
     parser.add_argument("--init", default=None, choices=INIT_SCHEMES,
@@ -351,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
               for name, default in (("steps", recipe.steps), ("images", recipe.train_images),
                                     ("vision_steps", recipe.vision_steps), ("eval_images", None))}
     rows = run(args.features, budget["steps"], budget["images"], budget["vision_steps"], args.question_types,
-               args.caption_weight, args.seed, budget["eval_images"], args.multi_turn, args.learning_rate,
+               args.caption_weight, args.seed, budget["eval_images"], tuple(args.layouts), args.learning_rate,
                args.batch_size, args.init, args.vision_init)
     markdown, figure = report(rows)
     write_outputs(args.out, STEM, {"rows": rows, "recipe": budget}, markdown, figure)

@@ -198,12 +198,12 @@ def test_scenes_lm_stage_relational_labels_name_the_next_shape_on_each_side(scri
 def test_scenes_lm_stage_conversations_hold_every_question_of_an_image_once(script):
     study = script(ROOT / "experiments", "scenes_lm_stage")
     from sparsevlm.data import scenes
-    from sparsevlm.data.batch import encode_vqa
+    from sparsevlm.data.batch import encode_vqa, pack_by_image
     from sparsevlm.data.tokenize import build_word_tokenizer
 
     tokenizer = build_word_tokenizer(scenes.vocabulary())
     pool = encode_vqa(scenes.build_split("train", 4), tokenizer, with_targets=True)
-    turns = study.image_turns(pool)
+    turns = pack_by_image(pool).groups
     assert len(turns) == len(pool.images) and sorted(np.concatenate(turns)) == list(range(len(pool)))
     assert all((pool.image_index[t] == image).all() for image, t in enumerate(turns))
     features = np.arange(len(pool.images), dtype=np.float32)[:, None, None] * np.ones((1, 16, 8), np.float32)
@@ -246,19 +246,38 @@ def test_scenes_lm_stage_from_tower_features_is_the_whole_forward(script):
                            target_mask=batch.loss_mask)
     np.testing.assert_allclose(np.asarray(split), np.asarray(whole[:, -16:]), rtol=1e-5, atol=1e-5)
 
+    # Packed rows (an image's questions sharing its tokens) train on the same per-question losses.
+    from sparsevlm.data.batch import pack_by_image
+    from sparsevlm.losses import token_cross_entropy
+
+    packed = pack_by_image(pool)
+    rows = study.batch_from(packed, features, np.arange(len(packed)), 64, tokenizer.pad_token_id, model.config.vision)
+    total, count = token_cross_entropy(study.lm_stage_logits(model)(params, rows), rows["tokens"], rows["loss_mask"])
+    alone = study.batch_from(pool, features, np.arange(len(pool)), 16, tokenizer.pad_token_id, model.config.vision)
+    want, want_count = token_cross_entropy(study.lm_stage_logits(model)(params, alone), alone["tokens"],
+                                           alone["loss_mask"])
+    assert int(count) == int(want_count) > len(pool)
+    np.testing.assert_allclose(float(total), float(want), rtol=1e-5)
+
 
 @pytest.mark.slow
 def test_scenes_lm_stage_quick_scores_every_kind_of_tokens(tmp_path, script):
     study = script(ROOT / "experiments", "scenes_lm_stage")
-    study.main(["--quick", "--features", "tower", "relations", "--multi-turn", "--out", str(tmp_path)])
-    rows = {r["features"]: r for r in json.loads((tmp_path / "scenes_lm_stage.json").read_text())["rows"]}
-    assert set(rows) == {"tower", "relations"}
-    assert rows["tower"]["n"] == rows["relations"]["n"] > 0
+    study.main(["--quick", "--features", "tower", "relations", "--layouts", "multi-turn", "packed",
+                "--out", str(tmp_path)])
+    rows = {(r["features"], r["layout"]): r for r in json.loads((tmp_path / "scenes_lm_stage.json").read_text())["rows"]}
+    assert set(rows) == {(f, layout) for f in ("tower", "relations") for layout in ("multi-turn", "packed")}
+    assert len({r["n"] for r in rows.values()}) == 1 and rows["tower", "packed"]["n"] > 0
     for row in rows.values():
         assert 0.0 <= row["accuracy"] <= 1.0 and np.isfinite(row["final_loss"])
         assert set(row["by_type"]) <= set(study.TYPES)
+        # Both layouts put an image's 1-5 questions in a row: more questions than rows per batch.
+        assert row["batch_size"] < row["questions_per_step"] <= 5 * row["batch_size"]
+    # A packed batch fills a single-question batch's positions (32 rows of 16 text + 16 image tokens).
+    assert rows["tower", "packed"]["batch_size"] == 32 * 32 // (64 + 16)
     # A greedy exact match starts with the right answer word: never above the answer-word accuracy.
-    assert rows["tower"]["greedy_accuracy"] <= rows["tower"]["accuracy"] + 1e-9
+    for layout in ("multi-turn", "packed"):
+        assert rows["tower", layout]["greedy_accuracy"] <= rows["tower", layout]["accuracy"] + 1e-9
     assert (tmp_path / "scenes_lm_stage.png").stat().st_size > 0
 
 
