@@ -261,12 +261,12 @@ def test_scenes_lm_stage_from_tower_features_is_the_whole_forward(script):
 
 
 @pytest.mark.slow
-def test_scenes_lm_stage_quick_scores_every_kind_of_tokens(tmp_path, script):
+def test_scenes_lm_stage_quick_scores_the_tower_in_both_shared_layouts(tmp_path, script):
     study = script(ROOT / "experiments", "scenes_lm_stage")
-    study.main(["--quick", "--features", "tower", "relations", "--layouts", "multi-turn", "packed",
-                "--out", str(tmp_path)])
+    # Perfect tokens (cells, objects, relations) are tested as arrays above; here the tower, in both shared layouts.
+    study.main(["--quick", "--features", "tower", "--layouts", "multi-turn", "packed", "--out", str(tmp_path)])
     rows = {(r["features"], r["layout"]): r for r in json.loads((tmp_path / "scenes_lm_stage.json").read_text())["rows"]}
-    assert set(rows) == {(f, layout) for f in ("tower", "relations") for layout in ("multi-turn", "packed")}
+    assert set(rows) == {("tower", "multi-turn"), ("tower", "packed")}
     assert len({r["n"] for r in rows.values()}) == 1 and rows["tower", "packed"]["n"] > 0
     for row in rows.values():
         assert 0.0 <= row["accuracy"] <= 1.0 and np.isfinite(row["final_loss"])
