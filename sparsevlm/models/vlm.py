@@ -248,12 +248,11 @@ def forward_stages(config: VLMConfig, dtype: Dtype = jnp.float32) -> tuple[Stage
             text = call(carry["tokens"], method="embed_tokens")
             x, valid, positions = join_image_tokens(text, carry["x"], carry["tokens"], carry["text_mask"],
                                                     image_token_id)
+            out = {"x": x, "valid": valid, "positions": positions, "weight": valid.astype(jnp.float32)}
             if "segments" in carry:  # several texts share the row's image (`packed_layout`)
                 image = jnp.zeros((x.shape[0], x.shape[1] - carry["tokens"].shape[1]), carry["segments"].dtype)
                 mask, positions = packed_layout(valid, jnp.concatenate([image, carry["segments"]], axis=1))
-                return {"x": x, "valid": valid, "positions": positions, "weight": valid.astype(jnp.float32),
-                        "mask": mask}
-            out = {"x": x, "valid": valid, "positions": positions, "weight": valid.astype(jnp.float32)}
+                return out | {"positions": positions, "mask": mask}
             attend = valid
             if "cache" in carry:  # generation prefill: the cache's later slots are not written yet
                 attend = jnp.pad(valid, ((0, 0), (0, carry["cache"][0]["k"].shape[1] - x.shape[1])))
